@@ -1,0 +1,452 @@
+"""Offline RL datasets: built-in recipes (generated locally, no download), `.npz` files and Minari ids.
+
+    python datasets.py lunarlander-medium        # print a report on one dataset
+    python datasets.py --all                      # report every built-in dataset
+    python datasets.py --list                     # list the built-in names
+
+A dataset is row-aligned transitions (s, a, r, s', terminal, timeout). A *terminal* is a true end of the
+MDP (no bootstrapping from s'); a *timeout* is a time-limit cut (s' is a real state, bootstrapping continues).
+Every built-in dataset also stores `behavior_log_probs`: the exact log-density (Box) or log-probability
+(Discrete) of each stored action under the behaviour policy that produced it; `ope.py` needs these.
+
+Behaviour policies are one family, parameterised per episode by (eps, sigma):
+    with probability eps:   an action drawn uniformly from the action space
+    otherwise (Box):        the expert action plus Gaussian noise of std sigma * (high - low) / 2,
+                            *truncated* to the action box by resampling (so the density is exact)
+    otherwise (Discrete):   the expert action
+random: eps = 1;  expert: small noise;  medium: eps tuned so the return sits 30-60% of the way from
+random to expert;  medium-expert: half medium episodes, half expert;  mixed: eps annealed from 1 to the
+medium value across episodes (the analogue of a learning run's replay buffer).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+RECIPE_VERSION = 1  # bump when a recipe changes: cached files of other versions are not reused
+ARRAY_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+
+
+@dataclass
+class Dataset:
+    """Row-aligned offline transitions plus the metadata needed to evaluate policies on them."""
+
+    observations: np.ndarray  # (N, obs_dim) float32
+    actions: np.ndarray  # (N, act_dim) float32 for Box, (N,) int64 for Discrete
+    rewards: np.ndarray  # (N,) float32
+    next_observations: np.ndarray  # (N, obs_dim) float32
+    terminals: np.ndarray  # (N,) bool: true MDP end, do not bootstrap
+    timeouts: np.ndarray  # (N,) bool: time-limit cut, do bootstrap
+    behavior_log_probs: np.ndarray | None = None  # (N,) float32, log pi_b(a|s) when known
+    env_id: str | None = None
+    env_kwargs: dict = field(default_factory=dict)
+    ref_min_score: float | None = None  # mean return of the random policy (normalized score 0)
+    ref_max_score: float | None = None  # mean return of the expert policy (normalized score 100)
+    name: str = ""
+
+    @property
+    def metadata(self) -> dict:
+        return dict(env_id=self.env_id, env_kwargs=self.env_kwargs, ref_min_score=self.ref_min_score,
+                    ref_max_score=self.ref_max_score, name=self.name)
+
+    @property
+    def discrete(self) -> bool:
+        return np.issubdtype(self.actions.dtype, np.integer)
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def episode_ends(self) -> np.ndarray:
+        """Indices of the last transition of each episode (a terminal, a timeout, or the last row)."""
+        done = self.terminals | self.timeouts
+        done[-1] = True
+        return np.flatnonzero(done)
+
+    def episode_returns(self) -> np.ndarray:
+        ends = self.episode_ends()
+        csum = np.concatenate([[0.0], np.cumsum(self.rewards, dtype=np.float64)])
+        return csum[ends + 1] - csum[np.concatenate([[0], ends[:-1] + 1])]
+
+    def normalized_score(self, ret: float | np.ndarray) -> float | np.ndarray:
+        """D4RL normalized score: 100 * (R - random) / (expert - random)."""
+        if self.ref_min_score is None or self.ref_max_score is None:
+            return float("nan")
+        return 100.0 * (ret - self.ref_min_score) / (self.ref_max_score - self.ref_min_score)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scripted experts: deterministic controllers, obs -> action (before behaviour noise)
+# ---------------------------------------------------------------------------------------------------------
+def pendulum_expert(obs: np.ndarray) -> np.ndarray:
+    """Energy-pumping swing-up, then a PD stabiliser near upright (Pendulum-v1: theta_dd = 15 sin(th) + 3u)."""
+    cos_th, sin_th, th_dot = obs
+    th = math.atan2(sin_th, cos_th)  # 0 is upright
+    if cos_th > 0.8:  # near upright: PD on angle and velocity
+        u = -10.0 * th - 2.0 * th_dot
+    else:  # pump energy E = 0.5 th_dot^2 + 15 cos(th) towards the upright-at-rest value 15
+        energy = 0.5 * th_dot**2 + 15.0 * cos_th
+        u = 2.0 * np.sign(th_dot * (15.0 - energy) + 1e-6)
+    return np.clip(np.array([u], dtype=np.float32), -2.0, 2.0)
+
+
+def cartpole_expert(obs: np.ndarray) -> int:
+    """Linear controller on (x, x_dot, theta, theta_dot): push towards the side the pole falls to."""
+    return int(0.1 * obs[0] + 0.5 * obs[1] + 10.0 * obs[2] + 2.0 * obs[3] > 0.0)
+
+
+def _lunar_heuristic(continuous: bool) -> Callable[[np.ndarray], np.ndarray | int]:
+    from gymnasium.envs.box2d.lunar_lander import heuristic
+
+    class _Flag:  # the heuristic only reads env.unwrapped.continuous
+        unwrapped = type("U", (), {"continuous": continuous})()
+
+    if continuous:
+        return lambda obs: np.asarray(heuristic(_Flag, obs), dtype=np.float32)
+    return lambda obs: int(heuristic(_Flag, obs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EnvRecipe:
+    env_id: str
+    env_kwargs: dict
+    expert: Callable[[], Callable]  # builds the expert controller
+    expert_eps: float  # eps of the expert policy (Discrete: a little noise keeps every log-prob finite)
+    sigma: float  # Box: Gaussian noise std around the expert, as a fraction of the action half-range
+    medium_eps: float  # eps of the medium policy (tuned: 30-60% of the random->expert gap)
+    size: int  # transitions per dataset (whole episodes, at least this many)
+    ref_min_score: float  # mean return of the random policy (measured, see `measure_reference_scores`)
+    ref_max_score: float  # mean return of the expert policy
+
+
+ENVS: dict[str, EnvRecipe] = {
+    # reference scores: `measure_reference_scores(env)` over 200 episodes each (seed 12345), rounded
+    "pendulum": EnvRecipe("Pendulum-v1", {}, lambda: pendulum_expert, expert_eps=0.0, sigma=0.1, medium_eps=0.6,
+                          size=100_000, ref_min_score=-1226.0, ref_max_score=-151.2),
+    "cartpole": EnvRecipe("CartPole-v1", {}, lambda: cartpole_expert, expert_eps=0.05, sigma=0.0, medium_eps=0.5,
+                          size=100_000, ref_min_score=23.0, ref_max_score=500.0),
+    "lunarlander": EnvRecipe("LunarLander-v3", {}, lambda: _lunar_heuristic(False), expert_eps=0.02,
+                             sigma=0.0, medium_eps=0.4, size=100_000, ref_min_score=-178.7, ref_max_score=221.4),
+    "lunarlander-continuous": EnvRecipe("LunarLander-v3", {"continuous": True}, lambda: _lunar_heuristic(True),
+                                        expert_eps=0.0, sigma=0.1, medium_eps=0.4,
+                                        size=100_000,
+                                        ref_min_score=-222.4, ref_max_score=279.6),
+}
+QUALITIES = ("random", "medium", "expert", "medium-expert", "mixed")
+BUILTIN_NAMES = tuple(f"{env}-{q}" for env in ENVS for q in QUALITIES)
+_SEEDS = {q: i for i, q in enumerate(QUALITIES)}
+
+
+class BehaviorPolicy:
+    """eps-uniform mixture around a scripted expert; `act` returns (action, exact log-prob of that action)."""
+
+    def __init__(self, space: gym.Space, expert: Callable, eps: float, sigma: float, rng: np.random.Generator):
+        self.space, self.expert, self.eps, self.rng = space, expert, eps, rng
+        self.discrete = isinstance(space, gym.spaces.Discrete)
+        if not self.discrete:
+            self.low, self.high = space.low.astype(np.float64), space.high.astype(np.float64)
+            self.std = sigma * (self.high - self.low) / 2.0
+            self.log_uniform = -float(np.sum(np.log(self.high - self.low)))
+
+    def act(self, obs: np.ndarray) -> tuple[np.ndarray | int, float]:
+        uniform = self.rng.random() < self.eps
+        if self.discrete:
+            n = int(self.space.n)
+            greedy = self.expert(obs)
+            a = int(self.rng.integers(n)) if uniform else greedy
+            return a, math.log(self.eps / n + (1.0 - self.eps) * (a == greedy))
+        mean = np.clip(np.asarray(self.expert(obs), dtype=np.float64), self.low, self.high)
+        if uniform:
+            a = self.rng.uniform(self.low, self.high)
+        else:  # truncated normal by rejection: exact, and cheap because the mean lies inside the box
+            a = mean + self.std * self.rng.standard_normal(mean.shape)
+            while np.any((a < self.low) | (a > self.high)):
+                bad = (a < self.low) | (a > self.high)
+                a[bad] = mean[bad] + self.std[bad] * self.rng.standard_normal(int(bad.sum()))
+        a = a.astype(np.float32).astype(np.float64)  # the density of the float32 action actually stored
+        return a.astype(np.float32), math.log(self.eps * math.exp(self.log_uniform)
+                                               + (1.0 - self.eps) * math.exp(self._truncnorm_logpdf(a, mean)))
+
+    def _truncnorm_logpdf(self, a: np.ndarray, mean: np.ndarray) -> float:
+        z = (a - mean) / self.std
+        alpha, beta = (self.low - mean) / self.std, (self.high - mean) / self.std
+        mass = 0.5 * (np.vectorize(math.erf)(beta / math.sqrt(2)) - np.vectorize(math.erf)(alpha / math.sqrt(2)))
+        return float(np.sum(-0.5 * z**2 - np.log(self.std) - 0.5 * math.log(2 * math.pi) - np.log(mass)))
+
+
+def rollout_episodes(recipe: EnvRecipe, eps_schedule: Callable[[int], float], n_transitions: int, seed: int,
+                     n_episodes: int | None = None) -> dict[str, np.ndarray]:
+    """Run whole episodes of the behaviour policy until `n_transitions` (or `n_episodes`) are collected.
+    `eps_schedule(episode_index)` gives each episode's share of uniform-random actions."""
+    env = gym.make(recipe.env_id, **recipe.env_kwargs)
+    rng = np.random.default_rng(seed)
+    expert = recipe.expert()
+    keys = (*ARRAY_KEYS, "behavior_log_probs")
+    buf: dict[str, list] = {k: [] for k in keys}
+    episode, steps = 0, 0
+    while (steps < n_transitions) if n_episodes is None else (episode < n_episodes):
+        policy = BehaviorPolicy(env.action_space, expert, eps_schedule(episode), recipe.sigma, rng)
+        obs, _ = env.reset(seed=int(rng.integers(2**31 - 1)))
+        done = False
+        while not done:
+            a, logp = policy.act(obs)
+            next_obs, r, term, trunc, _ = env.step(a)
+            for k, v in zip(keys, (obs, a, r, next_obs, term, trunc, logp)):
+                buf[k].append(v)
+            obs, done, steps = next_obs, term or trunc, steps + 1
+        episode += 1
+    env.close()
+    discrete = isinstance(env.action_space, gym.spaces.Discrete)
+    dtypes = dict(actions=np.int64 if discrete else np.float32, terminals=bool, timeouts=bool)
+    return {k: np.asarray(v, dtype=dtypes.get(k, np.float32)) for k, v in buf.items()}
+
+
+def generate_builtin(name: str, size: int | None = None) -> Dataset:
+    """Generate a built-in dataset deterministically (the seed is fixed by the name)."""
+    env_name, quality = _split_name(name)
+    recipe = ENVS[env_name]
+    n = size or recipe.size
+    seed = 1000 * list(ENVS).index(env_name) + QUALITIES.index(quality)
+    med, exp = recipe.medium_eps, recipe.expert_eps
+    if quality == "medium-expert":  # half medium episodes, half expert episodes
+        parts = [rollout_episodes(recipe, lambda e: med, n // 2, seed),
+                 rollout_episodes(recipe, lambda e: exp, n - n // 2, seed + 100)]
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    elif quality == "mixed":  # eps anneals linearly from 1 (random) to medium over the expected episode count
+        n_ep = _expected_episodes(recipe, n, seed)
+        arrays = rollout_episodes(recipe, lambda e: 1.0 + (med - 1.0) * min(e / max(n_ep - 1, 1), 1.0), n, seed)
+    else:
+        eps = {"random": 1.0, "medium": med, "expert": exp}[quality]
+        arrays = rollout_episodes(recipe, lambda e: eps, n, seed)
+    return Dataset(**arrays, env_id=recipe.env_id, env_kwargs=dict(recipe.env_kwargs),
+                   ref_min_score=recipe.ref_min_score, ref_max_score=recipe.ref_max_score, name=name)
+
+
+def _expected_episodes(recipe: EnvRecipe, n: int, seed: int) -> int:
+    """Episodes a random-to-medium mix needs for n transitions (from the mean of the two episode lengths)."""
+    lens = [len(rollout_episodes(recipe, lambda e, q=q: q, 0, seed + 7, n_episodes=5)["rewards"]) / 5
+            for q in (1.0, recipe.medium_eps)]
+    return max(int(n / np.mean(lens)), 1)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    for q in sorted(QUALITIES, key=len, reverse=True):
+        if name.endswith("-" + q) and name[: -len(q) - 1] in ENVS:
+            return name[: -len(q) - 1], q
+    raise ValueError(f"unknown dataset {name!r}: not a built-in name, an existing .npz file, or a Minari id "
+                     f"(namespace/name-vN). Built-in names: {', '.join(BUILTIN_NAMES)}")
+
+
+def measure_reference_scores(env_name: str, episodes: int = 200, seed: int = 12345) -> tuple[float, float]:
+    """Mean return of the random and the expert behaviour policy: how the ref_*_score constants were made."""
+    recipe = ENVS[env_name]
+    return tuple(float(Dataset(**rollout_episodes(recipe, lambda e, q=eps: q, 0, seed, n_episodes=episodes))
+                       .episode_returns().mean()) for eps in (1.0, recipe.expert_eps))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: built-in (cached), .npz, Minari; every source is validated the same way
+# ---------------------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where built-in datasets are cached; override with the OFFLINE_RL_DATA environment variable."""
+    return Path(os.environ.get("OFFLINE_RL_DATA", Path.home() / ".cache" / "offline-rl-datasets"))
+
+
+def load_dataset(name_or_path: str) -> Dataset:
+    """A built-in name (generated once, then cached), a path to an `.npz`, or a Minari dataset id."""
+    if name_or_path.endswith(".npz") or os.path.sep in name_or_path and Path(name_or_path).suffix:
+        ds = load_npz(name_or_path)
+    elif name_or_path in BUILTIN_NAMES:
+        path = cache_dir() / f"{name_or_path}-r{RECIPE_VERSION}.npz"
+        if not path.exists():
+            t0 = time.time()
+            print(f"generating built-in dataset {name_or_path} (once; cached in {path.parent}) ...", flush=True)
+            ds = generate_builtin(name_or_path)
+            save_npz(ds, path)
+            print(f"  {len(ds)} transitions in {time.time() - t0:.1f}s", flush=True)
+        ds = load_npz(path)
+    elif "/" in name_or_path:
+        ds = load_minari(name_or_path)
+    else:
+        _split_name(name_or_path)  # raises the error listing valid names
+    validate(ds)
+    return ds
+
+
+def save_npz(ds: Dataset, path: str | Path) -> None:
+    """Write a dataset in the `.npz` layout `load_dataset` reads (arrays plus metadata keys)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {k: getattr(ds, k) for k in ARRAY_KEYS}
+    if ds.behavior_log_probs is not None:
+        arrays["behavior_log_probs"] = ds.behavior_log_probs
+    meta = {k: np.asarray(v) for k, v in ds.metadata.items() if k != "env_kwargs" and v is not None}
+    tmp = path.with_suffix(".tmp.npz")  # write then rename: a killed run never leaves half a cache file
+    np.savez_compressed(tmp, **arrays, **meta, env_kwargs=np.asarray(repr(ds.env_kwargs)))
+    os.replace(tmp, path)
+
+
+def load_npz(path: str | Path) -> Dataset:
+    """Read an `.npz` with the arrays in ARRAY_KEYS (+ optional behavior_log_probs) and optional metadata
+    keys env_id, env_kwargs (a dict literal string), ref_min_score, ref_max_score."""
+    import ast
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in ARRAY_KEYS if k not in f]
+        if missing:
+            raise ValueError(f"{path}: missing array(s) {missing}; an offline dataset needs {list(ARRAY_KEYS)} "
+                             "(row-aligned; terminals/timeouts boolean)")
+        arrays = {k: f[k] for k in ARRAY_KEYS}
+        meta = {k: f[k].item() for k in ("env_id", "ref_min_score", "ref_max_score") if k in f}
+        return Dataset(
+            **arrays, behavior_log_probs=f["behavior_log_probs"] if "behavior_log_probs" in f else None,
+            env_kwargs=ast.literal_eval(str(f["env_kwargs"])) if "env_kwargs" in f else {},
+            name=str(f["name"]) if "name" in f else path.stem, **meta)
+
+
+def load_minari(dataset_id: str) -> Dataset:
+    """Flatten a Minari dataset into transitions (downloads it if it is not local)."""
+    try:
+        import minari
+    except ImportError as e:
+        raise ImportError(f"{dataset_id!r} looks like a Minari id, but minari is not installed: "
+                          "`pip install minari` (and `pip install 'minari[hdf5]'` for the D4RL-ported datasets)") from e
+    try:
+        mds = minari.load_dataset(dataset_id, download=True)
+    except Exception as e:
+        raise ValueError(f"could not load Minari dataset {dataset_id!r}: {e}") from e
+    if not isinstance(mds.observation_space, gym.spaces.Box):
+        raise ValueError(f"{dataset_id}: only Box observation spaces are supported, got {mds.observation_space}")
+    parts: dict[str, list] = {k: [] for k in ARRAY_KEYS}
+    for ep in mds.iterate_episodes():
+        obs = np.asarray(ep.observations, dtype=np.float32)  # T+1 observations for T steps
+        for k, v in zip(ARRAY_KEYS, (obs[:-1], ep.actions, ep.rewards, obs[1:], ep.terminations, ep.truncations)):
+            parts[k].append(np.asarray(v))
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    discrete = isinstance(mds.action_space, gym.spaces.Discrete)
+    arrays["actions"] = arrays["actions"].astype(np.int64 if discrete else np.float32)
+    for k in ("rewards",):
+        arrays[k] = arrays[k].astype(np.float32)
+    for k in ("terminals", "timeouts"):
+        arrays[k] = arrays[k].astype(bool)
+    spec = mds.spec.env_spec
+    meta = getattr(mds.storage, "metadata", {}) or {}
+    return Dataset(**arrays, env_id=spec.id if spec else None, env_kwargs=dict(spec.kwargs) if spec else {},
+                   ref_min_score=meta.get("ref_min_score"), ref_max_score=meta.get("ref_max_score"),
+                   name=dataset_id)
+
+
+def validate(ds: Dataset) -> None:
+    """Raise a ValueError that says what is wrong; nothing is silently fixed or truncated."""
+    n = len(ds.rewards)
+    if n == 0:
+        raise ValueError(f"{ds.name}: the dataset is empty")
+    rows = {k: len(getattr(ds, k)) for k in ARRAY_KEYS}
+    if ds.behavior_log_probs is not None:
+        rows["behavior_log_probs"] = len(ds.behavior_log_probs)
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"{ds.name}: arrays must be row-aligned (one row per transition), got lengths {rows}")
+    if ds.observations.shape != ds.next_observations.shape or ds.observations.ndim != 2:
+        raise ValueError(f"{ds.name}: observations {ds.observations.shape} and next_observations "
+                         f"{ds.next_observations.shape} must both be (N, obs_dim)")
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        bad = ~np.isfinite(getattr(ds, k).astype(np.float64))
+        if bad.any():
+            rows_bad = np.unique(np.nonzero(bad)[0])
+            raise ValueError(f"{ds.name}: {k} has {bad.sum()} NaN/inf value(s), first at row(s) "
+                             f"{rows_bad[:5].tolist()}; clean or drop those transitions before training")
+    for k in ("terminals", "timeouts"):
+        v = getattr(ds, k)
+        if v.dtype != bool and not np.isin(v, (0, 1)).all():
+            raise ValueError(f"{ds.name}: {k} must be boolean (0/1), got values {np.unique(v)[:5]}")
+        setattr(ds, k, v.astype(bool))
+    if ds.env_id is None:
+        return
+    env = gym.make(ds.env_id, **ds.env_kwargs)
+    if ds.observations.shape[1:] != env.observation_space.shape:
+        raise ValueError(f"{ds.name}: observations have shape {ds.observations.shape[1:]} but {ds.env_id} "
+                         f"observes {env.observation_space.shape}; is env_id right for this data?")
+    space = env.action_space
+    if isinstance(space, gym.spaces.Discrete):
+        if ds.actions.ndim != 1 or not np.issubdtype(ds.actions.dtype, np.integer):
+            raise ValueError(f"{ds.name}: {ds.env_id} has a Discrete({space.n}) action space, so actions must be "
+                             f"a 1-D integer array, got {ds.actions.dtype} {ds.actions.shape}")
+        bad = (ds.actions < space.start) | (ds.actions >= space.start + space.n)
+    elif isinstance(space, gym.spaces.Box):
+        if ds.actions.shape[1:] != space.shape:
+            raise ValueError(f"{ds.name}: actions have shape {ds.actions.shape[1:]} but {ds.env_id} "
+                             f"expects {space.shape}")
+        bad = ((ds.actions < space.low) | (ds.actions > space.high)).any(axis=1)
+    else:
+        raise ValueError(f"{ds.name}: action space {space} is not supported (Box or Discrete only)")
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{ds.name}: {int(bad.sum())} action(s) lie outside {space} (first at row {i}: "
+                         f"{ds.actions[i]}); rescale or clip them yourself if that is what you intend")
+    env.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report: look at the data before choosing an algorithm
+# ---------------------------------------------------------------------------------------------------------
+def report(ds: Dataset) -> str:
+    rets = ds.episode_returns()
+    lines = [f"dataset {ds.name}   env {ds.env_id} {ds.env_kwargs or ''}",
+             f"  transitions {len(ds):,}   episodes {len(rets):,}   terminals {int(ds.terminals.sum()):,}   "
+             f"timeouts {int(ds.timeouts.sum()):,}",
+             f"  return       min {rets.min():9.1f}   mean {rets.mean():9.1f}   max {rets.max():9.1f}   "
+             f"std {rets.std():8.1f}"]
+    if ds.ref_min_score is not None and ds.ref_max_score is not None:
+        lines.append(f"  normalized   {float(ds.normalized_score(rets.mean())):9.1f}   "
+                     f"(random {ds.ref_min_score:.1f} = 0, expert {ds.ref_max_score:.1f} = 100)")
+    counts, edges = np.histogram(rets, bins=10)
+    lines.append("  return histogram")
+    for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
+        lines.append(f"    {lo:9.1f} .. {hi:9.1f}  {'#' * int(round(40 * c / max(counts.max(), 1))):40s} {c}")
+    if ds.discrete:
+        freq = np.bincount(ds.actions) / len(ds)
+        lines.append("  action frequencies  " + "  ".join(f"{a}: {f:.3f}" for a, f in enumerate(freq)))
+    else:
+        lines.append("  action range per dimension (and share of the box covered: 10 bins per dim)")
+        space = gym.make(ds.env_id, **ds.env_kwargs).action_space if ds.env_id else None
+        lo, hi = (space.low, space.high) if space is not None else (ds.actions.min(0), ds.actions.max(0))
+        for d in range(ds.actions.shape[1]):
+            x = ds.actions[:, d]
+            bins = np.histogram(x, bins=10, range=(float(lo[d]), float(hi[d])))[0]
+            lines.append(f"    dim {d}: [{x.min():6.2f}, {x.max():6.2f}]  mean {x.mean():6.2f}  std {x.std():5.2f}  "
+                         f"bins hit {int((bins > 0).sum())}/10")
+        if ds.actions.shape[1] <= 6:
+            cells = np.floor((ds.actions - lo) / (hi - lo + 1e-12) * 10).clip(0, 9).astype(np.int64)
+            occupied = len(np.unique(cells, axis=0))
+            lines.append(f"    joint: {occupied}/{10 ** ds.actions.shape[1]} cells of a 10^d grid visited")
+    if ds.behavior_log_probs is not None:
+        lines.append(f"  behaviour policy: mean -log pi_b(a|s) (entropy estimate) {-ds.behavior_log_probs.mean():.3f} "
+                     f"{'nats' if ds.discrete else 'nats (differential)'}")
+    else:
+        lines.append("  behaviour policy: unknown (no behavior_log_probs); ope.py will fit one")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+    elif args[0] == "--list":
+        print("\n".join(BUILTIN_NAMES))
+    else:
+        for name in BUILTIN_NAMES if args[0] == "--all" else args:
+            print(report(load_dataset(name)), end="\n\n")
