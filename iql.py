@@ -1,0 +1,296 @@
+# Implicit Q-Learning (Kostrikov, Nair, Levine 2021, https://arxiv.org/abs/2110.06169). Docs: docs/iql.md
+# Continuous (Box) actions follow the authors' code (ikostrikov/implicit_q_learning); the Discrete variant is a
+# straight port of the same losses to Q(s, .) heads and a categorical policy (there is no official one).
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+from common import (Progress, ReplayBuffer, dataset_dims, evaluate, load_dataset, make_run, mlp, pick_device,
+                    return_range_scale, set_seed)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of torch, numpy and random; evaluation episode i is seeded `seed + 100 + i`"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    device: str = "auto"
+    """`auto` picks CUDA when present, else CPU; or any torch device string (`cpu`, `cuda:1`)"""
+    save_model: bool = False
+    """if toggled, save weights and config to `runs/{run_name}/iql.pt` (load with torch.load(weights_only=True))"""
+    load_model: str | None = None
+    """path to a saved `iql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
+    dataset: str = "lunarlander-continuous-medium"
+    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path"""
+    total_steps: int = 1_000_000
+    """number of gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5000
+    """evaluate the policy every this many gradient steps (and after the last one)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (0 turns evaluation off)"""
+    log_every: int = 1000
+    """write losses and diagnostics to TensorBoard and the console every this many steps"""
+
+    # Algorithm specific arguments
+    learning_rate: float = 3e-4
+    """Adam learning rate of Q, V and the actor"""
+    discount: float = 0.99
+    """discount factor gamma"""
+    tau: float = 0.005
+    """Polyak rate of the target Q networks"""
+    expectile: float = 0.7
+    """expectile tau of the V regression (Eq. 5): 0.5 is the mean, -> 1 approaches the max over data actions"""
+    beta: float = 3.0
+    """inverse temperature of the advantage weights exp(beta * adv) (Eq. 7; the authors' flag `temperature`)"""
+    max_weight: float = 100.0
+    """clip of the advantage weights exp(beta * adv)"""
+    hidden_dim: int = 256
+    """width of the hidden layers of every network"""
+    n_layers: int = 2
+    """hidden layers of every network"""
+    cosine_lr: bool = True
+    """decay the actor's learning rate to 0 with a cosine schedule over --total-steps (authors' code)"""
+    deterministic_actor: bool = False
+    """Box only: a deterministic tanh actor trained by advantage-weighted MSE (CORL's option) instead of a Gaussian"""
+    actor_dropout: float = 0.0
+    """dropout in the actor's hidden layers (the authors use 0.1 on Kitchen/Adroit)"""
+    normalize_obs: bool = False
+    """standardise observations by the dataset mean/std (a CORL addition; the authors normalise rewards instead)"""
+    reward_scaling: Literal["none", "return-range", "minus-one"] = "none"
+    """`return-range`: r * 1000 / (max - min episode return), the authors' locomotion setting;
+    `minus-one`: r - 1, their AntMaze setting; `none`: raw rewards"""
+
+
+# ALGO LOGIC: networks. Twin Q and a state-value V; the actor depends on the action space.
+class QNetwork(nn.Module):
+    """Box: Q(s, a) -> scalar. Discrete: Q(s, .) -> one value per action."""
+
+    def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, args: Args):
+        super().__init__()
+        self.discrete = n_actions is not None
+        in_dim, out_dim = (obs_dim, n_actions) if self.discrete else (obs_dim + act_dim, 1)
+        self.net = mlp(in_dim, out_dim, [args.hidden_dim] * args.n_layers)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        if self.discrete:  # the value of the given action, read from the Q(s, .) head
+            return self.net(obs).gather(1, action[:, None]).squeeze(1)
+        return self.net(torch.cat([obs, action], 1)).squeeze(1)
+
+
+class GaussianActor(nn.Module):
+    """Box: N(tanh(mu(s)), exp(log_std)) with a state-independent log_std in [-5, 2]: the mean is squashed,
+    the distribution is not (authors' NormalTanhPolicy with tanh_squash_distribution=False). Acts with its mean."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, [args.hidden_dim] * args.n_layers, dropout=args.actor_dropout)
+        self.log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        return torch.distributions.Normal(torch.tanh(self.net(obs)), self.log_std.clamp(-5.0, 2.0).exp())
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.dist(obs).log_prob(action).sum(-1)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs))
+
+
+class DeterministicActor(nn.Module):
+    """Box: a = tanh(mu(s)); trained by advantage-weighted MSE to the dataset action (CORL's option)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        self.net = mlp(obs_dim, act_dim, [args.hidden_dim] * args.n_layers, dropout=args.actor_dropout)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return -((self.act(obs) - action) ** 2).sum(-1)  # not a density: the AWR loss becomes a weighted MSE
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs))
+
+
+class CategoricalActor(nn.Module):
+    """Discrete: pi(a|s) = softmax(logits(s)); acts greedily (argmax)."""
+
+    def __init__(self, obs_dim: int, n_actions: int, args: Args):
+        super().__init__()
+        self.net = mlp(obs_dim, n_actions, [args.hidden_dim] * args.n_layers, dropout=args.actor_dropout)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.net(obs), -1).gather(1, action[:, None]).squeeze(1)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).argmax(-1)
+
+
+def make_actor(obs_dim: int, act_dim: int, n_actions: int | None, args: Args) -> nn.Module:
+    if n_actions is not None:
+        return CategoricalActor(obs_dim, n_actions, args)
+    return (DeterministicActor if args.deterministic_actor else GaussianActor)(obs_dim, act_dim, args)
+
+
+# ALGO LOGIC: the three losses of IQL. The same code serves Box and Discrete actions: Q is only ever
+# evaluated on dataset actions (QNetwork.forward reads the data action's entry for Discrete).
+def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
+    """Eq. 5: L_2^tau(u) = |tau - 1(u < 0)| u^2 with u = Q(s, a) - V(s): positive errors weigh tau, negative 1 - tau."""
+    weight = torch.where(diff > 0, expectile, 1.0 - expectile)
+    return (weight * diff**2).mean()
+
+
+def awr_weights(adv: torch.Tensor, beta: float, max_weight: float) -> torch.Tensor:
+    """Eq. 7: exp(beta * (Q - V)), clipped at max_weight (100 in the authors' code)."""
+    return torch.exp(beta * adv).clamp(max=max_weight)
+
+
+def update(batch, q1, q2, q1_target, q2_target, vf, actor, q_opt, v_opt, actor_opt, actor_sched, args: Args):
+    """One IQL step in the authors' order: V, then the actor (with the new V), then Q (to the new V), then Polyak."""
+    obs, actions, rewards, next_obs, terminals = batch
+    # (1) V(s) -> the expectile of the target twin-min Q over dataset actions (Eq. 5). No OOD action is queried.
+    with torch.no_grad():
+        target_q = torch.min(q1_target(obs, actions), q2_target(obs, actions))
+    v = vf(obs).squeeze(1)
+    v_loss = expectile_loss(target_q - v, args.expectile)
+    v_opt.zero_grad(set_to_none=True)
+    v_loss.backward()
+    v_opt.step()
+
+    # (2) Actor: advantage-weighted regression onto dataset actions (Eq. 7), advantage from the updated V
+    with torch.no_grad():
+        adv = target_q - vf(obs).squeeze(1)
+        weights = awr_weights(adv, args.beta, args.max_weight)
+    actor_loss = -(weights * actor.log_prob(obs, actions)).mean()
+    actor_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()
+    actor_opt.step()
+    actor_sched.step()
+
+    # (3) Q(s, a) -> r + gamma * (1 - terminal) * V(s') (Eq. 6): the max over actions is implicit in V's expectile
+    with torch.no_grad():
+        target_v = rewards + args.discount * (1.0 - terminals) * vf(next_obs).squeeze(1)
+    q1_data, q2_data = q1(obs, actions), q2(obs, actions)
+    q_loss = F.mse_loss(q1_data, target_v) + F.mse_loss(q2_data, target_v)  # the sum of both MSEs, as the authors
+    q_opt.zero_grad(set_to_none=True)
+    q_loss.backward()
+    q_opt.step()
+
+    # (4) Polyak averaging of the target Q networks
+    with torch.no_grad():
+        for net, target in ((q1, q1_target), (q2, q2_target)):
+            for p, tp in zip(net.parameters(), target.parameters()):
+                tp.lerp_(p, args.tau)
+    return dict(v_loss=v_loss, actor_loss=actor_loss, q_loss=q_loss, adv=adv.mean(), weights=weights.mean(),
+                v=v.mean())
+
+
+@torch.no_grad()
+def diagnostics(batch, q1, q2, actor, discrete: bool) -> dict[str, torch.Tensor]:
+    """Mean Q on dataset actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), and how far pi strays from the data."""
+    obs, actions = batch[0], batch[1]
+    pi = actor.act(obs)
+    q_data = torch.min(q1(obs, actions), q2(obs, actions))
+    q_pi = torch.min(q1(obs, pi), q2(obs, pi))
+    stray = (pi != actions).float().mean() if discrete else ((pi - actions) ** 2).sum(-1).mean()
+    return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_pi - q_data).mean(),
+                **{"action_mismatch" if discrete else "action_mse": stray})
+
+
+def load_policy(path: str, device: str | torch.device = "cpu"):
+    """Rebuild the actor saved by --save-model. Returns (actor, ckpt): feed `actor.act` observations normalised
+    with ckpt["obs_mean"]/["obs_std"]; Box actions come out in [-1, 1] and map back to the environment with
+    ckpt["action_center"] + a * ckpt["action_half"]. `actor.log_prob` gives log pi(a|s) for OPE."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    args = Args(**ckpt["args"])
+    actor = make_actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["n_actions"], args).to(device)
+    actor.load_state_dict(ckpt["actor"])
+    return actor.eval(), ckpt
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    # TRY NOT TO MODIFY: seeding, device, data
+    set_seed(args.seed, args.torch_deterministic)
+    device = pick_device(args.device)
+    ds = load_dataset(args.dataset)
+    discrete = ds.discrete
+    obs_dim, act_dim, n_actions = dataset_dims(ds)
+
+    if args.load_model:  # evaluate a saved policy and exit
+        actor, ckpt = load_policy(args.load_model, device)
+        center, half = ckpt.get("action_center"), ckpt.get("action_half")
+        returns = evaluate(ds, lambda o: actor.act(o) if discrete else actor.act(o) * half + center,
+                           args.eval_episodes, args.seed + 100, device,
+                           lambda o: (o - ckpt["obs_mean"]) / ckpt["obs_std"])
+        print(f"{args.load_model}: return {returns.mean():.1f} +- {returns.std():.1f}, "
+              f"normalized {ds.normalized_score(returns.mean()):.1f} over {len(returns)} episodes")
+        raise SystemExit
+
+    reward_scale, reward_bias = {"none": (1.0, 0.0), "return-range": (return_range_scale(ds), 0.0),
+                                 "minus-one": (1.0, -1.0)}[args.reward_scaling]
+    rb = ReplayBuffer(ds, device, args.normalize_obs, reward_scale, reward_bias)
+    run_name, writer = make_run(args, "iql.py")
+
+    # ALGO LOGIC: networks and optimisers. Target Qs start as exact copies; V has no target network.
+    q1, q2 = (QNetwork(obs_dim, act_dim, n_actions, args).to(device) for _ in range(2))
+    q1_target, q2_target = (QNetwork(obs_dim, act_dim, n_actions, args).to(device) for _ in range(2))
+    q1_target.load_state_dict(q1.state_dict())
+    q2_target.load_state_dict(q2.state_dict())
+    vf = mlp(obs_dim, 1, [args.hidden_dim] * args.n_layers).to(device)
+    actor = make_actor(obs_dim, act_dim, n_actions, args).to(device)
+    q_opt = torch.optim.Adam(list(q1.parameters()) + list(q2.parameters()), lr=args.learning_rate)
+    v_opt = torch.optim.Adam(vf.parameters(), lr=args.learning_rate)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, args.total_steps) if args.cosine_lr
+                   else torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda _: 1.0))
+
+    def policy(obs: torch.Tensor) -> torch.Tensor:
+        """Evaluation action: the mean (Box, mapped back to the environment's box) or the argmax (Discrete)."""
+        actor.eval()  # no dropout while acting
+        a = actor.act(obs)
+        actor.train()
+        return a if discrete else rb.unscale_action(a)
+
+    # TRY NOT TO MODIFY: the training loop
+    progress = Progress(args.total_steps)
+    for step in range(1, args.total_steps + 1):
+        batch = rb.sample(args.batch_size)
+        logs = update(batch, q1, q2, q1_target, q2_target, vf, actor, q_opt, v_opt, actor_opt, actor_sched, args)
+
+        if step % args.log_every == 0 or step == args.total_steps:  # the only host syncs: every log_every steps
+            logs.update(diagnostics(batch, q1, q2, actor, discrete))
+            for k in ("v_loss", "actor_loss", "q_loss"):
+                writer.add_scalar(f"losses/{k}", logs.pop(k).item(), step)
+            for k, v in logs.items():
+                writer.add_scalar(f"diagnostics/{k}", v.item(), step)
+            writer.add_scalar("charts/actor_lr", actor_sched.get_last_lr()[0], step)
+            sps = progress.sps(step)
+            writer.add_scalar("charts/SPS", sps, step)
+            progress.line(step, sps, f"q_data {logs['q_data'].item():.2f}")
+
+        if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps):
+            t0 = time.time()
+            returns = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize)
+            norm = ds.normalized_score(returns.mean())
+            writer.add_scalar("eval/return", returns.mean(), step)
+            writer.add_scalar("eval/normalized_score", norm, step)
+            progress.eval(returns.mean(), norm, time.time() - t0)
+
+    if args.save_model:
+        path = f"runs/{run_name}/iql.pt"
+        extra = {} if discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
+        torch.save(dict(args=asdict(args), actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
+                        vf=vf.state_dict(), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
+                        act_dim=act_dim, n_actions=n_actions, **extra), path)
+        print(f"saved {path}")
+    writer.close()
