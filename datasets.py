@@ -162,26 +162,33 @@ class BehaviorPolicy:
     def act(self, obs: np.ndarray) -> tuple[np.ndarray | int, float]:
         uniform = self.rng.random() < self.eps
         if self.discrete:
-            n = int(self.space.n)
-            greedy = self.expert(obs)
-            a = int(self.rng.integers(n)) if uniform else greedy
-            return a, math.log(self.eps / n + (1.0 - self.eps) * (a == greedy))
+            a = int(self.rng.integers(int(self.space.n))) if uniform else self.expert(obs)
+            return a, self.log_prob(obs, a)
         mean = np.clip(np.asarray(self.expert(obs), dtype=np.float64), self.low, self.high)
         if uniform:
             a = self.rng.uniform(self.low, self.high)
         else:  # truncated normal by rejection: exact, and cheap because the mean lies inside the box
             a = mean + self.std * self.rng.standard_normal(mean.shape)
-            while np.any((a < self.low) | (a > self.high)):
-                bad = (a < self.low) | (a > self.high)
+            while np.any(bad := (a < self.low) | (a > self.high)):
                 a[bad] = mean[bad] + self.std[bad] * self.rng.standard_normal(int(bad.sum()))
-        a = a.astype(np.float32).astype(np.float64)  # the density of the float32 action actually stored
-        return a.astype(np.float32), math.log(self.eps * math.exp(self.log_uniform)
-                                               + (1.0 - self.eps) * math.exp(self._truncnorm_logpdf(a, mean)))
+        a = a.astype(np.float32)  # the log-prob is that of the float32 action actually stored
+        return a, self.log_prob(obs, a)
+
+    def log_prob(self, obs: np.ndarray, a: np.ndarray | int) -> float:
+        """log pi_b(a|s): eps * uniform + (1 - eps) * (point mass on the expert action | truncated normal)."""
+        if self.discrete:
+            n = int(self.space.n)
+            return math.log(self.eps / n + (1.0 - self.eps) * (int(a) == self.expert(obs)))
+        a = np.asarray(a, dtype=np.float64)
+        mean = np.clip(np.asarray(self.expert(obs), dtype=np.float64), self.low, self.high)
+        gauss = 0.0 if self.eps == 1.0 else math.exp(self._truncnorm_logpdf(a, mean))
+        return math.log(self.eps * math.exp(self.log_uniform) + (1.0 - self.eps) * gauss)
 
     def _truncnorm_logpdf(self, a: np.ndarray, mean: np.ndarray) -> float:
+        """Sum over dimensions of log N(a; mean, std) / P(low <= x <= high)."""
         z = (a - mean) / self.std
-        alpha, beta = (self.low - mean) / self.std, (self.high - mean) / self.std
-        mass = 0.5 * (np.vectorize(math.erf)(beta / math.sqrt(2)) - np.vectorize(math.erf)(alpha / math.sqrt(2)))
+        cdf = np.vectorize(lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0))))
+        mass = cdf((self.high - mean) / self.std) - cdf((self.low - mean) / self.std)
         return float(np.sum(-0.5 * z**2 - np.log(self.std) - 0.5 * math.log(2 * math.pi) - np.log(mass)))
 
 

@@ -1,0 +1,35 @@
+"""Shared test set-up: every test (and every subprocess it starts) caches built-in datasets in one temporary
+folder for the whole session, so each dataset is generated at most once per test run."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dataset_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("offline-rl-data")
+    old = os.environ.get("OFFLINE_RL_DATA")
+    os.environ["OFFLINE_RL_DATA"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("OFFLINE_RL_DATA", None)
+    else:
+        os.environ["OFFLINE_RL_DATA"] = old
+
+
+def run_script(script: str, *flags: str, cwd: Path, timeout: int = 300) -> str:
+    """Run `python {script} {flags}` from the project root in `cwd` (so runs/ lands there); return stdout,
+    failing the test with the script's stderr when it exits non-zero."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} {' '.join(flags)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
