@@ -1,0 +1,114 @@
+"""Read the TensorBoard logs of a benchmark folder; write the results table, speed table and learning curves.
+
+    python benchmark/aggregate.py benchmark/results/small
+
+Writes `results.md` (final normalized score, mean +- std over seeds, and the best evaluation during training,
+labelled as such), the steps/second of each algorithm, and `curves.png` (one panel per dataset, one line per
+algorithm, a band of +- one std over seeds) into the folder.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def load_runs(folder: Path) -> list[dict]:
+    """One dict per run folder `{dataset}__{algo}-{tag}__{seed}__{time}` with its eval curve and mean SPS."""
+    runs = []
+    for run in sorted((folder / "runs").iterdir()):
+        dataset, exp_name, seed, _ = run.name.split("__")
+        acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+        tags = acc.Tags()["scalars"]
+        if "eval/normalized_score" not in tags:
+            continue
+        ev = acc.Scalars("eval/normalized_score")
+        sps = [e.value for e in acc.Scalars("charts/SPS")] if "charts/SPS" in tags else []
+        runs.append(dict(algo=exp_name.split("-")[0], dataset=dataset, seed=int(seed),
+                         steps=np.array([e.step for e in ev]), score=np.array([e.value for e in ev]),
+                         sps=float(np.median(sps)) if sps else float("nan"),
+                         wall=ev[-1].wall_time - acc.FirstEventTimestamp()))
+    return runs
+
+
+def main(folder: Path) -> None:
+    runs = load_runs(folder)
+    if not runs:
+        raise SystemExit(f"no finished runs with evaluations under {folder}/runs")
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["dataset"], r["algo"])].append(r)
+    algos = sorted({r["algo"] for r in runs})
+    datasets = sorted({r["dataset"] for r in runs})
+
+    lines = ["| dataset | " + " | ".join(f"{a} final | {a} best (during training)" for a in algos) + " |",
+             "|---|" + "---|---|" * len(algos)]
+    for d in datasets:
+        cells = []
+        for a in algos:
+            g = groups.get((d, a), [])
+            if not g:
+                cells += ["", ""]
+                continue
+            final = np.array([r["score"][-1] for r in g])
+            best = np.array([r["score"].max() for r in g])
+            cells += [f"{final.mean():.1f} ± {final.std():.1f} (n={len(g)}, {g[0]['steps'][-1]} steps)",
+                      f"{best.mean():.1f} ± {best.std():.1f}"]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    speed = ["| algorithm | action space | median steps/s per run | runs | mean wall time per run |",
+             "|---|---|---|---|---|"]
+    for a in algos:
+        for kind, pred in (("Box", lambda d: "continuous" in d or "pendulum" in d),
+                           ("Discrete", lambda d: not ("continuous" in d or "pendulum" in d))):
+            g = [r for r in runs if r["algo"] == a and pred(r["dataset"])]
+            if g:
+                speed.append(f"| {a} | {kind} | {np.median([r['sps'] for r in g]):.0f} | {len(g)} | "
+                             f"{np.mean([r['wall'] for r in g]) / 60:.1f} min |")
+    text = (f"# Results: {folder.name}\n\nNormalized score (100 = the scripted expert, 0 = uniform random), "
+            "final evaluation, mean ± std over seeds; 'best' is the best evaluation during training (optimistic, "
+            "for reference only).\n\n" + "\n".join(lines) + "\n\n## Speed (gradient steps per second, "
+            "one torch thread per run, runs in parallel)\n\n" + "\n".join(speed) + "\n")
+    (folder / "results.md").write_text(text)
+    print(text)
+    plot(groups, algos, datasets, folder / "curves.png")
+
+
+def plot(groups, algos, datasets, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(datasets))
+    rows = -(-len(datasets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, d in zip(axes.flat, datasets):
+        for i, a in enumerate(algos):
+            g = groups.get((d, a))
+            if not g:
+                continue
+            n = min(len(r["score"]) for r in g)
+            steps = g[0]["steps"][:n]
+            scores = np.stack([r["score"][:n] for r in g])
+            ax.plot(steps, scores.mean(0), label=a, color=f"C{i}")
+            ax.fill_between(steps, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2,
+                            color=f"C{i}")
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel("normalized score")
+        ax.axhline(100, color="grey", lw=0.5, ls="--")
+        ax.axhline(0, color="grey", lw=0.5, ls="--")
+        ax.legend(fontsize=8)
+    for ax in axes.flat[len(datasets):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmark/results/small"))

@@ -1,0 +1,100 @@
+"""Run {algorithms} x {datasets} x {seeds} in parallel processes; resumable (a finished run is not redone).
+
+    python benchmark/run.py --preset small               # the small preset (see PRESETS below)
+    python benchmark/run.py --algos iql --datasets lunarlander-medium --seeds 1 2 3 --total-steps 20000
+    python benchmark/aggregate.py benchmark/results/small  # tables and learning curves
+
+Each run is `python {algo}.py --dataset D --seed S --total-steps N --exp-name {algo}-{tag}` started in
+`benchmark/results/{tag}/` (so its TensorBoard log lands in `benchmark/results/{tag}/runs/`), with one torch
+thread per process. When a run exits cleanly the runner writes `done/{algo}__{dataset}__{seed}.json`
+(command, wall time); runs with such a file are skipped next time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRESETS = {
+    # under an hour on a 2-core CPU: one seed of the nine core datasets, short runs
+    "small": dict(algos=["iql", "cql", "bcq"], seeds=[1], total_steps=10000, eval_every=2500, eval_episodes=10,
+                  datasets=["lunarlander-medium", "lunarlander-medium-expert", "lunarlander-mixed",
+                            "lunarlander-continuous-medium", "lunarlander-continuous-medium-expert",
+                            "lunarlander-continuous-mixed", "pendulum-medium", "cartpole-medium"]),
+    # the learning table of the docs: 3 seeds, every quality but random
+    "full": dict(algos=["iql", "cql", "bcq"], seeds=[1, 2, 3], total_steps=100000, eval_every=5000,
+                 eval_episodes=10,
+                 datasets=[f"{env}-{q}" for env in ("lunarlander", "lunarlander-continuous", "pendulum", "cartpole")
+                           for q in ("medium", "expert", "medium-expert", "mixed")]),
+}
+
+
+def job_key(algo: str, dataset: str, seed: int) -> str:
+    return f"{algo}__{dataset.replace('/', '-')}__{seed}"
+
+
+def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
+    key = job_key(algo, dataset, seed)
+    marker = out / "done" / f"{key}.json"
+    if marker.exists():
+        return f"skip {key} (done)"
+    cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--dataset", dataset, "--seed", str(seed),
+           "--total-steps", str(cfg["total_steps"]), "--eval-every", str(cfg["eval_every"]),
+           "--eval-episodes", str(cfg["eval_episodes"]), "--exp-name", f"{algo}-{cfg['tag']}",
+           "--device", cfg["device"], *cfg["extra"].get(algo, [])]
+    log = out / "logs" / f"{key}.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=out, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        return f"FAIL {key} (exit {proc.returncode}, see {log})"
+    marker.write_text(json.dumps(dict(cmd=" ".join(cmd[1:]), wall_s=time.time() - t0, algo=algo, dataset=dataset,
+                                      seed=seed), indent=1))
+    return f"done {key} in {time.time() - t0:.0f}s"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="small")
+    p.add_argument("--algos", nargs="+")
+    p.add_argument("--datasets", nargs="+")
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--total-steps", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-episodes", type=int)
+    p.add_argument("--tag", help="results folder name (default: the preset's name)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel runs (default: CPU cores)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--extra", action="append", default=[], metavar="ALGO:FLAGS",
+                   help='extra flags for one algorithm, e.g. --extra "iql:--beta 1.0"')
+    a = p.parse_args()
+    cfg = dict(PRESETS[a.preset])
+    for k in ("algos", "datasets", "seeds", "total_steps", "eval_every", "eval_episodes"):
+        if getattr(a, k) is not None:
+            cfg[k] = getattr(a, k)
+    cfg.update(tag=a.tag or a.preset, device=a.device, extra={})
+    for e in a.extra:
+        algo, flags = e.split(":", 1)
+        cfg["extra"][algo] = flags.split()
+    out = ROOT / "benchmark" / "results" / cfg["tag"]
+    (out / "done").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    jobs = [(algo, d, s) for d in cfg["datasets"] for algo in cfg["algos"] for s in cfg["seeds"]]
+    print(f"{len(jobs)} runs, {a.workers} at a time, results in {out}", flush=True)
+    with ThreadPoolExecutor(a.workers) as pool:
+        for msg in pool.map(lambda j: run_job(*j, cfg, out), jobs):
+            print(msg, flush=True)
+
+
+if __name__ == "__main__":
+    main()
