@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -20,8 +20,21 @@ from torch.utils.tensorboard import SummaryWriter
 
 from datasets import BUILTIN_NAMES, Dataset, load_dataset
 
-__all__ = ["BUILTIN_NAMES", "Dataset", "load_dataset", "ReplayBuffer", "mlp", "evaluate", "set_seed",
+__all__ = ["BUILTIN_NAMES", "Dataset", "load_dataset", "Policy", "ReplayBuffer", "mlp", "evaluate", "set_seed",
            "pick_device", "make_run", "Progress", "dataset_dims", "return_range_scale"]
+
+
+@dataclass
+class Policy:
+    """A trained policy in the environment's units, rebuilt from a `--save-model` checkpoint by a script's
+    `load_policy` (what `--load-model` evaluates and what ope.py estimates the value of)."""
+
+    act: Callable[[torch.Tensor], torch.Tensor]
+    """raw observations (B, obs_dim) -> the evaluation action: (B, act_dim) floats in the action box, or (B,) ints"""
+    dist: Callable[[torch.Tensor], torch.distributions.Distribution] | None
+    """raw observations -> pi(.|s) over environment actions (log_prob summed over action dims); None if deterministic"""
+    discrete: bool
+    checkpoint: dict
 
 
 class ReplayBuffer:

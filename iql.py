@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (Progress, ReplayBuffer, dataset_dims, evaluate, load_dataset, make_run, mlp, pick_device,
+from common import (Policy, Progress, ReplayBuffer, dataset_dims, evaluate, load_dataset, make_run, mlp, pick_device,
                     return_range_scale, set_seed)
 
 
@@ -206,15 +206,26 @@ def diagnostics(batch, q1, q2, actor, discrete: bool) -> dict[str, torch.Tensor]
                 **{"action_mismatch" if discrete else "action_mse": stray})
 
 
-def load_policy(path: str, device: str | torch.device = "cpu"):
-    """Rebuild the actor saved by --save-model. Returns (actor, ckpt): feed `actor.act` observations normalised
-    with ckpt["obs_mean"]/["obs_std"]; Box actions come out in [-1, 1] and map back to the environment with
-    ckpt["action_center"] + a * ckpt["action_half"]. `actor.log_prob` gives log pi(a|s) for OPE."""
+def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
+    """Rebuild the policy saved by --save-model, in environment units. Box: acts with the Gaussian's mean; its
+    distribution is N(tanh(mu(s)), std) mapped to the action box. Discrete: argmax, and the categorical pi(.|s)."""
     ckpt = torch.load(path, map_location=device, weights_only=True)
     args = Args(**ckpt["args"])
-    actor = make_actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["n_actions"], args).to(device)
+    actor = make_actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["n_actions"], args).to(device).eval()
     actor.load_state_dict(ckpt["actor"])
-    return actor.eval(), ckpt
+    mean, std = ckpt["obs_mean"], ckpt["obs_std"]
+    if ckpt["n_actions"] is not None:
+        return Policy(act=lambda o: actor.act((o - mean) / std),
+                      dist=lambda o: torch.distributions.Categorical(logits=actor.net((o - mean) / std)),
+                      discrete=True, checkpoint=ckpt)
+    center, half = ckpt["action_center"], ckpt["action_half"]
+
+    def dist(o: torch.Tensor) -> torch.distributions.Distribution:
+        d = actor.dist((o - mean) / std)
+        return torch.distributions.Independent(torch.distributions.Normal(center + half * d.loc, half * d.scale), 1)
+
+    return Policy(act=lambda o: center + half * actor.act((o - mean) / std),
+                  dist=None if args.deterministic_actor else dist, discrete=False, checkpoint=ckpt)
 
 
 if __name__ == "__main__":
@@ -227,11 +238,7 @@ if __name__ == "__main__":
     obs_dim, act_dim, n_actions = dataset_dims(ds)
 
     if args.load_model:  # evaluate a saved policy and exit
-        actor, ckpt = load_policy(args.load_model, device)
-        center, half = ckpt.get("action_center"), ckpt.get("action_half")
-        returns = evaluate(ds, lambda o: actor.act(o) if discrete else actor.act(o) * half + center,
-                           args.eval_episodes, args.seed + 100, device,
-                           lambda o: (o - ckpt["obs_mean"]) / ckpt["obs_std"])
+        returns = evaluate(ds, load_policy(args.load_model, device).act, args.eval_episodes, args.seed + 100, device)
         print(f"{args.load_model}: return {returns.mean():.1f} +- {returns.std():.1f}, "
               f"normalized {ds.normalized_score(returns.mean()):.1f} over {len(returns)} episodes")
         raise SystemExit
@@ -289,7 +296,7 @@ if __name__ == "__main__":
     if args.save_model:
         path = f"runs/{run_name}/iql.pt"
         extra = {} if discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
-        torch.save(dict(args=asdict(args), actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
+        torch.save(dict(algo="iql", args=asdict(args), actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
                         vf=vf.state_dict(), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
                         act_dim=act_dim, n_actions=n_actions, **extra), path)
         print(f"saved {path}")

@@ -106,3 +106,18 @@ def test_tensorboard_has_the_contract_tags(tmp_path):
                 "losses/actor_loss", "diagnostics/q_data", "diagnostics/q_pi_minus_q_data",
                 "diagnostics/action_mismatch"):
         assert tag in tags, tag
+
+
+def test_saved_policy_acts_and_has_a_density_in_environment_units(tmp_path):
+    run_script("iql.py", "--dataset", "pendulum-medium", "--total-steps", "50", "--eval-episodes", "0",
+               "--batch-size", "32", "--save-model", cwd=tmp_path)
+    policy = iql.load_policy(str(next((tmp_path / "runs").glob("*/iql.pt"))))
+    obs = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]])
+    act = policy.act(obs)
+    assert act.shape == (2, 1) and (act.abs() <= 2).all()  # Pendulum's box is [-2, 2]
+    d = policy.dist(obs)
+    torch.testing.assert_close(d.mean, act)  # the evaluation action is the Gaussian's mean
+    # a density over [-2, 2]: the [-1, 1] Gaussian stretched by 2 has log-density lower by log 2
+    grid = torch.linspace(-30, 30, 20001)[:, None]
+    dens = policy.dist(obs[:1].expand(len(grid), 3)).log_prob(grid).exp()
+    assert torch.trapezoid(dens, grid[:, 0]).item() == pytest.approx(1.0, abs=1e-3)
