@@ -276,10 +276,8 @@ if __name__ == "__main__":
 
         if step % args.log_every == 0 or step == args.total_steps:  # the only host syncs: every log_every steps
             logs.update(diagnostics(batch, q1, q2, actor, discrete))
-            for k in ("v_loss", "actor_loss", "q_loss"):
-                writer.add_scalar(f"losses/{k}", logs.pop(k).item(), step)
             for k, v in logs.items():
-                writer.add_scalar(f"diagnostics/{k}", v.item(), step)
+                writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v.item(), step)
             writer.add_scalar("charts/actor_lr", actor_sched.get_last_lr()[0], step)
             sps = progress.sps(step)
             writer.add_scalar("charts/SPS", sps, step)

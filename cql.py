@@ -1,0 +1,403 @@
+# Conservative Q-Learning (Kumar, Zhou, Tucker, Levine 2020, https://arxiv.org/abs/2006.04779). Docs: docs/cql.md
+# Box actions: CQL(H) on SAC as in the authors' code (aviralkumar2907/CQL, d4rl/rlkit/torch/sac/cql.py).
+# Discrete actions: CQL(H) on double DQN with an MLP Q(s, .) (the authors' Atari agent is QR-DQN; see the docs).
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+from common import (Policy, Progress, ReplayBuffer, dataset_dims, evaluate, load_dataset, make_run, mlp, pick_device,
+                    set_seed)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder's name)"""
+    seed: int = 1
+    """seed of torch, numpy and random; evaluation episode i is seeded `seed + 100 + i`"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    device: str = "auto"
+    """`auto` picks CUDA when present, else CPU; or any torch device string (`cpu`, `cuda:1`)"""
+    save_model: bool = False
+    """if toggled, save weights and config to `runs/{run_name}/cql.pt` (load with torch.load(weights_only=True))"""
+    load_model: str | None = None
+    """path to a saved `cql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
+    dataset: str = "lunarlander-continuous-medium"
+    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path"""
+    total_steps: int = 1_000_000
+    """number of gradient steps"""
+    batch_size: int = 256
+    """transitions per gradient step"""
+    eval_every: int = 5000
+    """evaluate the policy every this many gradient steps (and after the last one)"""
+    eval_episodes: int = 10
+    """episodes per evaluation (0 turns evaluation off)"""
+    log_every: int = 1000
+    """write losses and diagnostics to TensorBoard and the console every this many steps"""
+
+    # Algorithm specific arguments
+    cql_alpha: float | None = None
+    """weight alpha of the conservative term (Eq. 4; the authors' `min_q_weight`). Unset, it follows the action
+    space: 5.0 for Box (authors' README: 5 or 10 on Gym MuJoCo; CORL uses 10.0 on Gym locomotion, 5.0 with the
+    Lagrange form on AntMaze), 1.0 for Discrete (d3rlpy; the authors' Atari value for 10% data). 0: plain SAC / DQN"""
+    actor_lr: float = 1e-4
+    """Box: Adam learning rate of the actor and of the SAC temperature (authors' README; the paper reports 3e-5)"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the Q networks (Box and Discrete) and of the Lagrange multiplier alpha'"""
+    discount: float = 0.99
+    """discount factor gamma"""
+    tau: float = 0.005
+    """Polyak rate of the target Q networks (Discrete: unless --target-update-every > 0)"""
+    hidden_dim: int = 256
+    """width of the hidden layers of every network"""
+    n_layers: int = 3
+    """hidden layers of every network (the authors use 3 for the actor and the critics)"""
+    cql_n_actions: int = 10
+    """Box: N, the actions drawn from each of the 3 proposals (uniform, pi(.|s), pi(.|s')) per state (App. F)"""
+    backup_entropy: bool = False
+    """Box: subtract alpha * log pi(a'|s') in the TD target (the full SAC backup); the authors' runs leave it out"""
+    cql_max_target_backup: bool = False
+    """Box: TD target = min over the twin targets of the max over N actions from pi(.|s') (authors' max_q_backup)"""
+    cql_lagrange: bool = False
+    """Box: tune alpha' >= 0 by dual gradient ascent so the weighted gap stays near --cql-target-action-gap"""
+    cql_target_action_gap: float = 5.0
+    """Box, with --cql-lagrange: threshold tau of the Lagrange form (authors' AntMaze 5.0; paper 10.0; CORL 0.8)"""
+    bc_steps: int = 0
+    """Box: the first this many steps train the actor by likelihood of data actions, not Q (authors: 40000)"""
+    target_update_every: int = 0
+    """Discrete: copy Q into the target every this many steps (hard update); 0 uses Polyak averaging with --tau"""
+    normalize_obs: bool = False
+    """standardise observations by the dataset mean/std (a CORL addition; the authors do not)"""
+    reward_scale: float = 1.0
+    """rewards become r * reward_scale + reward_bias (authors' AntMaze: (r - 0.5) * 4, i.e. 4 and -2)"""
+    reward_bias: float = 0.0
+    """see --reward-scale"""
+
+
+# ALGO LOGIC: networks. Box: twin Q(s, a) and a tanh-Gaussian actor (SAC). Discrete: one Q(s, .) network.
+class QNetwork(nn.Module):
+    """Box: Q(s, a) -> scalar. An action batch (B, N, d) holds N actions per state: obs is broadcast, out (B, N)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        self.net = mlp(obs_dim + act_dim, 1, [args.hidden_dim] * args.n_layers)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        if action.dim() == 3:
+            obs = obs[:, None].expand(-1, action.shape[1], -1)
+        return self.net(torch.cat([obs, action], -1)).squeeze(-1)
+
+
+class DiscreteQNetwork(nn.Module):
+    """Discrete: Q(s, .) -> one value per action. The policy is its argmax."""
+
+    def __init__(self, obs_dim: int, n_actions: int, args: Args):
+        super().__init__()
+        self.net = mlp(obs_dim, n_actions, [args.hidden_dim] * args.n_layers)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).argmax(-1)
+
+
+class TanhGaussianActor(nn.Module):
+    """Box: a = tanh(u), u ~ N(mu(s), sigma(s)) with a state-dependent log sigma clamped to [-5, 2] (authors'
+    TanhGaussianPolicy). Acts with tanh(mu(s)); `log_prob` gives log pi(a|s) of any action in [-1, 1] (OPE)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args):
+        super().__init__()
+        self.act_dim = act_dim
+        self.net = mlp(obs_dim, 2 * act_dim, [args.hidden_dim] * args.n_layers)
+
+    def dist(self, obs: torch.Tensor) -> torch.distributions.Normal:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return torch.distributions.Normal(mean, log_std.clamp(-5.0, 2.0).exp())
+
+    @staticmethod
+    def squashed_log_prob(dist: torch.distributions.Normal, u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Change of variables a = tanh(u) (SAC, App. C): log N(u) - sum log(1 - tanh(u)^2), with rlkit's 1e-6."""
+        return (dist.log_prob(u) - torch.log(1.0 - a**2 + 1e-6)).sum(-1)
+
+    def sample(self, obs: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised a ~ pi(.|s) and log pi(a|s); with n: n actions per state, shapes (B, n, d) and (B, n)."""
+        if n is not None:
+            obs = obs[:, None].expand(-1, n, -1)
+        dist = self.dist(obs)
+        u = dist.rsample()
+        a = torch.tanh(u)
+        return a, self.squashed_log_prob(dist, u, a)
+
+    def log_prob(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        a = action.clamp(-1.0 + 1e-6, 1.0 - 1e-6)  # data actions may sit on the box edge, where atanh is infinite
+        return self.squashed_log_prob(self.dist(obs), torch.atanh(a), a)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.net(obs).chunk(2, -1)[0])
+
+
+# ALGO LOGIC: the conservative term of CQL(H) (Eq. 4): alpha * E_s[logsumexp_a Q(s, a) - E_{a~D} Q(s, a)].
+# Minimising it pushes Q down where Q is large (the soft-max over all actions) and up on the data actions.
+def cql_gap_discrete(q_all: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """Exact for Discrete actions: logsumexp over every action of Q(s, .) minus Q(s, a_data), mean over states."""
+    q_data = q_all.gather(1, actions[:, None]).squeeze(1)
+    return (torch.logsumexp(q_all, 1) - q_data).mean()
+
+
+def cql_proposals(obs: torch.Tensor, next_obs: torch.Tensor, actor: TanhGaussianActor, n: int):
+    """App. F: importance-sampling proposals for log int exp Q(s, a) da, 3N actions per state with their
+    log-densities: N uniform on [-1, 1]^d (log density d * log(1/2)), N from pi(.|s) and N from pi(.|s') (the
+    authors' code; all are scored at s). No gradient reaches the actor through these samples."""
+    batch, d = obs.shape[0], actor.act_dim
+    a_unif = torch.rand(batch, n, d, device=obs.device) * 2.0 - 1.0
+    log_unif = torch.full((batch, n), d * math.log(0.5), device=obs.device)
+    with torch.no_grad():
+        a_cur, logp_cur = actor.sample(obs, n)
+        a_next, logp_next = actor.sample(next_obs, n)
+    return torch.cat([a_unif, a_cur, a_next], 1), torch.cat([log_unif, logp_cur, logp_next], 1)
+
+
+def cql_gap_box(q_proposals: torch.Tensor, log_density: torch.Tensor, q_data: torch.Tensor) -> torch.Tensor:
+    """Box: logsumexp_i [Q(s, a_i) - log mu(a_i)] over the 3N proposals estimates log int exp Q(s, a) da up to
+    the constant log 3N (dropped, as the authors: no gradient), minus Q(s, a_data); mean over states."""
+    return (torch.logsumexp(q_proposals - log_density, 1) - q_data).mean()
+
+
+def update_box(batch, step, q1, q2, q1_target, q2_target, actor, log_alpha, log_alpha_prime, q_opt, actor_opt,
+               alpha_opt, alpha_prime_opt, args: Args):
+    """One CQL(H)-SAC step in the authors' order: temperature, then critics, then the actor, then Polyak. The
+    actor's loss is taken before the critic step, so actor and critics both see the pre-update networks."""
+    obs, actions, rewards, next_obs, terminals = batch
+    # (1) SAC temperature: drive the policy entropy towards the target -d (log_alpha starts at 0, i.e. alpha = 1)
+    a_pi, logp_pi = actor.sample(obs)
+    alpha_loss = -(log_alpha * (logp_pi.detach() - actor.act_dim)).mean()
+    alpha_opt.zero_grad(set_to_none=True)
+    alpha_loss.backward()
+    alpha_opt.step()
+    alpha = log_alpha.exp().detach()
+
+    # (2) Actor loss: SAC's alpha log pi - min Q; during the first --bc-steps, behaviour cloning alpha log pi - log
+    # pi(a_data|s) instead (the authors' policy_eval_start). Its gradient is taken now, its step after the critics.
+    if step <= args.bc_steps:
+        actor_loss = (alpha * logp_pi - actor.log_prob(obs, actions)).mean()
+    else:
+        actor_loss = (alpha * logp_pi - torch.min(q1(obs, a_pi), q2(obs, a_pi))).mean()
+    actor_opt.zero_grad(set_to_none=True)
+    actor_loss.backward()
+
+    # (3) TD target with a' ~ pi(.|s') from the current actor and the *minimum* of the twin targets. The authors
+    # drop the entropy term (their "deterministic backup": Eqs. 3-4 use the plain Bellman backup); see --backup-entropy
+    with torch.no_grad():
+        if args.cql_max_target_backup:  # min over critics of each critic's max over N sampled actions
+            a_next, _ = actor.sample(next_obs, args.cql_n_actions)
+            q_next = torch.min(q1_target(next_obs, a_next).max(1).values, q2_target(next_obs, a_next).max(1).values)
+        else:
+            a_next, logp_next = actor.sample(next_obs)
+            q_next = torch.min(q1_target(next_obs, a_next), q2_target(next_obs, a_next))
+            if args.backup_entropy:
+                q_next = q_next - alpha * logp_next
+        target = rewards + args.discount * (1.0 - terminals) * q_next
+
+    # (4) Critics: TD (MSE, no 1/2, as the authors) plus the conservative term, for each critic separately
+    prop_actions, prop_log_density = cql_proposals(obs, next_obs, actor, args.cql_n_actions)
+    td_losses, gaps = [], []
+    for q in (q1, q2):
+        q_data = q(obs, actions)
+        td_losses.append(F.mse_loss(q_data, target))
+        gaps.append(cql_gap_box(q(obs, prop_actions), prop_log_density, q_data))
+    td_loss, gaps = td_losses[0] + td_losses[1], torch.stack(gaps)
+    logs = {}
+    if args.cql_lagrange:  # App. F: min_Q max_{alpha' >= 0} alpha' (alpha * gap - tau), alpha' by gradient ascent
+        alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
+        slack = (args.cql_alpha * gaps - args.cql_target_action_gap).detach()
+        alpha_prime_loss = -0.5 * (alpha_prime * slack).sum()
+        alpha_prime_opt.zero_grad(set_to_none=True)
+        alpha_prime_loss.backward()
+        alpha_prime_opt.step()
+        cql_loss = (alpha_prime.detach() * (args.cql_alpha * gaps - args.cql_target_action_gap)).sum()
+        logs.update(alpha_prime_loss=alpha_prime_loss, alpha_prime=alpha_prime.detach())
+    else:
+        cql_loss = (args.cql_alpha * gaps).sum()
+    q_loss = td_loss + cql_loss if args.cql_alpha > 0 else td_loss  # alpha 0: plain (offline) SAC critics
+    q_opt.zero_grad(set_to_none=True)  # also clears what the actor's backward left on the critics
+    q_loss.backward()
+    q_opt.step()
+    actor_opt.step()
+
+    # (5) Polyak averaging of the target critics, every step
+    with torch.no_grad():
+        for net, target_net in ((q1, q1_target), (q2, q2_target)):
+            for p, tp in zip(net.parameters(), target_net.parameters()):
+                tp.lerp_(p, args.tau)
+    return dict(q_loss=q_loss.detach(), td_loss=td_loss.detach(), cql_loss=cql_loss.detach(),
+                actor_loss=actor_loss.detach(), alpha_loss=alpha_loss.detach(), alpha=alpha,
+                cql_gap=gaps.mean().detach(), log_pi=logp_pi.mean().detach(), **logs)
+
+
+def update_discrete(batch, step, qnet, qnet_target, q_opt, args: Args):
+    """One CQL(H)-DQN step: Huber TD to a double-DQN target plus alpha * (logsumexp_a Q(s, a) - Q(s, a_data))."""
+    obs, actions, rewards, next_obs, terminals = batch
+    # (1) Double DQN target: the online network picks a' = argmax Q(s', .), the target network scores it
+    with torch.no_grad():
+        a_next = qnet(next_obs).argmax(1, keepdim=True)
+        q_next = qnet_target(next_obs).gather(1, a_next).squeeze(1)
+        target = rewards + args.discount * (1.0 - terminals) * q_next
+
+    # (2) Huber TD loss on the data action plus the exact conservative term (Eq. 4)
+    q_all = qnet(obs)
+    td_loss = F.smooth_l1_loss(q_all.gather(1, actions[:, None]).squeeze(1), target)
+    gap = cql_gap_discrete(q_all, actions)
+    cql_loss = args.cql_alpha * gap
+    q_loss = td_loss + cql_loss if args.cql_alpha > 0 else td_loss  # alpha 0: plain double DQN on fixed data
+    q_opt.zero_grad(set_to_none=True)
+    q_loss.backward()
+    q_opt.step()
+
+    # (3) Target network: Polyak every step, or a hard copy every --target-update-every steps
+    with torch.no_grad():
+        if args.target_update_every > 0:
+            if step % args.target_update_every == 0:
+                qnet_target.load_state_dict(qnet.state_dict())
+        else:
+            for p, tp in zip(qnet.parameters(), qnet_target.parameters()):
+                tp.lerp_(p, args.tau)
+    return dict(q_loss=q_loss.detach(), td_loss=td_loss.detach(), cql_loss=cql_loss.detach(),
+                cql_gap=gap.detach())
+
+
+@torch.no_grad()
+def diagnostics(batch, q_value, greedy, discrete: bool) -> dict[str, torch.Tensor]:
+    """Mean Q on dataset actions, the gap Q(s, pi(s)) - Q(s, a_data) and how far pi strays from the data.
+    `q_value(obs, a)` is the twin minimum (Box) or Q(s, a) (Discrete); `greedy(obs)` the evaluation action."""
+    obs, actions = batch[0], batch[1]
+    pi = greedy(obs)
+    q_data = q_value(obs, actions)
+    stray = (pi != actions).float().mean() if discrete else ((pi - actions) ** 2).sum(-1).mean()
+    return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_value(obs, pi) - q_data).mean(),
+                **{"action_mismatch" if discrete else "action_mse": stray})
+
+
+def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
+    """Rebuild the policy saved by --save-model, in environment units. Box: acts with tanh(mean); its distribution
+    is the tanh-Gaussian mapped to the action box (for OPE). Discrete: argmax Q, deterministic (no distribution)."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    args = Args(**ckpt["args"])
+    mean, std = ckpt["obs_mean"], ckpt["obs_std"]
+    if ckpt["n_actions"] is not None:
+        qnet = DiscreteQNetwork(ckpt["obs_dim"], ckpt["n_actions"], args).to(device).eval()
+        qnet.load_state_dict(ckpt["qnet"])
+        return Policy(act=lambda o: qnet.act((o - mean) / std), dist=None, discrete=True, checkpoint=ckpt)
+    actor = TanhGaussianActor(ckpt["obs_dim"], ckpt["act_dim"], args).to(device).eval()
+    actor.load_state_dict(ckpt["actor"])
+    center, half = ckpt["action_center"], ckpt["action_half"]
+
+    def dist(o: torch.Tensor) -> torch.distributions.Distribution:
+        squash = [torch.distributions.TanhTransform(cache_size=1), torch.distributions.AffineTransform(center, half)]
+        return torch.distributions.Independent(
+            torch.distributions.TransformedDistribution(actor.dist((o - mean) / std), squash), 1)
+
+    return Policy(act=lambda o: center + half * actor.act((o - mean) / std), dist=dist, discrete=False,
+                  checkpoint=ckpt)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    # TRY NOT TO MODIFY: seeding, device, data
+    set_seed(args.seed, args.torch_deterministic)
+    device = pick_device(args.device)
+    ds = load_dataset(args.dataset)
+    discrete = ds.discrete
+    obs_dim, act_dim, n_actions = dataset_dims(ds)
+
+    if args.load_model:  # evaluate a saved policy and exit
+        returns = evaluate(ds, load_policy(args.load_model, device).act, args.eval_episodes, args.seed + 100, device)
+        print(f"{args.load_model}: return {returns.mean():.1f} +- {returns.std():.1f}, "
+              f"normalized {ds.normalized_score(returns.mean()):.1f} over {len(returns)} episodes")
+        raise SystemExit
+
+    if args.cql_alpha is None:  # one flag, two defaults: 5.0 for Box (authors' Gym runs), 1.0 for Discrete
+        args.cql_alpha = 1.0 if discrete else 5.0
+    rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias)
+    run_name, writer = make_run(args, "cql.py")
+
+    # ALGO LOGIC: networks and optimisers. Target networks start as exact copies of the online ones.
+    if discrete:
+        qnet = DiscreteQNetwork(obs_dim, n_actions, args).to(device)
+        qnet_target = copy.deepcopy(qnet)
+        q_opt = torch.optim.Adam(qnet.parameters(), lr=args.critic_lr)
+
+        def update(batch, step):
+            return update_discrete(batch, step, qnet, qnet_target, q_opt, args)
+
+        def q_value(obs, a):
+            return qnet(obs).gather(1, a[:, None]).squeeze(1)
+
+        greedy = qnet.act
+    else:
+        q1, q2 = (QNetwork(obs_dim, act_dim, args).to(device) for _ in range(2))
+        q1_target, q2_target = copy.deepcopy(q1), copy.deepcopy(q2)
+        actor = TanhGaussianActor(obs_dim, act_dim, args).to(device)
+        log_alpha = torch.zeros((), device=device, requires_grad=True)  # SAC temperature, alpha = exp(0) = 1
+        log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # Lagrange multiplier, alpha' = 1
+        q_opt = torch.optim.Adam(list(q1.parameters()) + list(q2.parameters()), lr=args.critic_lr)
+        actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
+        alpha_opt = torch.optim.Adam([log_alpha], lr=args.actor_lr)
+        alpha_prime_opt = torch.optim.Adam([log_alpha_prime], lr=args.critic_lr)
+
+        def update(batch, step):
+            return update_box(batch, step, q1, q2, q1_target, q2_target, actor, log_alpha, log_alpha_prime, q_opt,
+                              actor_opt, alpha_opt, alpha_prime_opt, args)
+
+        def q_value(obs, a):
+            return torch.min(q1(obs, a), q2(obs, a))
+
+        greedy = actor.act
+
+    def policy(obs: torch.Tensor) -> torch.Tensor:
+        """Evaluation action: tanh(mean) mapped back to the environment's box (Box) or argmax Q (Discrete)."""
+        return greedy(obs) if discrete else rb.unscale_action(greedy(obs))
+
+    # TRY NOT TO MODIFY: the training loop
+    progress = Progress(args.total_steps)
+    for step in range(1, args.total_steps + 1):
+        batch = rb.sample(args.batch_size)
+        logs = update(batch, step)
+
+        if step % args.log_every == 0 or step == args.total_steps:  # the only host syncs: every log_every steps
+            logs.update(diagnostics(batch, q_value, greedy, discrete))
+            for k, v in logs.items():
+                writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v.item(), step)
+            sps = progress.sps(step)
+            writer.add_scalar("charts/SPS", sps, step)
+            progress.line(step, sps, f"q_data {logs['q_data'].item():.2f} | cql_gap {logs['cql_gap'].item():.2f}")
+
+        if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps):
+            t0 = time.time()
+            returns = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize)
+            norm = ds.normalized_score(returns.mean())
+            writer.add_scalar("eval/return", returns.mean(), step)
+            writer.add_scalar("eval/normalized_score", norm, step)
+            progress.eval(returns.mean(), norm, time.time() - t0)
+
+    if args.save_model:
+        path = f"runs/{run_name}/cql.pt"
+        if discrete:
+            nets = dict(qnet=qnet.state_dict(), qnet_target=qnet_target.state_dict())
+        else:
+            nets = dict(actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
+                        q1_target=q1_target.state_dict(), q2_target=q2_target.state_dict(),
+                        log_alpha=log_alpha.detach(), log_alpha_prime=log_alpha_prime.detach(),
+                        action_center=rb.action_center, action_half=rb.action_half)
+        torch.save(dict(algo="cql", args=asdict(args), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
+                        act_dim=act_dim, n_actions=n_actions, **nets), path)
+        print(f"saved {path}")
+    writer.close()
