@@ -7,6 +7,7 @@
 # (e.g. a narrow Gaussian around the chosen Box action, or eps-greedy for Discrete), or use estimators that only
 # need the policy's actions (FQE, model-based). See docs/bcq.md.
 import copy
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -352,10 +353,13 @@ if __name__ == "__main__":
         if step % args.log_every == 0 or step == args.total_steps:  # the only host syncs: every log_every steps
             logs.update(diagnostics(batch, agent, discrete))
             for k, v in logs.items():
-                writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v.item(), step)
+                if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
+                    raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "
+                                             "rate, --normalize-obs, or check the dataset's rewards)")
+                writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
             sps = progress.sps(step)
             writer.add_scalar("charts/SPS", sps, step)
-            progress.line(step, sps, f"q_data {logs['q_data'].item():.2f}")
+            progress.line(step, sps, f"q_data {logs['q_data']:.2f}")
 
         if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps):
             t0 = time.time()

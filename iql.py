@@ -1,6 +1,7 @@
 # Implicit Q-Learning (Kostrikov, Nair, Levine 2021, https://arxiv.org/abs/2110.06169). Docs: docs/iql.md
 # Continuous (Box) actions follow the authors' code (ikostrikov/implicit_q_learning); the Discrete variant is a
 # straight port of the same losses to Q(s, .) heads and a categorical policy (there is no official one).
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -277,11 +278,14 @@ if __name__ == "__main__":
         if step % args.log_every == 0 or step == args.total_steps:  # the only host syncs: every log_every steps
             logs.update(diagnostics(batch, q1, q2, actor, discrete))
             for k, v in logs.items():
-                writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v.item(), step)
+                if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
+                    raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "
+                                             "rate, --normalize-obs, or check the dataset's rewards)")
+                writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
             writer.add_scalar("charts/actor_lr", actor_sched.get_last_lr()[0], step)
             sps = progress.sps(step)
             writer.add_scalar("charts/SPS", sps, step)
-            progress.line(step, sps, f"q_data {logs['q_data'].item():.2f}")
+            progress.line(step, sps, f"q_data {logs['q_data']:.2f}")
 
         if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps):
             t0 = time.time()

@@ -1,6 +1,7 @@
 """IQL: the loss math on hand-computed cases, and smoke runs of the script on Box and Discrete data."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,20 @@ def test_saved_policy_acts_and_has_a_density_in_environment_units(tmp_path):
     grid = torch.linspace(-30, 30, 20001)[:, None]
     dens = policy.dist(obs[:1].expand(len(grid), 3)).log_prob(grid).exp()
     assert torch.trapezoid(dens, grid[:, 0]).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import datasets as D
+
+    ds = D.generate_builtin("cartpole-medium", 2000)
+    ds.rewards = np.full_like(ds.rewards, 1e38)  # finite, so the data is valid, but every squared error overflows
+    D.save_npz(ds, tmp_path / "huge.npz")
+    proc = subprocess.run([sys.executable, str(Path(iql.__file__)), "--dataset", str(tmp_path / "huge.npz"),
+                           "--total-steps", "20", "--log-every", "10", "--eval-episodes", "0", "--batch-size", "16"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "training diverged" in proc.stderr
