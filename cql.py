@@ -30,6 +30,8 @@ class Args:
     """if toggled, save weights and config to `runs/{run_name}/cql.pt` (load with torch.load(weights_only=True))"""
     load_model: str | None = None
     """path to a saved `cql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
+    checkpoint_every: int = 0
+    """with --save-model, also save `cql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
     dataset: str = "lunarlander-continuous-medium"
     """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path"""
     total_steps: int = 1_000_000
@@ -366,6 +368,19 @@ if __name__ == "__main__":
         """Evaluation action: tanh(mean) mapped back to the environment's box (Box) or argmax Q (Discrete)."""
         return greedy(obs) if discrete else rb.unscale_action(greedy(obs))
 
+    def save_model(path: str) -> None:
+        """Weights, config and normalisation constants, loadable with torch.load(path, weights_only=True)."""
+        if discrete:
+            nets = dict(qnet=qnet.state_dict(), qnet_target=qnet_target.state_dict())
+        else:
+            nets = dict(actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
+                        q1_target=q1_target.state_dict(), q2_target=q2_target.state_dict(),
+                        log_alpha=log_alpha.detach(), log_alpha_prime=log_alpha_prime.detach(),
+                        action_center=rb.action_center, action_half=rb.action_half)
+        torch.save(dict(algo="cql", args=asdict(args), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
+                        act_dim=act_dim, n_actions=n_actions, **nets), path)
+        print(f"saved {path}", flush=True)
+
     # TRY NOT TO MODIFY: the training loop
     progress = Progress(args.total_steps)
     for step in range(1, args.total_steps + 1):
@@ -391,16 +406,9 @@ if __name__ == "__main__":
             writer.add_scalar("eval/normalized_score", norm, step)
             progress.eval(returns.mean(), norm, time.time() - t0)
 
+        if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            save_model(f"runs/{run_name}/cql_step{step}.pt")
+
     if args.save_model:
-        path = f"runs/{run_name}/cql.pt"
-        if discrete:
-            nets = dict(qnet=qnet.state_dict(), qnet_target=qnet_target.state_dict())
-        else:
-            nets = dict(actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
-                        q1_target=q1_target.state_dict(), q2_target=q2_target.state_dict(),
-                        log_alpha=log_alpha.detach(), log_alpha_prime=log_alpha_prime.detach(),
-                        action_center=rb.action_center, action_half=rb.action_half)
-        torch.save(dict(algo="cql", args=asdict(args), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
-                        act_dim=act_dim, n_actions=n_actions, **nets), path)
-        print(f"saved {path}")
+        save_model(f"runs/{run_name}/cql.pt")
     writer.close()

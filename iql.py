@@ -30,6 +30,8 @@ class Args:
     """if toggled, save weights and config to `runs/{run_name}/iql.pt` (load with torch.load(weights_only=True))"""
     load_model: str | None = None
     """path to a saved `iql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
+    checkpoint_every: int = 0
+    """with --save-model, also save `iql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
     dataset: str = "lunarlander-continuous-medium"
     """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path"""
     total_steps: int = 1_000_000
@@ -269,6 +271,14 @@ if __name__ == "__main__":
         actor.train()
         return a if discrete else rb.unscale_action(a)
 
+    def save_model(path: str) -> None:
+        """Weights, config and normalisation constants, loadable with torch.load(path, weights_only=True)."""
+        extra = {} if discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
+        torch.save(dict(algo="iql", args=asdict(args), actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
+                        vf=vf.state_dict(), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
+                        act_dim=act_dim, n_actions=n_actions, **extra), path)
+        print(f"saved {path}", flush=True)
+
     # TRY NOT TO MODIFY: the training loop
     progress = Progress(args.total_steps)
     for step in range(1, args.total_steps + 1):
@@ -295,11 +305,9 @@ if __name__ == "__main__":
             writer.add_scalar("eval/normalized_score", norm, step)
             progress.eval(returns.mean(), norm, time.time() - t0)
 
+        if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            save_model(f"runs/{run_name}/iql_step{step}.pt")
+
     if args.save_model:
-        path = f"runs/{run_name}/iql.pt"
-        extra = {} if discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
-        torch.save(dict(algo="iql", args=asdict(args), actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
-                        vf=vf.state_dict(), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
-                        act_dim=act_dim, n_actions=n_actions, **extra), path)
-        print(f"saved {path}")
+        save_model(f"runs/{run_name}/iql.pt")
     writer.close()

@@ -82,11 +82,13 @@ def test_polyak_moves_targets_by_tau():
                                            ("pendulum-medium", ["--deterministic-actor", "--normalize-obs"])])
 def test_smoke_train_save_and_reload(tmp_path, dataset, extra):
     flags = ["--dataset", dataset, "--total-steps", "200", "--eval-every", "100", "--eval-episodes", "1",
-             "--log-every", "100", "--batch-size", "64", "--save-model", "--device", "cpu", *extra]
+             "--log-every", "100", "--batch-size", "64", "--save-model", "--checkpoint-every", "100",
+             "--device", "cpu", *extra]
     out = run_script("iql.py", *flags, cwd=tmp_path)
     assert "step      200/200" in out and "eval return" in out
     saved = list((tmp_path / "runs").glob("*/iql.pt"))
     assert len(saved) == 1
+    assert sorted(p.name for p in saved[0].parent.glob("iql_step*.pt")) == ["iql_step100.pt", "iql_step200.pt"]
     ckpt = torch.load(saved[0], weights_only=True)
     assert ckpt["args"]["dataset"] == dataset
     events = list((tmp_path / "runs").glob("*/events.out.tfevents.*"))
