@@ -1,0 +1,1160 @@
+# Off-policy evaluation (OPE): what would a saved policy score, estimated from the offline data alone. Docs: docs/ope.md
+# Importance sampling IS/WIS/PDIS/WPDIS (Precup, Sutton, Singh 2000), doubly robust DR (Jiang & Li 2016,
+# https://arxiv.org/abs/1511.03722), weighted DR (Thomas & Brunskill 2016, https://arxiv.org/abs/1604.00923), fitted Q
+# evaluation FQE (Le, Voloshin, Yue 2019, https://arxiv.org/abs/1903.08738) and a model-based estimator (an ensemble
+# of learned dynamics rolled out under the policy). Validation metrics follow DOPE (Fu et al. 2021,
+# https://arxiv.org/abs/2103.16596): absolute error of the normalized score, Spearman rank correlation, regret@1.
+#
+# Which policy is being valued? A saved policy offers two: `Policy.act` (the evaluation action: the Gaussian's mean,
+# the argmax) and `Policy.dist` (the distribution it was trained as). Importance weights need a density, so the IS
+# family and DR/WDR value the *distribution* ("dist" in the table); FQE and the model value `act` by default
+# (--fqe-action act, "act" in the table), which is what the scripts' own evaluations run. Ground-truth rollouts must
+# run the same policy an estimator values: --rollout-action sample (with --fqe-action sample) validates every row
+# against one policy; the default `act` validates FQE/MB and flags the "dist" rows as comparing different policies.
+import copy
+import csv
+import importlib
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+from common import Dataset, Policy, action_bounds, dataset_dims, load_dataset, mlp, pick_device, set_seed
+
+
+@dataclass
+class Args:
+    policy: tyro.conf.UseAppendAction[list[str]]
+    """a checkpoint saved by `--save-model` (iql.pt, cql.pt, bcq.pt); repeat the flag to compare several policies"""
+    dataset: str | None = None
+    """a built-in name, a Minari id or an `.npz` path; unset: the dataset the first policy was trained on"""
+    seed: int = 1
+    """seed of torch and numpy; ground-truth rollout i is seeded `seed + 100 + i` (as the training scripts)"""
+    device: str = "auto"
+    """`auto` picks CUDA when present, else CPU; or any torch device string"""
+    discount: float = 0.99
+    """gamma of the discounted estimates (the undiscounted column always uses gamma = 1)"""
+    bootstrap: int = 200
+    """bootstrap resamples of whole episodes for the 95% confidence intervals (0: no intervals)"""
+
+    # Behaviour policy and importance weights
+    behavior: Literal["auto", "logged", "fitted"] = "auto"
+    """`logged`: the dataset's exact behavior_log_probs; `fitted`: a behaviour-cloning model fitted by maximum
+    likelihood; `auto`: logged when the dataset has them, else fitted"""
+    bc_steps: int = 5000
+    """gradient steps of each behaviour-cloning fit"""
+    bc_folds: int = 2
+    """cross-fitting: the episodes are split in this many folds and each fold's log pi_b comes from a model fitted on
+    the other folds (1: fit and score on all the data, which overstates pi_b on the logged actions)"""
+    clip_log_ratio: tuple[float, float] | None = None
+    """clip each per-step log pi_e - log pi_b to [LOW, HIGH] (DOPE used -6 2): less variance, some bias. Off"""
+    smoothing_width: float | None = None
+    """for policies without a density: Box, a Gaussian of this std (environment units) around the policy's action,
+    truncated to the action box; Discrete, epsilon-greedy with this epsilon. Unset: IS/DR are skipped for them"""
+    weight_threshold: float = 100.0
+    """diagnostic: the share of episodes whose importance weight w_{0:H-1} exceeds this value is reported"""
+
+    # FQE
+    fqe_steps: int = 20_000
+    """FQE gradient steps (DOPE's FQE ran 1,000,000; raise this when the run's FQE trace has not settled; 0: skip
+    FQE, DR and WDR)"""
+    fqe_action: Literal["act", "sample"] = "act"
+    """the policy FQE and the model value: `act` (the evaluation action, as the scripts' evaluations) or `sample`
+    (the policy's distribution, the one the IS family values)"""
+    fqe_tau: float = 0.005
+    """Polyak rate of FQE's target network"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate of every fitted network (FQE, behaviour cloning, model ensemble; weight decay 1e-5)"""
+    batch_size: int = 256
+    """transitions per gradient step of every fitted network"""
+    hidden_dim: int = 256
+    """width of the hidden layers of every fitted network"""
+    n_layers: int = 2
+    """hidden layers of every fitted network"""
+    v_samples: int = 10
+    """Box: actions drawn from pi_e(.|s) to average Q over (V(s) = E_{a~pi_e} Q(s, a)); Discrete sums exactly"""
+
+    # Model-based
+    mb_ensemble: int = 5
+    """number of dynamics models (each predicts s' - s, r and a termination logit from (s, a))"""
+    mb_steps: int = 10_000
+    """gradient steps of the model ensemble (0: skip the model-based estimate)"""
+    mb_horizon: int | None = None
+    """rollout length of the model; unset: the dataset's longest episode"""
+
+    # Validation against the real environment
+    rollouts: int = 0
+    """run each policy this many episodes in the dataset's environment and report each estimator's error"""
+    rollout_action: Literal["act", "sample"] = "act"
+    """what the rollouts run: `act` (the evaluation action) or `sample` (draws from pi_e(.|s): use it to validate
+    IS, WIS, PDIS, WPDIS, DR and WDR, which value the distribution)"""
+    plot: str | None = None
+    """write a PNG of the estimates with their 95% CIs (and the rollouts' value when --rollouts > 0) to this path"""
+
+
+class OPEError(ValueError):
+    """A problem with the inputs that the user can fix; printed without a traceback."""
+
+
+ESTIMATORS = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR", "FQE", "MB")
+WEIGHTED = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR")  # the rows that need importance weights (a pi_e density)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Episodes: the IS family, the bootstrap and the initial states all need whole episodes, in time order
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Episodes:
+    """The dataset cut into episodes as (n_episodes, horizon) arrays; step t of episode i is dataset row rows[i, t]."""
+
+    rows: np.ndarray  # (n, H) int: dataset row of each step (0 where padded: read it only under `mask`)
+    mask: np.ndarray  # (n, H) bool: True for real steps, False after the episode's end
+
+    @property
+    def n(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def starts(self) -> np.ndarray:
+        return self.rows[:, 0]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.mask.sum(1)
+
+    def pad(self, per_row: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """Values per dataset row (N,) -> (n, H), `fill` after each episode's end."""
+        return np.where(self.mask, np.asarray(per_row, dtype=np.float64)[self.rows], fill)
+
+
+def split_episodes(ds: Dataset, max_cells: int = 50_000_000) -> Episodes:
+    """Episodes from terminals/timeouts; checks that rows are in time order (s'_t is the next row's s)."""
+    ends = ds.episode_ends()
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    inner = np.ones(len(ds), dtype=bool)
+    inner[ends] = False
+    idx = np.flatnonzero(inner)
+    if len(idx):
+        same = np.isclose(ds.next_observations[idx], ds.observations[idx + 1], rtol=1e-5, atol=1e-6).all(1)
+        if (~same).mean() > 1e-3:
+            raise OPEError(
+                f"{ds.name}: the rows are not whole episodes in time order: next_observations[i] != observations[i+1] "
+                f"at {100 * (~same).mean():.1f}% of the rows inside episodes (first at row {int(idx[~same][0])}). "
+                "Off-policy evaluation needs each episode's transitions in order, with terminals/timeouts marking "
+                "their ends (importance weights multiply along an episode; the bootstrap resamples episodes)")
+    lengths = ends - starts + 1
+    n, horizon = len(lengths), int(lengths.max())
+    if n * horizon > max_cells:
+        raise OPEError(f"{ds.name}: {n} episodes padded to the longest ({horizon} steps) would need {n * horizon:,} "
+                       "cells; are terminals/timeouts set? A dataset with no episode ends is one long episode")
+    t = np.arange(horizon)
+    mask = t[None, :] < lengths[:, None]
+    return Episodes(rows=np.where(mask, starts[:, None] + t[None, :], 0), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The importance-sampling family and doubly robust estimators: pure functions of (n, H) numpy arrays.
+# rewards, log_ratios = log pi_e(a_t|s_t) - log pi_b(a_t|s_t), q_sa = Q̂(s_t, a_t), v_s = V̂(s_t); mask marks real
+# steps. Padding convention (one for every estimator): after an episode ends it is absorbing with r = 0, Q̂ = V̂ = 0
+# and rho = 1, so its weight is *carried* and it still counts in every per-step normaliser (with equal weights,
+# WPDIS then reduces to the plain average return, ended episodes contributing 0, as it should).
+# `counts` (n,) or (B, n): how often each episode is drawn (bootstrap resamples); None: each once.
+# Weights stay in log space (cumulative sums of log-ratios) and are only exponentiated after subtracting a maximum
+# wherever the estimator self-normalises; plain IS and PDIS need the absolute weights and may overflow to inf.
+# ---------------------------------------------------------------------------------------------------------
+def _prepare(rewards, log_ratios, mask, counts):
+    mask = np.asarray(mask, dtype=bool)
+    r = np.where(mask, np.asarray(rewards, dtype=np.float64), 0.0)
+    log_w = np.cumsum(np.where(mask, np.asarray(log_ratios, dtype=np.float64), 0.0), axis=1)  # log w_{0:t}
+    c = np.ones(len(r)) if counts is None else np.asarray(counts, dtype=np.float64)
+    return r, log_w, mask, c
+
+
+def _shifted_exp(log_w: np.ndarray, axis: int = 0) -> np.ndarray:
+    """exp(log_w - max along axis): the shift cancels in any self-normalised ratio and avoids overflow."""
+    shift = np.max(log_w, axis=axis, keepdims=True)
+    return np.exp(log_w - np.where(np.isfinite(shift), shift, 0.0))
+
+
+def is_estimate(rewards, log_ratios, mask, gamma, counts=None):
+    """Trajectory-wise IS: mean_i w_{0:H-1}^i G^i. Unbiased; its variance grows exponentially with the horizon."""
+    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
+    ret = r @ gamma ** np.arange(r.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        return c @ (np.exp(log_w[:, -1]) * ret) / c.sum(-1)
+
+
+def wis_estimate(rewards, log_ratios, mask, gamma, counts=None):
+    """Weighted (self-normalised) IS: sum_i w^i G^i / sum_i w^i. Biased for finite n, consistent, far less variance."""
+    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
+    w = _shifted_exp(log_w[:, -1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (c @ (w * (r @ gamma ** np.arange(r.shape[1])))) / (c @ w)
+
+
+def pdis_estimate(rewards, log_ratios, mask, gamma, counts=None):
+    """Per-decision IS: mean_i sum_t gamma^t w_{0:t}^i r_t^i: reward t is weighted by the ratios up to t only."""
+    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
+    with np.errstate(over="ignore", invalid="ignore"):
+        per_episode = (np.exp(log_w) * r) @ gamma ** np.arange(r.shape[1])
+        return c @ per_episode / c.sum(-1)
+
+
+def wpdis_estimate(rewards, log_ratios, mask, gamma, counts=None):
+    """Weighted per-decision IS: sum_t gamma^t (sum_i w_{0:t}^i r_t^i) / (sum_i w_{0:t}^i), one normaliser per step
+    (ended episodes keep their weight in it: see the padding convention above)."""
+    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
+    w = _shifted_exp(log_w, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((c @ (w * r)) / (c @ w)) @ gamma ** np.arange(r.shape[1])
+
+
+def dr_per_episode(rewards, log_ratios, q_sa, v_s, mask, gamma) -> np.ndarray:
+    """Jiang & Li 2016, recursive form, backwards from V_DR^(H) = 0:
+    V_DR^(t) = V̂(s_t) + rho_t (r_t + gamma V_DR^(t+1) - Q̂(s_t, a_t)). Returns V_DR^(0) of each episode."""
+    mask = np.asarray(mask, dtype=bool)
+    r, q, v = (np.where(mask, np.asarray(x, dtype=np.float64), 0.0) for x in (rewards, q_sa, v_s))
+    rho = np.exp(np.where(mask, np.asarray(log_ratios, dtype=np.float64), 0.0))
+    value = np.zeros(len(r))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in reversed(range(r.shape[1])):  # padded steps: 0 + 1 * (0 + gamma * 0 - 0) = 0
+            value = v[:, t] + rho[:, t] * (r[:, t] + gamma * value - q[:, t])
+    return value
+
+
+def dr_estimate(rewards, log_ratios, q_sa, v_s, mask, gamma, counts=None):
+    """Doubly robust: mean over episodes of V_DR^(0). Unbiased for any Q̂ when the ratios are exact (V̂ must be
+    E_{a~pi_e} Q̂(s, a)); the better Q̂, the smaller the variance (zero for a perfect Q̂ and deterministic rewards)."""
+    c = np.ones(len(rewards)) if counts is None else np.asarray(counts, dtype=np.float64)
+    return c @ dr_per_episode(rewards, log_ratios, q_sa, v_s, mask, gamma) / c.sum(-1)
+
+
+def wdr_estimate(rewards, log_ratios, q_sa, v_s, mask, gamma, counts=None):
+    """Weighted DR (Thomas & Brunskill 2016): DR unrolled, with w_{0:t}^i / n replaced by the per-step normalised
+    ŵ_t^i = w_{0:t}^i / sum_j w_{0:t}^j (ŵ_{-1}^i = 1/n):  sum_t gamma^t sum_i [ŵ_t^i (r_t - Q̂_t) + ŵ_{t-1}^i V̂_t]."""
+    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
+    q, v = (np.where(mask, np.asarray(x, dtype=np.float64), 0.0) for x in (q_sa, v_s))
+    w = _shifted_exp(log_w, axis=0)
+    w_prev = np.concatenate([np.ones((len(r), 1)), w[:, :-1]], axis=1)  # ŵ_{t-1}; each column normalised alone
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_step = (c @ (w * (r - q))) / (c @ w) + (c @ (w_prev * v)) / (c @ w_prev)
+    return per_step @ gamma ** np.arange(r.shape[1])
+
+
+def effective_sample_size(log_w: np.ndarray) -> float:
+    """Kish's ESS (sum w)^2 / sum w^2 of one weight per episode: n for equal weights, 1 when one episode dominates."""
+    w = _shifted_exp(np.asarray(log_w, dtype=np.float64))
+    return float(w.sum() ** 2 / (w**2).sum()) if w.sum() > 0 else 0.0
+
+
+def per_decision_ess(log_ratios, mask, gamma) -> float:
+    """The ESS of the step-t weights w_{0:t}, averaged over t with weights gamma^t (what per-decision estimators
+    effectively rest on: early steps count more)."""
+    _, log_w, _, _ = _prepare(np.zeros_like(log_ratios), log_ratios, mask, None)
+    w = _shifted_exp(log_w, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ess = np.nan_to_num(w.sum(0) ** 2 / (w**2).sum(0))
+    d = gamma ** np.arange(w.shape[1])
+    return float(ess @ d / d.sum())
+
+
+def bootstrap_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray | None:
+    """(n_boot, n) multinomial counts: how often each whole episode is drawn in each resample. None if n < 2 or
+    n_boot == 0 (one episode cannot be resampled into a confidence interval)."""
+    if n < 2 or n_boot <= 0:
+        return None
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def percentile_ci(samples: np.ndarray) -> list[float] | None:
+    """The 2.5% and 97.5% percentiles of the finite bootstrap values (None if too few are finite)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    finite = samples[np.isfinite(samples)]
+    if len(finite) < max(2, 0.9 * len(samples)):
+        return None
+    return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Densities: truncated Gaussians keep every Box density inside the action box
+# ---------------------------------------------------------------------------------------------------------
+def log_box_mass(loc, scale, low, high) -> torch.Tensor:
+    """log P(low <= X <= high) per dimension for X ~ N(loc, scale)."""
+    mass = torch.special.ndtr((high - loc) / scale) - torch.special.ndtr((low - loc) / scale)
+    return torch.log(mass.clamp_min(1e-30))
+
+
+def truncated_normal_log_prob(x, loc, scale, low, high) -> torch.Tensor:
+    """log N(x; loc, scale) / P(box), summed over action dimensions: a density that integrates to 1 on the box."""
+    return (torch.distributions.Normal(loc, scale).log_prob(x) - log_box_mass(loc, scale, low, high)).sum(-1)
+
+
+def truncated_normal_sample(loc, scale, low, high) -> torch.Tensor:
+    """Exact draws from N(loc, scale) truncated to [low, high], by the inverse CDF (float64 for the tails)."""
+    loc64, scale64 = loc.double(), scale.double()
+    lo = torch.special.ndtr((low.double() - loc64) / scale64)
+    hi = torch.special.ndtr((high.double() - loc64) / scale64)
+    u = (lo + (hi - lo) * torch.rand_like(lo)).clamp(1e-12, 1 - 1e-12)
+    x = loc64 + scale64 * torch.special.ndtri(u)
+    return torch.maximum(torch.minimum(x, high.double()), low.double()).to(loc.dtype)
+
+
+class Target:
+    """pi_e as the estimators see it. `act`: the evaluation action. `density` (None if there is none): what
+    `log_prob`, `probs` (Discrete) and `sample` use. Box Gaussians (the policy's own, or the smoothing one) are
+    truncated to the action box: a sample outside it would be clipped by the environment onto the boundary, where
+    no behaviour density can cover the point mass; the truncated (renormalised) Gaussian is the closest policy with
+    a density inside the box, and `sample` draws from exactly it (so rollouts run what IS values)."""
+
+    def __init__(self, policy: Policy, n_actions: int | None, low: torch.Tensor | None, high: torch.Tensor | None,
+                 smoothing: float | None, probe_obs: torch.Tensor | None = None):
+        self.policy, self.discrete, self.n_actions, self.low, self.high = policy, policy.discrete, n_actions, low, high
+        self.smoothing, self.notes = None, []
+        if policy.dist is not None:
+            if smoothing is not None:
+                self.notes.append("--smoothing-width ignored: the policy has its own distribution")
+            if self.discrete:
+                self.density = "categorical pi(.|s)"
+            elif probe_obs is None:
+                self.density = "pi(.|s) (a Gaussian one truncated to the action box)"
+            elif self.gaussian(probe_obs) is not None:
+                self.density = "Gaussian pi(.|s) truncated to the action box"
+            else:
+                self.density = f"pi(.|s) ({type(policy.dist(probe_obs)).__name__}; support taken to be the box)"
+        elif smoothing is not None:
+            self.smoothing = smoothing
+            self.density = (f"epsilon-greedy around the policy's action (eps {smoothing})" if self.discrete else
+                            f"N(policy's action, {smoothing}^2) truncated to the action box (--smoothing-width)")
+        else:
+            self.density = None
+        self.skip_reason = None if self.density else (
+            "no density (Policy.dist is None: a deterministic or greedy policy): importance weights "
+            "pi_e(a|s)/pi_b(a|s) are undefined, so IS, WIS, PDIS, WPDIS, DR and WDR are skipped; pass "
+            "--smoothing-width W to value a smoothed version instead")
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.policy.act(obs)
+
+    def gaussian(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(loc, scale) of a Box pi_e(.|s) that is Gaussian before truncation; None for any other distribution."""
+        if self.smoothing is not None:
+            loc = self.act(obs).float()
+            return loc, torch.full_like(loc, self.smoothing)
+        d = self.policy.dist(obs)
+        base = d.base_dist if isinstance(d, torch.distributions.Independent) else d
+        if isinstance(base, torch.distributions.Normal):
+            return torch.broadcast_tensors(base.loc, base.scale)
+        return None
+
+    def probs(self, obs: torch.Tensor) -> torch.Tensor:
+        """Discrete: pi_e(.|s) as (B, n_actions); a point mass on `act` when there is no density."""
+        if self.policy.dist is not None:
+            d = self.policy.dist(obs)
+            if isinstance(d, torch.distributions.Categorical):
+                return d.probs
+            every = torch.arange(self.n_actions, device=obs.device)
+            return torch.stack([d.log_prob(a.expand(len(obs))) for a in every], -1).exp()
+        onehot = F.one_hot(self.act(obs).long(), self.n_actions).float()
+        eps = self.smoothing or 0.0
+        return (1.0 - eps) * onehot + eps / self.n_actions
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return torch.log(self.probs(obs).gather(1, actions.long()[:, None]).squeeze(1))
+        g = self.gaussian(obs)
+        if g is not None:
+            return truncated_normal_log_prob(actions, *g, self.low, self.high)
+        # other densities (e.g. CQL's tanh-Gaussian): nudge actions off the box's edge, where atanh is infinite
+        margin = 1e-6 * (self.high - self.low)
+        return self.policy.dist(obs).log_prob(torch.maximum(torch.minimum(actions, self.high - margin),
+                                                            self.low + margin))
+
+    def sample(self, obs: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """a ~ pi_e(.|s): (B,) or (B, d); with k, k draws per state: (B, k) or (B, k, d). `act` if no density."""
+        shape = () if k is None else (k,)
+        if self.discrete:
+            a = torch.distributions.Categorical(probs=self.probs(obs)).sample(shape)
+            return a if k is None else a.T
+        if self.density is None:
+            a = self.act(obs)
+            return a if k is None else a[:, None].expand(-1, k, -1)
+        g = self.gaussian(obs)
+        if g is not None:
+            loc, scale = g if k is None else (x[:, None].expand(-1, k, -1) for x in g)
+            return truncated_normal_sample(loc, scale, self.low, self.high)
+        a = torch.maximum(torch.minimum(self.policy.dist(obs).sample(shape), self.high), self.low)
+        return a if k is None else a.transpose(0, 1)
+
+
+@torch.no_grad()
+def batched(fn, *tensors: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """fn applied to row chunks of the tensors, concatenated (keeps memory flat on 100k-row datasets)."""
+    return torch.cat([fn(*(t[i: i + chunk] for t in tensors)) for i in range(0, len(tensors[0]), chunk)])
+
+
+def policy_at(target: Target, obs: torch.Tensor, mode: str, k: int) -> torch.Tensor:
+    """pi_e at a batch of states, as FQE consumes it. Discrete: probabilities (B, n) (`act`: one-hot on the
+    evaluation action); Box: actions (B, k, d) to average over (`act`: the evaluation action, k = 1)."""
+    if target.discrete:
+        return F.one_hot(target.act(obs).long(), target.n_actions).float() if mode == "act" else target.probs(obs)
+    return target.act(obs)[:, None] if mode == "act" else target.sample(obs, k)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Behaviour policy: logged exact log-probabilities, or a behaviour-cloning fit (maximum likelihood)
+# ---------------------------------------------------------------------------------------------------------
+class BehaviorModel(nn.Module):
+    """pi_b estimated from the data: a categorical (Discrete) or a Gaussian with a state-dependent mean inside the box
+    and state-dependent std, truncated to the action box (Box) so its density integrates to 1 where the data live."""
+
+    def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, stats: dict, args: Args):
+        super().__init__()
+        self.discrete = n_actions is not None
+        self.net = mlp(obs_dim, n_actions if self.discrete else 2 * act_dim, [args.hidden_dim] * args.n_layers)
+        self.stats = stats
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        s = self.stats
+        out = self.net((obs - s["obs_mean"]) / s["obs_std"])
+        if self.discrete:
+            return F.log_softmax(out, -1).gather(1, actions.long()[:, None]).squeeze(1)
+        mu, log_std = out.chunk(2, -1)
+        center, half = (s["high"] + s["low"]) / 2, (s["high"] - s["low"]) / 2
+        loc, scale = center + half * torch.tanh(mu), half * log_std.clamp(-5.0, 2.0).exp()
+        return truncated_normal_log_prob(actions, loc, scale, s["low"], s["high"])
+
+
+def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args, rng: np.random.Generator):
+    """Cross-fitted maximum-likelihood behaviour cloning: episodes are split into --bc-folds folds and each fold's
+    log pi_b(a|s) comes from a model trained on the other folds. Returns (log pi_b per row, its mean, folds used)."""
+    n_rows, k = len(data["rewards"]), max(1, min(args.bc_folds, ep.n))  # k = 1: fit and score on everything
+    fold_of_episode = rng.permutation(ep.n) % k
+    fold = np.empty(n_rows, dtype=np.int64)
+    fold[ep.rows[ep.mask]] = np.repeat(fold_of_episode, ep.lengths)
+    log_probs = torch.empty(n_rows, device=data["rewards"].device)
+    for f in range(k):
+        train = np.flatnonzero(fold != f) if k > 1 else np.arange(n_rows)
+        score = np.flatnonzero(fold == f)
+        train_t = torch.as_tensor(train, device=log_probs.device)
+        model = BehaviorModel(*dims, stats, args).to(log_probs.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-5)
+        for _ in range(args.bc_steps):
+            idx = train_t[torch.randint(0, len(train_t), (args.batch_size,), device=train_t.device)]
+            loss = -model.log_prob(data["obs"][idx], data["actions"][idx]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        score_t = torch.as_tensor(score, device=log_probs.device)
+        log_probs[score_t] = batched(model.log_prob, data["obs"][score_t], data["actions"][score_t])
+    lp = log_probs.double().cpu().numpy()
+    return lp, float(lp.mean()), k
+
+
+def check_behavior_log_probs(log_probs: np.ndarray, name: str) -> None:
+    """A logged action with pi_b(a|s) = 0 (or a NaN) cannot come from the behaviour policy: the dataset is malformed."""
+    bad = np.isneginf(log_probs) | np.isnan(log_probs)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise OPEError(f"{name}: {len(rows)} logged action(s) have behaviour probability 0 (log pi_b(a|s) = -inf or "
+                       f"NaN), first at row(s) {rows[:5].tolist()}. A logged action the behaviour policy could not "
+                       "have taken means behavior_log_probs is wrong: fix it, or pass --behavior fitted to estimate "
+                       "pi_b")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fitted Q Evaluation (Le, Voloshin, Yue 2019): regress Q(s, a) on r + gamma (1 - terminal) E_{a'~pi_e} Q̄(s', a')
+# with dataset (s, a) on the left and pi_e's actions at s' on the right, a Polyak target network (DOPE's deep FQE)
+# ---------------------------------------------------------------------------------------------------------
+class QModel(nn.Module):
+    """Q(s, a) on raw observations and environment-unit actions. Box: an MLP on s ⊕ a (a rescaled to [-1, 1]);
+    Discrete: an MLP from s to Q(s, .). The network outputs Q / scale with scale = reward scale / (1 - gamma), so the
+    regression targets are O(1) (DOPE's (1 - gamma) normalisation)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, stats: dict, scale: float,
+                 hidden: int = 256, layers: int = 2):
+        super().__init__()
+        self.discrete, self.stats, self.scale = n_actions is not None, stats, scale
+        in_dim, out_dim = (obs_dim, n_actions) if self.discrete else (obs_dim + act_dim, 1)
+        self.net = mlp(in_dim, out_dim, [hidden] * layers)
+
+    def _obs(self, obs):
+        return (obs - self.stats["obs_mean"]) / self.stats["obs_std"]
+
+    def all_actions(self, obs: torch.Tensor) -> torch.Tensor:
+        """Discrete: Q(s, .) as (B, n_actions)."""
+        return self.net(self._obs(obs)) * self.scale
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q(s, a): actions (B,) / (B, d) give (B,); Box actions (B, k, d) give (B, k)."""
+        if self.discrete:
+            return self.all_actions(obs).gather(1, actions.long()[:, None]).squeeze(1)
+        low, high = self.stats["low"], self.stats["high"]
+        a = (actions - (high + low) / 2) / ((high - low) / 2)
+        o = self._obs(obs)
+        if a.dim() == 3:
+            o = o[:, None].expand(-1, a.shape[1], -1)
+        return self.net(torch.cat([o, a], -1)).squeeze(-1) * self.scale
+
+    def expected(self, obs: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+        """E_{a~pi} Q(s, a) for pi as `policy_at` gives it (probabilities, or actions to average over)."""
+        return (pi * self.all_actions(obs)).sum(-1) if self.discrete else self(obs, pi).mean(-1)
+
+
+def fit_fqe(q: QModel, data: dict, next_pi: torch.Tensor, gamma: float, steps: int, tau: float, lr: float,
+            batch_size: int, probe: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[QModel, list]:
+    """Train `q` by FQE; returns the target network (the one FQE evaluates with) and the probe trace: the mean of
+    E_{pi} Q̄(s0, a) over the probe states at 5 points of training (a trace still moving means: more --fqe-steps).
+    next_pi: pi_e at every row's s' (`policy_at`); Box holds k actions per row, one is drawn per update."""
+    target = copy.deepcopy(q)
+    opt = torch.optim.AdamW(q.parameters(), lr=lr, weight_decay=1e-5)
+    r = data["rewards"]
+    lo = min(float(r.min()), 0.0) / (1 - gamma) if gamma < 1 else -math.inf  # values lie in [r_min, r_max] / (1-g),
+    hi = max(float(r.max()), 0.0) / (1 - gamma) if gamma < 1 else math.inf  # widened to 0 (terminal states are 0)
+    trace, probe_at = [], {int(steps * f) for f in (0.2, 0.4, 0.6, 0.8, 1.0)}
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(r), (batch_size,), device=r.device)
+        with torch.no_grad():
+            s_next, pi = data["next_obs"][idx], next_pi[idx]
+            if not q.discrete:  # one of the k stored pi_e actions at s': an unbiased one-sample expectation
+                pi = pi[torch.arange(batch_size, device=r.device), torch.randint(0, pi.shape[1], (batch_size,),
+                                                                                 device=r.device)][:, None]
+            y = r[idx] + gamma * (1.0 - data["terminals"][idx]) * target.expected(s_next, pi)
+            y = y.clamp(lo, hi)
+        loss = F.mse_loss(q(data["obs"][idx], data["actions"][idx]) / q.scale, y / q.scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # Polyak averaging of the target network
+            for p, tp in zip(q.parameters(), target.parameters()):
+                tp.lerp_(p, tau)
+        if probe is not None and step in probe_at:
+            trace.append(float(batched(target.expected, *probe).mean()))
+    return target, trace
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model-based OPE: an ensemble of MLPs (s, a) -> (s' - s, r, termination logit), rolled out under pi_e from the
+# dataset's initial states; predicted states and rewards are clipped to the data's range (DOPE's model_based.py)
+# ---------------------------------------------------------------------------------------------------------
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied in one batched matmul: x (E, B, in) -> (E, B, out)."""
+
+    def __init__(self, n_models: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default range
+        self.weight = nn.Parameter(torch.empty(n_models, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_models, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class DynamicsEnsemble(nn.Module):
+    """Each member predicts the normalised (s' - s, r) and a termination logit from (normalised s, encoded a)."""
+
+    def __init__(self, n_models: int, obs_dim: int, act_dim: int, n_actions: int | None, stats: dict, args: Args):
+        super().__init__()
+        self.stats, self.n_actions, self.obs_dim = stats, n_actions, obs_dim
+        in_dim, layers = obs_dim + (n_actions or act_dim), []
+        for _ in range(args.n_layers):
+            layers += [EnsembleLinear(n_models, in_dim, args.hidden_dim), nn.ReLU()]
+            in_dim = args.hidden_dim
+        self.net = nn.Sequential(*layers, EnsembleLinear(n_models, in_dim, obs_dim + 2))
+
+    def raw(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(E, B, obs_dim + 2): normalised delta, normalised reward, termination logit."""
+        s = self.stats
+        if self.n_actions is not None:
+            a = F.one_hot(actions.long(), self.n_actions).float()
+        else:
+            a = (actions - (s["high"] + s["low"]) / 2) / ((s["high"] - s["low"]) / 2)
+        return self.net(torch.cat([(obs - s["obs_mean"]) / s["obs_std"], a], -1))
+
+    def loss(self, obs, actions, rewards, next_obs, terminals) -> torch.Tensor:
+        """Inputs (E, B, ...), one minibatch per member. MSE on normalised s' - s and r, BCE on the terminal flag."""
+        s = self.stats
+        out = self.raw(obs, actions)
+        delta = (next_obs - obs - s["delta_mean"]) / s["delta_std"]
+        r = (rewards - s["r_mean"]) / s["r_std"]
+        return (F.mse_loss(out[..., : self.obs_dim], delta) + F.mse_loss(out[..., self.obs_dim], r)
+                + F.binary_cross_entropy_with_logits(out[..., -1], terminals))
+
+    @torch.no_grad()
+    def step(self, obs: torch.Tensor, actions: torch.Tensor):
+        """(next state clipped to the data's range, reward clipped to the data's range, termination probability)."""
+        s = self.stats
+        out = self.raw(obs, actions)
+        next_obs = obs + out[..., : self.obs_dim] * s["delta_std"] + s["delta_mean"]
+        reward = out[..., self.obs_dim] * s["r_std"] + s["r_mean"]
+        next_obs = torch.maximum(torch.minimum(next_obs, s["obs_max"]), s["obs_min"])
+        return next_obs, reward.clamp(s["r_min"], s["r_max"]), torch.sigmoid(out[..., -1])
+
+
+def fit_model(model: DynamicsEnsemble, data: dict, n_models: int, steps: int, lr: float, batch_size: int) -> float:
+    """Train every member on its own uniform minibatches (different data order and initialisation); final loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
+    n = len(data["rewards"])
+    loss = torch.zeros(())
+    for _ in range(steps):
+        idx = torch.randint(0, n, (n_models, batch_size), device=data["rewards"].device)
+        loss = model.loss(data["obs"][idx], data["actions"][idx], data["rewards"][idx], data["next_obs"][idx],
+                          data["terminals"][idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def model_rollout(model: DynamicsEnsemble, act_fn, s0: torch.Tensor, n_models: int, horizon: int,
+                  gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every member rolls out its own copy of each initial state under act_fn for `horizon` steps, terminating
+    with its predicted probability (a Bernoulli draw per step). Returns (discounted, undiscounted), each (E, n)."""
+    state = s0[None].expand(n_models, -1, -1).clone()
+    alive = torch.ones(state.shape[:2], device=s0.device)
+    disc, undisc = torch.zeros_like(alive), torch.zeros_like(alive)
+    for t in range(horizon):
+        actions = act_fn(state.reshape(-1, state.shape[-1]))
+        state, reward, p_end = model.step(state, actions.reshape(*state.shape[:2], *actions.shape[1:]))
+        disc += alive * gamma**t * reward
+        undisc += alive * reward
+        alive = alive * (torch.rand_like(p_end) >= p_end).float()
+        if not alive.any():
+            break
+    return disc.double().cpu().numpy(), undisc.double().cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ground truth and the DOPE metrics (Fu et al. 2021)
+# ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout_returns(ds: Dataset, act_fn, n_episodes: int, seed: int, gamma: float,
+                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Run n_episodes in the dataset's environment (episode i seeded seed + i); (discounted, undiscounted) returns."""
+    if ds.env_id is None:
+        raise OPEError(f"{ds.name}: no env_id in the dataset metadata, so --rollouts cannot run the policy")
+    env = gym.make(ds.env_id, **ds.env_kwargs)
+    disc, undisc = np.zeros(n_episodes), np.zeros(n_episodes)
+    for i in range(n_episodes):
+        obs, _ = env.reset(seed=seed + i)
+        done, t = False, 0
+        while not done:
+            a = act_fn(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
+            obs, r, term, trunc, _ = env.step(int(a) if ds.discrete else a)
+            disc[i] += gamma**t * r
+            undisc[i] += r
+            done, t = term or trunc, t + 1
+    env.close()
+    return disc, undisc
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (average ranks for ties); nan if either side is constant or has a nan."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return float("nan")
+
+    def ranks(v):
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        for value in np.unique(v):  # ties share their average rank
+            r[v == value] = r[v == value].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def regret_at_1(estimates, true_values) -> float:
+    """True value of the best policy minus the true value of the one the estimator ranks first."""
+    estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
+    if not np.isfinite(estimates).all():
+        return float("nan")
+    return float(true_values.max() - true_values[int(np.argmax(estimates))])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One policy: every estimator, its CI and the divergence diagnostics
+# ---------------------------------------------------------------------------------------------------------
+def read_checkpoint(path: str, device: str | torch.device = "cpu"):
+    if not Path(path).is_file():
+        raise OPEError(f"policy file {path} does not exist")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise OPEError(f"{path}: not a checkpoint saved by --save-model ({e})") from e
+
+
+def load_target_policy(path: str, ds: Dataset, device: torch.device) -> Policy:
+    """Rebuild a checkpoint with the `load_policy` of the script that saved it, and check it fits the dataset."""
+    ckpt = read_checkpoint(path, device)
+    algo = ckpt.get("algo") if isinstance(ckpt, dict) else None
+    if algo is None and Path(path).stem in ("iql", "cql", "bcq"):
+        algo = Path(path).stem  # checkpoints without the key: fall back to the file name the scripts use
+    if algo is None:
+        raise OPEError(f"{path}: the checkpoint has no 'algo' key naming the script that saved it")
+    try:
+        module = importlib.import_module(algo)
+    except ImportError as e:
+        raise OPEError(f"{path}: saved by '{algo}', but there is no {algo}.py to rebuild it ({e})") from e
+    policy = module.load_policy(path, device)
+    if not isinstance(policy, Policy):
+        raise OPEError(f"{algo}.load_policy returned {type(policy).__name__}, not common.Policy: ope.py needs "
+                       f"{algo}.py's load_policy to return a Policy (act + dist in environment units, as iql.py)")
+    obs_dim, act_dim, n_actions = dataset_dims(ds)
+    ck = policy.checkpoint if isinstance(policy.checkpoint, dict) else {}
+    trained = f"trained on {ck.get('args', {}).get('dataset', '?')}"
+    if policy.discrete != ds.discrete or ck.get("n_actions", n_actions) != n_actions:
+        raise OPEError(f"{path}: the checkpoint's action space ({'Discrete' if policy.discrete else 'Box'}, "
+                       f"n_actions {ck.get('n_actions')}; {trained}) does not match {ds.name} "
+                       f"({'Discrete' if ds.discrete else 'Box'}, n_actions {n_actions})")
+    if ck.get("obs_dim", obs_dim) != obs_dim or (not ds.discrete and ck.get("act_dim", act_dim) != act_dim):
+        raise OPEError(f"{path}: the checkpoint expects obs_dim {ck.get('obs_dim')}, act_dim {ck.get('act_dim')} "
+                       f"({trained}); {ds.name} has obs_dim {obs_dim}, act_dim {act_dim}")
+    with torch.no_grad():
+        a = policy.act(torch.as_tensor(ds.observations[:2], device=device))
+    if tuple(a.shape) != ((2,) if ds.discrete else (2, act_dim)):
+        raise OPEError(f"{path}: the policy's actions have shape {tuple(a.shape[1:])}, {ds.name} needs "
+                       f"{() if ds.discrete else (act_dim,)}")
+    return policy
+
+
+def divergence_diagnostics(log_ratio_rows: np.ndarray, log_w: np.ndarray, threshold: float, gamma_ess: float,
+                           log_ratios: np.ndarray, mask: np.ndarray) -> dict:
+    """How far pi_e is from pi_b on the data: log-ratio and KL(pi_b || pi_e) (a Monte-Carlo estimate over the
+    dataset's (s, a), which are draws from pi_b), weight concentration and effective sample sizes."""
+    n = len(log_w)
+    zero = float(np.isneginf(log_ratio_rows).mean())
+    mean_lr = float(log_ratio_rows.mean()) if zero == 0 else float("-inf")
+    ess = effective_sample_size(log_w)
+    w = _shifted_exp(log_w)
+    return dict(mean_log_ratio=mean_lr, kl_behavior_target=-mean_lr, zero_prob_share=zero,
+                max_log10_weight=float(log_w.max() / math.log(10)),
+                median_log10_weight=float(np.median(log_w) / math.log(10)),
+                share_weights_above_threshold=float((log_w > math.log(threshold)).mean()),
+                top_episode_weight_share=float(w.max() / w.sum()) if w.sum() > 0 else float("nan"),
+                ess=ess, ess_share=ess / n, per_decision_ess=per_decision_ess(log_ratios, mask, gamma_ess),
+                n_episodes=n)
+
+
+def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, log_pb: np.ndarray,
+                    args: Args, model: DynamicsEnsemble | None = None,
+                    rng: np.random.Generator | None = None) -> dict:
+    """Every estimator for one policy. Returns a dict: estimates (per estimator: which policy it values, the
+    discounted and undiscounted estimates, the normalized score, bootstrap CIs, ESS or why it was skipped),
+    diagnostics, notes and warnings."""
+    rng = rng or np.random.default_rng(args.seed)
+    gamma, device = args.discount, data["rewards"].device
+    dims = dataset_dims(ds)
+    counts = bootstrap_counts(ep.n, args.bootstrap, rng)
+    notes, warnings, est, diag = list(target.notes), [], {}, {}
+    if counts is None and args.bootstrap > 0:
+        notes.append(f"only {ep.n} episode: a bootstrap over episodes needs at least 2, so no confidence intervals")
+    rewards = ep.pad(ds.rewards)
+    s0 = data["obs"][torch.as_tensor(ep.starts, device=device)]
+
+    def record(name, values, disc_fn, undisc_fn=None, ess=None):
+        """Point estimates from fn(None), CIs from fn(bootstrap counts) (fn: counts -> estimate(s))."""
+        d = float(disc_fn(None))
+        u = float(undisc_fn(None)) if undisc_fn is not None else float("nan")
+        ci_d = percentile_ci(disc_fn(counts)) if counts is not None else None
+        ci_u = percentile_ci(undisc_fn(counts)) if counts is not None and undisc_fn is not None else None
+        est[name] = dict(values=values, discounted=d, undiscounted=u, normalized=float(ds.normalized_score(u)),
+                         ci_discounted=ci_d, ci_undiscounted=ci_u,
+                         ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None,
+                         ess=ess, skipped=None)
+
+    def skip(name, reason):
+        est[name] = dict(values=None, discounted=None, undiscounted=None, normalized=None, ci_discounted=None,
+                         ci_undiscounted=None, ci_normalized=None, ess=None, skipped=reason)
+
+    # FQE first: DR and WDR reuse its Q̂. Which policy FQE and MB value: without a density, sampling is acting
+    fqe_values = "dist" if args.fqe_action == "sample" and target.density is not None else "act"
+    q = None
+    if args.fqe_steps > 0:
+        scale = max(float(data["rewards"].std()), float(data["rewards"].abs().mean()), 1e-6) / max(1 - gamma, 1e-3)
+        q = QModel(*dims, stats, scale, args.hidden_dim, args.n_layers).to(device)
+        next_pi = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), data["next_obs"])
+        pi0 = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), s0)
+        q, trace = fit_fqe(q, data, next_pi, gamma, args.fqe_steps, args.fqe_tau, args.learning_rate,
+                           args.batch_size, probe=(s0, pi0))
+        v0 = batched(q.expected, s0, pi0).double().cpu().numpy()
+        record("FQE", fqe_values, lambda c: _mean(v0, c))
+        diag["fqe_trace"] = trace
+        if len(trace) >= 2 and abs(trace[-1] - trace[-2]) > 0.05 * max(abs(trace[-1]), 1e-6):
+            warnings.append(f"FQE has not settled: its estimate moved {trace[-2]:.2f} -> {trace[-1]:.2f} over the last "
+                            f"20% of training. The target network makes about steps x tau = "
+                            f"{args.fqe_steps * args.fqe_tau:.3g} Bellman backups, against an effective horizon "
+                            f"1/(1-gamma) = {1 / max(1 - gamma, 1e-9):.0f}: raise --fqe-steps (DOPE used 1M)")
+        cut = ep.n - int(ds.terminals[ep.rows[np.arange(ep.n), ep.lengths - 1]].sum())  # episodes ended by time limit
+        if cut and gamma ** int(ep.lengths.max()) > 0.05:
+            notes.append(f"FQE values the infinite-horizon discounted return (it bootstraps through the time limit); "
+                         f"{cut} episodes are cut at <= {int(ep.lengths.max())} steps, where gamma^H = "
+                         f"{gamma ** int(ep.lengths.max()):.2f}: FQE can exceed the finite-horizon value that IS, MB "
+                         "and the rollouts measure by up to that share of the value at the cut")
+    else:
+        skip("FQE", "--fqe-steps 0")
+
+    # Model-based: roll the (policy-independent) ensemble out under this policy
+    if model is not None:
+        horizon = args.mb_horizon or int(ep.lengths.max())
+        act_fn = target.act if args.fqe_action == "act" else target.sample
+        disc, undisc = model_rollout(model, act_fn, s0, args.mb_ensemble, horizon, gamma)
+        record("MB", fqe_values, lambda c: _mean(disc.mean(0), c),
+               lambda c: _mean(undisc.mean(0), c))
+        member = disc.mean(1)
+        diag["mb_member_estimates"] = member.tolist()
+        diag["mb_horizon"] = horizon
+        if len(member) > 1 and member.std() > 0.2 * max(abs(member.mean()), 1e-6):
+            warnings.append(f"the model ensemble disagrees: member estimates {np.round(member, 2).tolist()}")
+    else:
+        skip("MB", "--mb-steps 0")
+
+    # Importance weights need pi_e's density
+    if target.density is None:
+        for name in WEIGHTED:
+            skip(name, "the policy has no density (see the note below)")
+        notes.append(target.skip_reason)
+        return dict(estimates={k: est[k] for k in ESTIMATORS}, diagnostics=diag, notes=notes, warnings=warnings)
+
+    log_pe = batched(target.log_prob, data["obs"], data["actions"]).double().cpu().numpy()
+    if np.isnan(log_pe).any():
+        raise OPEError(f"pi_e's log_prob is NaN for {int(np.isnan(log_pe).sum())} dataset actions (first at row "
+                       f"{int(np.flatnonzero(np.isnan(log_pe))[0])}): the policy's distribution is broken there")
+    with np.errstate(invalid="ignore"):
+        lr_rows = log_pe - log_pb
+    if args.clip_log_ratio is not None:  # DOPE: per-step log-ratios clipped to [-6, 2]; trades variance for bias
+        lo, hi = args.clip_log_ratio
+        diag["clipped_share"] = float(((lr_rows < lo) | (lr_rows > hi)).mean())
+        notes.append(f"per-step log-ratios clipped to [{lo}, {hi}] ({100 * diag['clipped_share']:.1f}% of steps "
+                     "clipped): the IS-family estimates are biased by the clipping")
+        lr_used = np.clip(lr_rows, lo, hi)
+    else:
+        lr_used = lr_rows
+    log_ratios, mask = ep.pad(lr_used), ep.mask
+    log_w = np.cumsum(log_ratios, axis=1)[:, -1]
+    diag.update(divergence_diagnostics(lr_rows, log_w, args.weight_threshold, gamma, log_ratios, mask))
+    if not target.discrete and target.gaussian(data["obs"][:1]) is not None:  # how much truncation changes pi_e
+        mass = batched(lambda o: log_box_mass(*target.gaussian(o), target.low, target.high).sum(-1).exp(), data["obs"])
+        diag["pi_e_mass_inside_box"] = float(mass.mean())
+        if diag["pi_e_mass_inside_box"] < 0.9:
+            notes.append(f"pi_e's Gaussian keeps {100 * diag['pi_e_mass_inside_box']:.0f}% of its mass inside the "
+                         "action box on dataset states: the 'dist' rows value it truncated to the box (renormalised)")
+
+    # IS, WIS, PDIS, WPDIS (Precup, Sutton, Singh 2000)
+    for name, fn in (("IS", is_estimate), ("WIS", wis_estimate), ("PDIS", pdis_estimate), ("WPDIS", wpdis_estimate)):
+        record(name, "dist", lambda c, fn=fn: fn(rewards, log_ratios, mask, gamma, c),
+               lambda c, fn=fn: fn(rewards, log_ratios, mask, 1.0, c),
+               ess=diag["ess"] if name in ("IS", "WIS") else diag["per_decision_ess"])
+
+    # DR (Jiang & Li 2016) and WDR (Thomas & Brunskill 2016) with FQE's Q̂ and V̂(s) = E_{a~pi_e(.|s)} Q̂(s, a),
+    # the expectation under the *same* distribution as the ratios (DR is unbiased for any Q̂ only then)
+    if q is not None:
+        q_rows = batched(q, data["obs"], data["actions"]).double().cpu().numpy()
+        v_rows = batched(lambda o: q.expected(o, policy_at(target, o, "sample", args.v_samples)),
+                         data["obs"]).double().cpu().numpy()
+        q_sa, v_s = ep.pad(q_rows), ep.pad(v_rows)
+        for name, fn in (("DR", dr_estimate), ("WDR", wdr_estimate)):
+            record(name, "dist", lambda c, fn=fn: fn(rewards, log_ratios, q_sa, v_s, mask, gamma, c),
+                   lambda c, fn=fn: fn(rewards, log_ratios, q_sa, v_s, mask, 1.0, c), ess=diag["per_decision_ess"])
+        notes.append("undiscounted DR/WDR use the discounted FQE Q as control variate: still unbiased (any Q̂ is), "
+                     "less variance reduction")
+    else:
+        for name in ("DR", "WDR"):
+            skip(name, "needs FQE's Q (--fqe-steps 0)")
+
+    # When not to trust the weighted estimates
+    if diag["ess_share"] < 0.1:
+        warnings.append(f"effective sample size {diag['ess']:.1f} is {100 * diag['ess_share']:.1f}% of the "
+                        f"{ep.n} episodes (< 10%): a few episodes carry the weight; do not trust IS, WIS, PDIS, "
+                        f"WPDIS, DR or WDR here (per-decision ESS {diag['per_decision_ess']:.1f})")
+    if diag["zero_prob_share"] > 0:
+        warnings.append(f"{100 * diag['zero_prob_share']:.2f}% of dataset actions have probability 0 under pi_e: "
+                        "their episodes get weight 0 and KL(pi_b || pi_e) is infinite; the weighted estimates rest on "
+                        "the remaining episodes only")
+    if diag["max_log10_weight"] > 300:
+        warnings.append(f"the largest episode weight is 10^{diag['max_log10_weight']:.0f}: IS and PDIS overflow "
+                        "float64 (inf/nan); the self-normalised estimators still work")
+    return dict(estimates={k: est[k] for k in ESTIMATORS}, diagnostics=diag, notes=notes, warnings=warnings)
+
+
+def _mean(per_episode: np.ndarray, counts: np.ndarray | None):
+    """Mean over episodes, or counts-weighted means for bootstrap resamples."""
+    c = np.ones(len(per_episode)) if counts is None else counts
+    return c @ per_episode / c.sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------
+def _f(x, width: int = 9, prec: int = 2) -> str:
+    return f"{'n/a':>{width}}" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:>{width}.{prec}f}"
+
+
+def _ci(ci, prec: int = 1) -> str:
+    return f"{'':>18}" if ci is None else f"[{ci[0]:>7.{prec}f},{ci[1]:>8.{prec}f}]"
+
+
+def format_table(path: str, res: dict) -> str:
+    truth = res.get("truth")
+    behavior = "ESTIMATED (fitted model, see above)" if res["behavior"].startswith("ESTIMATED") else res["behavior"]
+    lines = [f"== {path}", f"   pi_e: {res['density'] or 'no density'}; behaviour: {behavior}"]
+    d = res["diagnostics"]
+    if "ess" in d:
+        lines.append(f"   divergence: mean log(pi_e/pi_b) {d['mean_log_ratio']:.3f}/step, KL(pi_b||pi_e) "
+                     f"{d['kl_behavior_target']:.3f} nats/step, zero-probability actions "
+                     f"{100 * d['zero_prob_share']:.2f}%\n   weights: episodes with w > {res['weight_threshold']:g}: "
+                     f"{100 * d['share_weights_above_threshold']:.1f}%, top episode holds "
+                     f"{100 * d['top_episode_weight_share']:.0f}% of the weight, ESS {d['ess']:.1f}/{d['n_episodes']} "
+                     f"({100 * d['ess_share']:.1f}%), per-decision ESS {d['per_decision_ess']:.1f}")
+    head = f"   {'estimator':<9} {'policy':<6} {'discounted':>10} {'95% CI':>18} {'undisc.':>9} {'normalized':>10} " \
+           f"{'95% CI':>18} {'ESS':>7}"
+    if truth:
+        head += f" | {'err disc':>9} {'|err norm|':>10}"
+    lines.append(head)
+    for name, e in res["estimates"].items():
+        if e["skipped"]:
+            lines.append(f"   {name:<9} skipped: {e['skipped'][:90]}")
+            continue
+        row = (f"   {name:<9} {e['values']:<6} {_f(e['discounted'], 10)} {_ci(e['ci_discounted'], 2)} "
+               f"{_f(e['undiscounted'], 9, 1)} {_f(e['normalized'], 10, 1)} {_ci(e['ci_normalized'])} "
+               f"{_f(e['ess'], 7, 1)}")
+        if truth:
+            flag = "*" if e["values"] != truth["values"] else " "
+            row += f" | {_f(e['error_discounted'], 9)}{flag} {_f(e['abs_error_normalized'], 9, 1)}"
+        lines.append(row)
+    if truth:
+        lines.append(f"   {'truth':<9} {truth['values']:<6} {_f(truth['discounted'], 10)} "
+                     f"{_ci(truth['ci_discounted'], 2)} {_f(truth['undiscounted'], 9, 1)} "
+                     f"{_f(truth['normalized'], 10, 1)} {_ci(truth['ci_normalized'])}   "
+                     f"({truth['episodes']} rollout episode{'s' if truth['episodes'] > 1 else ''})")
+        if any(e["values"] not in (None, truth["values"]) for e in res["estimates"].values()):
+            lines.append(f"   * values a different policy from the rollouts ({truth['values']}): the error mixes "
+                         "estimation error with the gap between 'act' and 'dist'; --rollout-action/--fqe-action "
+                         "sample validate every row against one policy")
+    lines.append("   policy: 'dist' = pi_e's distribution, 'act' = the evaluation action; ESS: IS/WIS of the "
+                 "episode weights, others per-decision; CIs: bootstrap over episodes (FQE/MB: initial states only)")
+    lines += [f"   note: {n}" for n in res["notes"]] + [f"   WARNING: {w}" for w in res["warnings"]]
+    return "\n".join(lines)
+
+
+def write_outputs(path: str, res: dict) -> None:
+    """{policy}.ope.json (everything) and {policy}.ope.csv (one row per estimator) next to the checkpoint."""
+    def clean(x):  # strict JSON: nan and inf become null
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        if isinstance(x, float | np.floating):
+            return float(x) if math.isfinite(x) else None
+        return x
+
+    Path(path + ".ope.json").write_text(json.dumps(clean(res), indent=2))
+    with open(path + ".ope.csv", "w", newline="") as f:
+        keys = ["estimator", "values", "discounted", "ci_discounted_low", "ci_discounted_high", "undiscounted",
+                "normalized", "ci_normalized_low", "ci_normalized_high", "ess", "error_discounted",
+                "abs_error_normalized", "skipped"]
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        for name, e in res["estimates"].items():
+            ci_d, ci_n = e["ci_discounted"] or [None, None], e["ci_normalized"] or [None, None]
+            w.writerow(dict(estimator=name, values=e["values"], discounted=e["discounted"], ci_discounted_low=ci_d[0],
+                            ci_discounted_high=ci_d[1], undiscounted=e["undiscounted"], normalized=e["normalized"],
+                            ci_normalized_low=ci_n[0], ci_normalized_high=ci_n[1], ess=e["ess"],
+                            error_discounted=e.get("error_discounted"),
+                            abs_error_normalized=e.get("abs_error_normalized"), skipped=e["skipped"]))
+
+
+def dope_metrics(results: dict[str, dict]) -> dict[str, dict]:
+    """Per estimator over the policy set (Fu et al. 2021): mean |normalized error| (undiscounted), Spearman
+    correlation of discounted estimates with discounted truth, regret@1 in normalized score (the policy the estimator
+    ranks first by its discounted estimate vs the truly best, both by their true undiscounted normalized score)."""
+    out = {}
+    paths = list(results)
+    true_d = np.array([results[p]["truth"]["discounted"] for p in paths])
+    true_n = np.array([results[p]["truth"]["normalized"] for p in paths])
+    if np.isnan(true_n).any():  # no reference scores: regret in undiscounted return instead
+        true_n = np.array([results[p]["truth"]["undiscounted"] for p in paths])
+    for name in ESTIMATORS:
+        es = [results[p]["estimates"][name] for p in paths]
+        if any(e["skipped"] for e in es):
+            out[name] = dict(skipped=f"skipped for {sum(bool(e['skipped']) for e in es)} of {len(es)} policies")
+            continue
+        est_d = np.array([e["discounted"] for e in es])
+        errs = np.array([e["abs_error_normalized"] for e in es], dtype=np.float64)
+        out[name] = dict(abs_error_normalized=float(errs.mean()), spearman=spearman(est_d, true_d),
+                         regret_at_1=regret_at_1(est_d, true_n), skipped=None)
+    return out
+
+
+def plot_estimates(path: str, results: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (policy, res) in zip(axes[0], results.items()):
+        names = [n for n, e in res["estimates"].items() if not e["skipped"]]
+        y = [res["estimates"][n]["discounted"] for n in names]
+        ci = [res["estimates"][n]["ci_discounted"] or [v, v] for n, v in zip(names, y)]
+        err = np.array([[v - c[0] for v, c in zip(y, ci)], [c[1] - v for v, c in zip(y, ci)]]).clip(0)
+        for kind, color in (("dist", "tab:blue"), ("act", "tab:orange")):  # which policy each row values
+            idx = [i for i, n in enumerate(names) if res["estimates"][n]["values"] == kind]
+            if idx:
+                ax.errorbar(idx, [y[i] for i in idx], yerr=err[:, idx], fmt="o", capsize=4, color=color,
+                            label=f"estimate of '{kind}' (95% CI)")
+        if res.get("truth"):
+            t = res["truth"]
+            ax.axhline(t["discounted"], color="k", label=f"rollouts ({t['values']})")
+            if t["ci_discounted"]:
+                ax.axhspan(*t["ci_discounted"], color="k", alpha=0.1)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(Path(policy).parent.name[:40] + "/" + Path(policy).name, fontsize=8)
+        ax.set_ylabel(f"discounted return (gamma {res['discount']})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def device_data(ds: Dataset, device: torch.device) -> tuple[dict, dict]:
+    """The dataset as tensors on the device, and the statistics every fitted network normalises with."""
+    def t(x, dtype=torch.float32):
+        return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
+
+    data = dict(obs=t(ds.observations), actions=t(ds.actions, torch.long if ds.discrete else torch.float32),
+                rewards=t(ds.rewards), next_obs=t(ds.next_observations), terminals=t(ds.terminals))
+    all_obs = np.concatenate([ds.observations, ds.next_observations]).astype(np.float64)
+    delta = (ds.next_observations - ds.observations).astype(np.float64)
+    stats = dict(obs_mean=t(all_obs.mean(0)), obs_std=t(all_obs.std(0) + 1e-3), obs_min=t(all_obs.min(0)),
+                 obs_max=t(all_obs.max(0)), delta_mean=t(delta.mean(0)), delta_std=t(delta.std(0) + 1e-6),
+                 r_mean=float(ds.rewards.mean()), r_std=float(ds.rewards.std()) + 1e-6,
+                 r_min=float(ds.rewards.min()), r_max=float(ds.rewards.max()))
+    if not ds.discrete:
+        stats["low"], stats["high"] = (t(x) for x in action_bounds(ds))
+    return data, stats
+
+
+def main(args: Args) -> dict[str, dict]:
+    # TRY NOT TO MODIFY: seeding, device, data
+    set_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    device = pick_device(args.device)
+    checkpoints = [read_checkpoint(p) for p in args.policy]  # fail on a missing file before any work
+    if args.dataset is None:
+        ck = checkpoints[0]
+        args.dataset = ck.get("args", {}).get("dataset") if isinstance(ck, dict) else None
+        if args.dataset is None:
+            raise OPEError(f"{args.policy[0]} does not say which dataset it was trained on: pass --dataset")
+    ds = load_dataset(args.dataset)
+    ep = split_episodes(ds)
+    obs_dim, act_dim, n_actions = dims = dataset_dims(ds)
+    print(f"ope.py: {ds.name}: {len(ds):,} transitions, {ep.n} episodes (longest {int(ep.lengths.max())} steps), "
+          f"gamma {args.discount}", flush=True)
+
+    data, stats = device_data(ds, device)
+    targets = {}  # rebuild and check every policy before any fitting: a wrong file fails in seconds
+    for path in args.policy:
+        policy = load_target_policy(path, ds, device)
+        targets[path] = Target(policy, n_actions, stats.get("low"), stats.get("high"), args.smoothing_width,
+                               probe_obs=data["obs"][:1])
+
+    # Behaviour log-probabilities: exact when logged, else a cross-fitted behaviour-cloning model
+    use_logged = args.behavior == "logged" or (args.behavior == "auto" and ds.behavior_log_probs is not None)
+    if use_logged:
+        if ds.behavior_log_probs is None:
+            raise OPEError(f"{ds.name} has no behavior_log_probs: use --behavior fitted (or auto)")
+        log_pb = ds.behavior_log_probs.astype(np.float64)
+        check_behavior_log_probs(log_pb, ds.name)
+        behavior = "logged exact log pi_b(a|s) from the dataset"
+    else:
+        print(f"fitting the behaviour policy ({args.bc_folds}-fold cross-fitted, {args.bc_steps} steps each) ...",
+              flush=True)
+        log_pb, loglik, folds = fit_behavior(data, ep, stats, dims, args, rng)
+        fit = f"{folds}-fold cross-fitted, held-out" if folds > 1 else "fitted and scored on all the data, in-sample"
+        behavior = (f"ESTIMATED by behaviour cloning ({'categorical' if ds.discrete else 'truncated Gaussian'}, "
+                    f"{fit} mean log-lik {loglik:.3f})")
+        if ds.behavior_log_probs is not None:
+            behavior += (f"; mean |fitted - logged log pi_b| "
+                         f"{np.abs(log_pb - ds.behavior_log_probs.astype(np.float64)).mean():.3f}")
+    print(f"behaviour policy: {behavior}", flush=True)
+
+    # The model ensemble does not depend on the policy: fit it once
+    model = None
+    if args.mb_steps > 0:
+        print(f"fitting {args.mb_ensemble} dynamics models ({args.mb_steps} steps) ...", flush=True)
+        model = DynamicsEnsemble(args.mb_ensemble, obs_dim, act_dim, n_actions, stats, args).to(device)
+        fit_model(model, data, args.mb_ensemble, args.mb_steps, args.learning_rate, args.batch_size)
+
+    results = {}
+    for path, target in targets.items():
+        policy = target.policy
+        print(f"evaluating {path} (FQE {args.fqe_steps} steps) ...", flush=True)
+        res = evaluate_policy(ds, ep, target, data, stats, log_pb, args, model, rng)
+        res.update(policy=path, dataset=ds.name, density=target.density, behavior=behavior, discount=args.discount,
+                   weight_threshold=args.weight_threshold, args=asdict(args))
+        trained_on = policy.checkpoint.get("args", {}).get("dataset") if isinstance(policy.checkpoint, dict) else None
+        if trained_on not in (None, ds.name, args.dataset):
+            res["notes"].append(f"the policy was trained on {trained_on}, evaluated here on {ds.name}")
+
+        # Ground truth: the same policy the rows marked with --rollout-action value
+        if args.rollouts > 0:
+            act_fn = target.act if args.rollout_action == "act" else target.sample
+            disc, undisc = rollout_returns(ds, act_fn, args.rollouts, args.seed + 100, args.discount, device)
+            boot = bootstrap_counts(len(disc), args.bootstrap, rng)
+            ci_d = percentile_ci(_mean(disc, boot)) if boot is not None else None
+            ci_u = percentile_ci(_mean(undisc, boot)) if boot is not None else None
+            values = "act" if args.rollout_action == "act" or target.density is None else "dist"
+            res["truth"] = truth = dict(values=values, episodes=args.rollouts, discounted=float(disc.mean()),
+                                        undiscounted=float(undisc.mean()),
+                                        normalized=float(ds.normalized_score(undisc.mean())), ci_discounted=ci_d,
+                                        ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None)
+            for e in res["estimates"].values():
+                if not e["skipped"]:
+                    e["error_discounted"] = e["discounted"] - truth["discounted"]
+                    e["abs_error_normalized"] = abs(e["normalized"] - truth["normalized"])
+        print(format_table(path, res), flush=True)
+        results[path] = res
+
+    if args.rollouts > 0 and len(results) > 1:
+        metrics = dope_metrics(results)
+        print("\nDOPE metrics over the policy set (Fu et al. 2021): |error| of the normalized score (undiscounted), "
+              "Spearman rank correlation (discounted), regret@1 (normalized score lost by deploying the estimator's "
+              "top choice)")
+        print(f"   {'estimator':<9} {'|err norm|':>10} {'spearman':>9} {'regret@1':>9}")
+        for name, m in metrics.items():
+            if m["skipped"]:
+                print(f"   {name:<9} {m['skipped']}")
+            else:
+                print(f"   {name:<9} {_f(m['abs_error_normalized'], 10, 1)} {_f(m['spearman'], 9)} "
+                      f"{_f(m['regret_at_1'], 9, 1)}")
+        for res in results.values():
+            res["dope_metrics"] = dict(policies=list(results), **metrics)
+    for path, res in results.items():
+        write_outputs(path, res)
+        print(f"wrote {path}.ope.json and {path}.ope.csv")
+    if args.plot:
+        plot_estimates(args.plot, results)
+        print(f"wrote {args.plot}" + ("" if args.rollouts > 0 else " (no --rollouts: no ground truth on it)"))
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except OPEError as e:
+        print(f"ope.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,456 @@
+"""ope.py: the estimators on a small chain MDP whose value is known exactly (unbiasedness, consistency, DR with a
+perfect Q), FQE against linear algebra on a tabular MDP, the padding/bootstrap conventions against loop references,
+the edge cases (zero-probability actions, one episode, policies without a density), and a smoke run on a trained IQL
+checkpoint."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import ope
+from common import Policy
+from datasets import Dataset, save_npz
+from tests.conftest import run_script
+
+# ---------------------------------------------------------------------------------------------------------
+# A 4-state chain: start in 0; action 1 moves right (with prob p), action 0 moves left (stays in 0). Entering
+# state 3 is terminal; a time limit of H steps cuts the rest. Rewards R[s, a] (+ optional Gaussian noise).
+# ---------------------------------------------------------------------------------------------------------
+H = 6
+R = np.array([[0.0, -0.2], [0.5, -0.2], [1.0, 2.0]])
+PI_B = np.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])  # row 3 (terminal state) is never used
+PI_E = np.array([[0.2, 0.8], [0.7, 0.3], [0.3, 0.7], [0.5, 0.5]])
+
+
+def transitions(p_right: float) -> np.ndarray:
+    P = np.zeros((4, 2, 4))
+    for s in range(3):
+        P[s, 1, s + 1] += p_right
+        P[s, 1, s] += 1 - p_right
+        P[s, 0, max(s - 1, 0)] = 1.0
+    return P
+
+
+def exact_values(P: np.ndarray, pi: np.ndarray, gamma: float):
+    """Finite-horizon dynamic programming: V[t, s] and Q[t, s, a] of pi with H - t steps to go (terminal state 0)."""
+    V, Q = np.zeros((H + 1, 4)), np.zeros((H, 4, 2))
+    for t in reversed(range(H)):
+        Q[t, :3] = R + gamma * P[:3] @ V[t + 1]
+        V[t] = (pi * Q[t]).sum(1)
+        V[t, 3] = 0.0
+    return V, Q
+
+
+def simulate(P: np.ndarray, n: int, rng: np.random.Generator, noise: float = 0.0) -> dict:
+    """n episodes of PI_B, as the (n, H) arrays the estimators take, plus states/actions to build a Dataset."""
+    state = np.zeros(n, dtype=np.int64)
+    alive = np.ones(n, dtype=bool)
+    out = {k: np.zeros((n, H)) for k in ("rewards", "log_ratios")}
+    out.update(mask=np.zeros((n, H), dtype=bool), s=np.zeros((n, H), dtype=np.int64),
+               a=np.zeros((n, H), dtype=np.int64), s2=np.zeros((n, H), dtype=np.int64),
+               term=np.zeros((n, H), dtype=bool))
+    for t in range(H):
+        s = np.minimum(state, 2)
+        a = (rng.random(n) < PI_B[s, 1]).astype(np.int64)
+        s2 = (rng.random(n)[:, None] > np.cumsum(P[s, a], 1)).sum(1)
+        out["mask"][:, t] = alive
+        out["rewards"][:, t] = np.where(alive, R[s, a] + noise * rng.standard_normal(n), 0.0)
+        out["log_ratios"][:, t] = np.where(alive, np.log(PI_E[s, a]) - np.log(PI_B[s, a]), 0.0)
+        out["s"][:, t], out["a"][:, t], out["s2"][:, t], out["term"][:, t] = s, a, s2, alive & (s2 == 3)
+        alive = alive & (s2 != 3)
+        state = s2
+    return out
+
+
+def q_arrays(sim: dict, Q: np.ndarray, V: np.ndarray):
+    """q_sa[i, t] = Q_t(s_t, a_t), v_s[i, t] = V_t(s_t) (time-indexed: the horizon is finite)."""
+    t = np.arange(H)[None, :]
+    return Q[t, sim["s"], sim["a"]], V[t, sim["s"]]
+
+
+def chain_dataset(sim: dict) -> Dataset:
+    """The simulated episodes as a row-aligned Dataset (one-hot observations, exact behaviour log-probs)."""
+    m = sim["mask"]
+    eye = np.eye(4, dtype=np.float32)
+    last = np.zeros_like(m)
+    last[np.arange(len(m)), m.sum(1) - 1] = True
+    return Dataset(observations=eye[sim["s"][m]], actions=sim["a"][m], rewards=sim["rewards"][m].astype(np.float32),
+                   next_observations=eye[sim["s2"][m]], terminals=sim["term"][m], timeouts=(last & ~sim["term"])[m],
+                   behavior_log_probs=np.log(PI_B[sim["s"][m], sim["a"][m]]).astype(np.float32), name="chain")
+
+
+def table_policy(pi: np.ndarray, with_density: bool = True) -> Policy:
+    table = torch.tensor(pi, dtype=torch.float32)
+    return Policy(act=lambda o: table[o.argmax(-1)].argmax(-1),
+                  dist=(lambda o: torch.distributions.Categorical(probs=table[o.argmax(-1)])) if with_density else None,
+                  discrete=True, checkpoint={})
+
+
+def run_pipeline(ds: Dataset, policy: Policy, smoothing=None, **kw) -> dict:
+    args = ope.Args(policy=["unused"], discount=0.9, bootstrap=kw.pop("bootstrap", 50), smoothing_width=smoothing,
+                    **{"fqe_steps": 0, "mb_steps": 0, "hidden_dim": 32, **kw})
+    torch.manual_seed(0)
+    data, stats = ope.device_data(ds, torch.device("cpu"))
+    ep = ope.split_episodes(ds)
+    target = ope.Target(policy, 2, None, None, smoothing)
+    model = None
+    if args.mb_steps:
+        model = ope.DynamicsEnsemble(args.mb_ensemble, 4, 1, 2, stats, args)
+        ope.fit_model(model, data, args.mb_ensemble, args.mb_steps, args.learning_rate, args.batch_size)
+    return ope.evaluate_policy(ds, ep, target, data, stats, ds.behavior_log_probs.astype(np.float64), args, model,
+                               np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (1) Unbiasedness and consistency against the exact value
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gamma", [0.9, 1.0])
+def test_is_pdis_and_dr_are_unbiased_over_200_datasets(gamma):
+    P = transitions(0.8)
+    V, Q = exact_values(P, PI_E, gamma)
+    truth = V[0, 0]
+    n_sets, n_ep = 200, 50
+    sim = simulate(P, n_sets * n_ep, np.random.default_rng(1), noise=0.3)
+    q_hat = 0.5 * Q + 0.2  # a deliberately wrong Q̂: DR stays unbiased for any Q̂ with V̂ = E_{pi_e} Q̂
+    v_hat = (PI_E[None] * q_hat).sum(-1)
+    q_sa, v_s = q_arrays(sim, q_hat, v_hat)
+    split = {k: v.reshape(n_sets, n_ep, H) for k, v in dict(**sim, q_sa=q_sa, v_s=v_s).items()}
+    estimates = {name: [] for name in ("IS", "PDIS", "DR")}
+    for i in range(n_sets):
+        r, lr, m = split["rewards"][i], split["log_ratios"][i], split["mask"][i]
+        estimates["IS"].append(ope.is_estimate(r, lr, m, gamma))
+        estimates["PDIS"].append(ope.pdis_estimate(r, lr, m, gamma))
+        estimates["DR"].append(ope.dr_estimate(r, lr, split["q_sa"][i], split["v_s"][i], m, gamma))
+    for name, values in estimates.items():
+        values = np.array(values)
+        se = values.std() / math.sqrt(n_sets)
+        assert abs(values.mean() - truth) < 4 * se, (name, values.mean(), truth, se)
+        assert se < 0.1 * abs(truth), (name, se)  # the test has power: its tolerance is tight
+    assert np.std(estimates["DR"]) < np.std(estimates["IS"])  # the control variate helps even when Q̂ is wrong
+
+
+def test_weighted_estimators_are_consistent_their_error_shrinks_with_data():
+    gamma = 0.9
+    P = transitions(0.8)
+    V, Q = exact_values(P, PI_E, gamma)
+    rng = np.random.default_rng(2)
+    errors = {}
+    for n_ep in (10, 2000):
+        sim = simulate(P, 100 * n_ep, rng, noise=0.3)
+        q_sa, v_s = q_arrays(sim, 0.5 * Q, (PI_E[None] * 0.5 * Q).sum(-1))
+        errs = {"WIS": [], "WPDIS": [], "WDR": []}
+        for i in range(100):
+            sl = slice(i * n_ep, (i + 1) * n_ep)
+            args = (sim["rewards"][sl], sim["log_ratios"][sl])
+            errs["WIS"].append(ope.wis_estimate(*args, sim["mask"][sl], gamma) - V[0, 0])
+            errs["WPDIS"].append(ope.wpdis_estimate(*args, sim["mask"][sl], gamma) - V[0, 0])
+            errs["WDR"].append(ope.wdr_estimate(*args, q_sa[sl], v_s[sl], sim["mask"][sl], gamma) - V[0, 0])
+        errors[n_ep] = {k: np.abs(v).mean() for k, v in errs.items()}
+    for name in ("WIS", "WPDIS", "WDR"):
+        assert errors[2000][name] < errors[10][name] / 5, (name, errors)
+        assert errors[2000][name] < 0.1 * abs(V[0, 0]), (name, errors)
+
+
+def test_on_policy_weights_reduce_every_estimator_to_the_average_return():
+    # equal weights, unequal lengths: with the carried-weight padding, every IS-type estimate is the mean return
+    rng = np.random.default_rng(3)
+    lengths = np.array([1, 3, 6, 2, 6])
+    mask = np.arange(6)[None] < lengths[:, None]
+    rewards = np.where(mask, rng.normal(size=mask.shape), 0.0)
+    log_ratios = np.zeros(mask.shape)
+    mean_return = (rewards @ 0.9 ** np.arange(6)).mean()
+    for fn in (ope.is_estimate, ope.wis_estimate, ope.pdis_estimate, ope.wpdis_estimate):
+        assert fn(rewards, log_ratios, mask, 0.9) == pytest.approx(mean_return)
+    assert ope.effective_sample_size(np.zeros(5)) == pytest.approx(5.0)
+    assert ope.per_decision_ess(log_ratios, mask, 0.9) == pytest.approx(5.0)
+
+
+def _random_arrays(seed: int, n: int = 7, horizon: int = 5):
+    rng = np.random.default_rng(seed)
+    mask = np.arange(horizon)[None] < rng.integers(1, horizon + 1, n)[:, None]
+    r, lr, q, v = (np.where(mask, rng.normal(size=mask.shape), 0.0) for _ in range(4))
+    return r, lr, q, v, mask
+
+
+def test_dr_recursive_form_equals_the_unrolled_form():
+    r, lr, q, v, mask = _random_arrays(4)
+    gamma = 0.8
+    total = 0.0
+    for i in range(len(r)):  # (1/n) sum_i sum_t gamma^t [w_{0:t} (r_t - Q_t) + w_{0:t-1} V_t], w_{0:-1} = 1
+        w_prev = 1.0
+        for t in range(int(mask[i].sum())):
+            w = w_prev * math.exp(lr[i, t])
+            total += gamma**t * (w * (r[i, t] - q[i, t]) + w_prev * v[i, t])
+            w_prev = w
+    assert ope.dr_estimate(r, lr, q, v, mask, gamma) == pytest.approx(total / len(r))
+
+
+def test_wpdis_and_wdr_match_loop_references_with_carried_weights():
+    r, lr, q, v, mask = _random_arrays(5)
+    gamma, n, horizon = 0.8, len(r), r.shape[1]
+    log_w = np.cumsum(np.where(mask, lr, 0.0), 1)  # after the end: rho = 1, the weight is carried
+    w = np.exp(log_w)
+    wpdis = sum(gamma**t * (w[:, t] * r[:, t]).sum() / w[:, t].sum() for t in range(horizon))
+    assert ope.wpdis_estimate(r, lr, mask, gamma) == pytest.approx(wpdis)
+    wdr = 0.0
+    for t in range(horizon):
+        w_hat = w[:, t] / w[:, t].sum()
+        w_hat_prev = np.full(n, 1 / n) if t == 0 else w[:, t - 1] / w[:, t - 1].sum()
+        wdr += gamma**t * (w_hat * (r[:, t] - q[:, t]) + w_hat_prev * v[:, t]).sum()
+    assert ope.wdr_estimate(r, lr, q, v, mask, gamma) == pytest.approx(wdr)
+
+
+def test_bootstrap_counts_equal_resampling_whole_episodes():
+    r, lr, q, v, mask = _random_arrays(6, n=9)
+    idx = np.random.default_rng(0).integers(0, 9, 9)
+    counts = np.bincount(idx, minlength=9).astype(float)
+    for fn in (ope.is_estimate, ope.wis_estimate, ope.pdis_estimate, ope.wpdis_estimate):
+        assert fn(r, lr, mask, 0.9, counts) == pytest.approx(fn(r[idx], lr[idx], mask[idx], 0.9))
+        batch = fn(r, lr, mask, 0.9, np.stack([counts, np.ones(9)]))  # (B, n) counts give B estimates
+        assert batch == pytest.approx([fn(r[idx], lr[idx], mask[idx], 0.9), fn(r, lr, mask, 0.9)])
+    for fn in (ope.dr_estimate, ope.wdr_estimate):
+        assert fn(r, lr, q, v, mask, 0.9, counts) == pytest.approx(fn(r[idx], lr[idx], q[idx], v[idx], mask[idx], 0.9))
+    assert ope.bootstrap_counts(1, 200, np.random.default_rng(0)) is None  # one episode: no bootstrap
+    assert ope.bootstrap_counts(5, 10, np.random.default_rng(0)).sum(1).tolist() == [5] * 10
+
+
+def test_weights_stay_finite_in_log_space_over_long_horizons():
+    # 2000 steps of log-ratio +-0.5: raw products reach e^1000; the self-normalised estimators must not overflow
+    rng = np.random.default_rng(7)
+    lr = rng.choice([-0.5, 0.5], size=(20, 2000))
+    mask = np.ones_like(lr, dtype=bool)
+    r = rng.normal(size=lr.shape)
+    for fn in (ope.wis_estimate, ope.wpdis_estimate):
+        assert np.isfinite(fn(r, lr, mask, 0.99))
+    assert np.isfinite(ope.wdr_estimate(r, lr, r * 0, r * 0, mask, 0.99))
+    assert 1.0 <= ope.effective_sample_size(lr.sum(1)) <= 20.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (3) DR with a perfect Q on a deterministic problem: exact, zero variance
+# ---------------------------------------------------------------------------------------------------------
+def test_dr_and_wdr_with_a_perfect_q_are_exact_with_zero_variance():
+    gamma = 0.9
+    P = transitions(1.0)  # deterministic transitions and rewards, a fixed start state
+    V, Q = exact_values(P, PI_E, gamma)
+    sim = simulate(P, 300, np.random.default_rng(8))
+    q_sa, v_s = q_arrays(sim, Q, V[:H])
+    per_episode = ope.dr_per_episode(sim["rewards"], sim["log_ratios"], q_sa, v_s, sim["mask"], gamma)
+    np.testing.assert_allclose(per_episode, V[0, 0], atol=1e-9)  # every single episode gives the exact value
+    assert ope.wdr_estimate(sim["rewards"], sim["log_ratios"], q_sa, v_s, sim["mask"], gamma) == pytest.approx(V[0, 0])
+    # IS on the same data is not exact: the weights vary from episode to episode
+    assert abs(ope.is_estimate(sim["rewards"], sim["log_ratios"], sim["mask"], gamma) - V[0, 0]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (2) FQE on a tabular problem against the exact solution of the empirical MDP
+# ---------------------------------------------------------------------------------------------------------
+def test_fqe_matches_the_linear_algebra_solution_on_a_tabular_mdp():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(9)
+    n_s, n_a, gamma, n = 5, 2, 0.9, 4000
+    P = rng.dirichlet(np.ones(n_s), size=(n_s, n_a))
+    Rt = rng.uniform(0, 1, (n_s, n_a))
+    pi = rng.dirichlet(np.ones(n_a), size=n_s)
+    s, a = rng.integers(0, n_s, n), rng.integers(0, n_a, n)
+    s2 = (rng.random(n)[:, None] > np.cumsum(P[s, a], 1)).sum(1)
+    # exact Q of the empirical MDP (FQE's fixed point on this data): (I - gamma P̂ Pi) Q = R
+    counts = np.zeros((n_s, n_a, n_s))
+    np.add.at(counts, (s, a, s2), 1)
+    P_hat = counts / counts.sum(2, keepdims=True)
+    P_pi = np.einsum("sat,tb->satb", P_hat, pi).reshape(n_s * n_a, n_s * n_a)
+    q_exact = np.linalg.solve(np.eye(n_s * n_a) - gamma * P_pi, Rt.reshape(-1)).reshape(n_s, n_a)
+
+    eye = torch.eye(n_s)
+    data = dict(obs=eye[s], actions=torch.as_tensor(a), rewards=torch.as_tensor(Rt[s, a], dtype=torch.float32),
+                next_obs=eye[s2], terminals=torch.zeros(n))
+    stats = dict(obs_mean=torch.zeros(n_s), obs_std=torch.ones(n_s))
+    q = ope.QModel(n_s, 1, n_a, stats, scale=1 / (1 - gamma), hidden=64, layers=2)
+    pi_t = torch.as_tensor(pi, dtype=torch.float32)
+    q, trace = ope.fit_fqe(q, data, pi_t[s2], gamma, steps=3000, tau=0.05, lr=1e-3, batch_size=256,
+                           probe=(eye, pi_t))
+    with torch.no_grad():
+        q_fqe = q.all_actions(eye).numpy()
+        v_fqe = q.expected(eye, pi_t).numpy()
+    np.testing.assert_allclose(q_fqe, q_exact, atol=0.08)  # values are 4-6
+    np.testing.assert_allclose(v_fqe, (pi * q_exact).sum(1), atol=0.08)
+    assert len(trace) == 5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole per-policy pipeline on the chain's data, and the edge cases
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chain():
+    sim = simulate(transitions(0.8), 1500, np.random.default_rng(10), noise=0.3)
+    return sim, chain_dataset(sim)
+
+
+def test_pipeline_reproduces_the_pure_estimators_and_covers_the_truth(chain):
+    sim, ds = chain
+    res = run_pipeline(ds, table_policy(PI_E), fqe_steps=300, mb_steps=100, bootstrap=100)
+    est = res["estimates"]
+    args = (sim["rewards"], sim["log_ratios"], sim["mask"], 0.9)
+    for name, fn in (("IS", ope.is_estimate), ("WIS", ope.wis_estimate), ("PDIS", ope.pdis_estimate),
+                     ("WPDIS", ope.wpdis_estimate)):
+        assert est[name]["discounted"] == pytest.approx(fn(*args), rel=1e-4), name
+        assert est[name]["values"] == "dist"
+    truth = exact_values(transitions(0.8), PI_E, 0.9)[0][0, 0]
+    for name in ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR"):  # DR is unbiased even with a barely trained Q̂
+        lo, hi = est[name]["ci_discounted"]
+        width = hi - lo
+        assert lo - 0.5 * width < truth < hi + 0.5 * width, (name, lo, hi, truth)
+    assert est["FQE"]["values"] == "act" and est["FQE"]["undiscounted"] != est["FQE"]["undiscounted"]  # nan
+    assert est["MB"]["ci_discounted"] is not None and len(res["diagnostics"]["mb_member_estimates"]) == 5
+    d = res["diagnostics"]
+    assert 0 < d["ess"] <= ds.episode_ends().size and d["zero_prob_share"] == 0
+    # KL(pi_b || pi_e) on the data is -mean log-ratio and must be >= 0 in expectation
+    assert d["kl_behavior_target"] == pytest.approx(-d["mean_log_ratio"]) and d["kl_behavior_target"] > 0
+
+
+def test_the_behaviour_policy_as_target_gives_weight_one_everywhere(chain):
+    _, ds = chain
+    res = run_pipeline(ds, table_policy(PI_B))
+    mean_return = np.mean([(ds.rewards[s: e + 1] * 0.9 ** np.arange(e + 1 - s)).sum()
+                           for s, e in zip(np.r_[0, ds.episode_ends()[:-1] + 1], ds.episode_ends())])
+    for name in ("IS", "WIS", "PDIS", "WPDIS"):
+        assert res["estimates"][name]["discounted"] == pytest.approx(mean_return, rel=1e-5)
+    assert res["diagnostics"]["ess_share"] == pytest.approx(1.0)
+    assert not res["warnings"]
+
+
+def test_policy_without_density_skips_importance_sampling_with_a_message(chain):
+    _, ds = chain
+    res = run_pipeline(ds, table_policy(PI_E, with_density=False), fqe_steps=50)
+    for name in ope.WEIGHTED:
+        assert res["estimates"][name]["skipped"], name
+    assert res["estimates"]["FQE"]["skipped"] is None
+    assert any("no density" in n and "--smoothing-width" in n for n in res["notes"])
+    # with --smoothing-width: epsilon-greedy, so the weighted estimators run
+    res = run_pipeline(ds, table_policy(PI_E, with_density=False), smoothing=0.2, fqe_steps=50)
+    assert all(res["estimates"][name]["skipped"] is None for name in ope.WEIGHTED)
+
+
+def test_zero_probability_dataset_actions_under_the_target_warn(chain):
+    _, ds = chain
+    res = run_pipeline(ds, table_policy(PI_E, with_density=False), smoothing=0.0)  # purely greedy "smoothing"
+    assert res["diagnostics"]["zero_prob_share"] > 0
+    assert any("probability 0 under pi_e" in w for w in res["warnings"])
+    assert math.isinf(res["diagnostics"]["kl_behavior_target"])
+
+
+def test_single_episode_gives_estimates_but_no_confidence_interval(chain):
+    sim, _ = chain
+    one = {k: v[:1] for k, v in sim.items()}
+    res = run_pipeline(chain_dataset(one), table_policy(PI_E), fqe_steps=20)
+    assert res["estimates"]["WIS"]["discounted"] == pytest.approx((one["rewards"][0] * 0.9 ** np.arange(H)).sum())
+    assert all(e["ci_discounted"] is None for e in res["estimates"].values())
+    assert any("only 1 episode" in n and "no confidence intervals" in n for n in res["notes"])
+
+
+def test_zero_probability_logged_action_is_a_clear_error():
+    with pytest.raises(ope.OPEError, match="behaviour probability 0"):
+        ope.check_behavior_log_probs(np.array([-0.5, -np.inf, -1.0]), "bad")
+    ope.check_behavior_log_probs(np.array([-0.5, 1.2]), "ok")  # densities above 1 are fine
+
+
+def test_rows_out_of_episode_order_are_a_clear_error(chain):
+    _, ds = chain
+    perm = np.random.default_rng(0).permutation(len(ds))
+    shuffled = Dataset(**{k: getattr(ds, k)[perm] for k in ("observations", "actions", "rewards", "next_observations",
+                                                            "terminals", "timeouts", "behavior_log_probs")}, name="s")
+    with pytest.raises(ope.OPEError, match="not whole episodes in time order"):
+        ope.split_episodes(shuffled)
+
+
+def test_truncated_normal_is_a_density_on_the_box_and_sampling_matches_it():
+    loc, scale = torch.tensor([[1.5]]), torch.tensor([[1.0]])
+    low, high = torch.tensor([-2.0]), torch.tensor([2.0])
+    grid = torch.linspace(-2, 2, 4001)[:, None]
+    dens = ope.truncated_normal_log_prob(grid, loc.expand(len(grid), 1), scale.expand(len(grid), 1), low, high).exp()
+    assert torch.trapezoid(dens, grid[:, 0]).item() == pytest.approx(1.0, abs=1e-4)
+    torch.manual_seed(0)
+    x = ope.truncated_normal_sample(loc.expand(20000, 1), scale.expand(20000, 1), low, high)
+    assert ((x >= -2) & (x <= 2)).all()
+    assert x.mean().item() == pytest.approx(torch.trapezoid(dens * grid[:, 0], grid[:, 0]).item(), abs=0.02)
+
+
+def test_dope_metrics_helpers():
+    assert ope.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert ope.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert ope.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
+    assert ope.regret_at_1([3.0, 1.0, 2.0], [50.0, 80.0, 60.0]) == pytest.approx(30.0)
+    assert ope.regret_at_1([1.0, 3.0, 2.0], [50.0, 80.0, 60.0]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (5) Smoke: train IQL briefly, then evaluate the checkpoint end to end; and the input errors of main()
+# ---------------------------------------------------------------------------------------------------------
+def test_smoke_iql_checkpoint_end_to_end(tmp_path, chain):
+    run_script("iql.py", "--dataset", "cartpole-medium", "--total-steps", "100", "--eval-episodes", "0",
+               "--batch-size", "32", "--log-every", "100", "--save-model", "--device", "cpu", cwd=tmp_path)
+    ckpt = str(next((tmp_path / "runs").glob("*/iql.pt")))
+    out = run_script("ope.py", "--policy", ckpt, "--dataset", "cartpole-medium", "--fqe-steps", "200", "--mb-steps",
+                     "100", "--mb-ensemble", "2", "--hidden-dim", "64", "--rollouts", "2", "--bootstrap", "20",
+                     "--plot", str(tmp_path / "ope.png"), "--device", "cpu", cwd=tmp_path)
+    for name in ope.ESTIMATORS + ("truth",):
+        assert f"\n   {name} " in out, name
+    assert "(2 rollout episodes)" in out
+    res = json.loads((tmp_path / (ckpt + ".ope.json")).read_text())
+    assert set(res["estimates"]) == set(ope.ESTIMATORS) and res["truth"]["episodes"] == 2
+    assert res["estimates"]["WIS"]["ci_discounted"] is not None and res["estimates"]["WIS"]["ess"] > 0
+    assert (tmp_path / (ckpt + ".ope.csv")).read_text().count("\n") == len(ope.ESTIMATORS) + 1
+    assert (tmp_path / "ope.png").stat().st_size > 0
+
+    # input errors, each a clear OPEError raised before any fitting
+    base = dict(fqe_steps=0, mb_steps=0, device="cpu")
+    with pytest.raises(ope.OPEError, match="does not exist"):
+        ope.main(ope.Args(policy=[str(tmp_path / "missing.pt")], dataset="cartpole-medium", **base))
+    _, ds = chain  # 4-dim observations and 2 actions, like CartPole, but no env: a dataset the policy fits
+    bad = Dataset(**{k: getattr(ds, k) for k in ("observations", "actions", "rewards", "next_observations",
+                                                 "terminals", "timeouts")},
+                  behavior_log_probs=np.where(np.arange(len(ds)) == 3, -np.inf, ds.behavior_log_probs), name="bad")
+    save_npz(bad, tmp_path / "bad.npz")
+    with pytest.raises(ope.OPEError, match="behaviour probability 0"):
+        ope.main(ope.Args(policy=[ckpt], dataset=str(tmp_path / "bad.npz"), **base))
+    box = Dataset(observations=ds.observations, actions=ds.actions[:, None].astype(np.float32), rewards=ds.rewards,
+                  next_observations=ds.next_observations, terminals=ds.terminals, timeouts=ds.timeouts, name="box")
+    save_npz(box, tmp_path / "box.npz")
+    with pytest.raises(ope.OPEError, match="action space"):
+        ope.main(ope.Args(policy=[ckpt], dataset=str(tmp_path / "box.npz"), **base))
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_cross_fitted_behaviour_cloning_recovers_a_known_behaviour_policy(discrete):
+    # states s ~ U(-1, 1); Discrete: P(a = 1) = sigmoid(3 s); Box: N(0.5 s, 0.3) truncated to [-1, 1]
+    torch.manual_seed(0)
+    rng = np.random.default_rng(11)
+    n = 6000
+    obs = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    low, high = torch.tensor([-1.0]), torch.tensor([1.0])
+    loc, scale = torch.as_tensor(0.5 * obs), torch.full((n, 1), 0.3)
+    if discrete:
+        p1 = 1 / (1 + np.exp(-3 * obs[:, 0]))
+        actions = (rng.random(n) < p1).astype(np.int64)
+        true_lp = np.log(np.where(actions == 1, p1, 1 - p1))
+    else:
+        actions = ope.truncated_normal_sample(loc, scale, low, high).numpy()
+        true_lp = ope.truncated_normal_log_prob(torch.as_tensor(actions), loc, scale, low, high).numpy()
+    ends = np.zeros(n, dtype=bool)
+    ends[9::10] = True  # 600 episodes of 10 steps (their order does not matter to behaviour cloning)
+    ds = Dataset(observations=obs, actions=actions, rewards=np.zeros(n, np.float32), next_observations=obs,
+                 terminals=ends, timeouts=np.zeros(n, dtype=bool), name="bc")
+    data, stats = ope.device_data(ds, torch.device("cpu"))
+    if not discrete:
+        stats.update(low=low, high=high)
+    ep = ope.Episodes(rows=np.arange(n).reshape(-1, 10), mask=np.ones((n // 10, 10), dtype=bool))
+    args = ope.Args(policy=["unused"], bc_steps=1500, hidden_dim=32, learning_rate=3e-3)
+    log_pb, mean_ll, folds = ope.fit_behavior(data, ep, stats, (1, 1, 2 if discrete else None), args,
+                                              np.random.default_rng(0))
+    assert folds == 2 and np.isfinite(log_pb).all()
+    gap = np.abs(log_pb - true_lp).mean()  # nats per action; a state-blind fit would be off by several times more
+    assert gap < (0.1 if discrete else 0.15), gap
+    assert mean_ll == pytest.approx(true_lp.mean(), abs=0.05)
