@@ -35,6 +35,17 @@ def load_runs(folder: Path) -> list[dict]:
     return runs
 
 
+def data_score(dataset: str) -> float:
+    """The normalized score of the dataset's own episodes (its behaviour policy), NaN when unknown."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from datasets import BUILTIN_NAMES, load_dataset
+
+    if dataset not in BUILTIN_NAMES:
+        return float("nan")
+    ds = load_dataset(dataset)
+    return float(ds.normalized_score(ds.episode_returns().mean()))
+
+
 def main(folder: Path) -> None:
     runs = load_runs(folder)
     if not runs:
@@ -45,10 +56,11 @@ def main(folder: Path) -> None:
     algos = sorted({r["algo"] for r in runs})
     datasets = sorted({r["dataset"] for r in runs})
 
-    lines = ["| dataset | " + " | ".join(f"{a} final | {a} best (during training)" for a in algos) + " |",
-             "|---|" + "---|---|" * len(algos)]
+    scores = {d: data_score(d) for d in datasets}
+    lines = ["| dataset | data | " + " | ".join(f"{a} final | {a} best (during training)" for a in algos) + " |",
+             "|---|---|" + "---|---|" * len(algos)]
     for d in datasets:
-        cells = []
+        cells = [f"{scores[d]:.1f}"]
         for a in algos:
             g = groups.get((d, a), [])
             if not g:
@@ -69,19 +81,21 @@ def main(folder: Path) -> None:
                 speed.append(f"| {a} | {kind} | {np.median([r['sps'] for r in g]):.0f} | {len(g)} | "
                              f"{np.mean([r['wall'] for r in g]) / 60:.1f} min |")
     text = (f"# Results: {folder.name}\n\nNormalized score (100 = the scripted expert, 0 = uniform random), "
-            "final evaluation, mean ± std over seeds; 'best' is the best evaluation during training (optimistic, "
+            "final evaluation, mean ± std over seeds; 'data' is the dataset's own score; 'best' is the best "
+            "evaluation during training (optimistic, "
             "for reference only).\n\n" + "\n".join(lines) + "\n\n## Speed (gradient steps per second, "
             "one torch thread per run, runs in parallel)\n\n" + "\n".join(speed) + "\n")
     (folder / "results.md").write_text(text)
     print(text)
-    plot(groups, algos, datasets, folder / "curves.png")
+    plot(groups, algos, datasets, scores, folder / "curves.png")
 
 
-def plot(groups, algos, datasets, path: Path) -> None:
+def plot(groups, algos, datasets, data_scores, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker.FuncFormatter below)
 
     cols = min(4, len(datasets))
     rows = -(-len(datasets) // cols)
@@ -97,7 +111,10 @@ def plot(groups, algos, datasets, path: Path) -> None:
             ax.plot(steps, scores.mean(0), label=a, color=f"C{i}")
             ax.fill_between(steps, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2,
                             color=f"C{i}")
+        if np.isfinite(data_scores[d]):
+            ax.axhline(data_scores[d], color="black", lw=1, ls=":", label="data")
         ax.set_title(d, fontsize=9)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
         ax.set_xlabel("gradient steps")
         ax.set_ylabel("normalized score")
         ax.axhline(100, color="grey", lw=0.5, ls="--")
