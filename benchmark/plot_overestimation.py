@@ -77,7 +77,6 @@ def main() -> None:
         rtg = discounted_return_to_go(d, a.discount)
         print(f"{d}: the data's mean discounted return-to-go {rtg:.1f}")
         row[0].axhline(rtg, color="black", ls=":", label="data's discounted return-to-go")
-        row[0].set_yscale("symlog", linthresh=100)
         row[0].set_title(f"{d}: mean Q(s, pi(s)) on dataset states", fontsize=9)
         row[1].set_title(f"{d}: normalized score (seed mean, min-max band)", fontsize=9)
         for ax in row:
