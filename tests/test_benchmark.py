@@ -1,0 +1,26 @@
+"""The benchmark runner is resumable and the aggregator turns its logs into a table and a picture."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_runner_skips_finished_runs_and_aggregator_writes_the_table(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmark" / "run.py"), "--algos", "iql", "--datasets", "cartpole-medium",
+           "--seeds", "1", "--total-steps", "60", "--eval-every", "30", "--eval-episodes", "1", "--workers", "1",
+           "--tag", "t", "--results-dir", str(tmp_path), "--extra", "iql:--batch-size 16 --log-every 30"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "done iql__cartpole-medium__1" in first.stdout, first.stdout + first.stderr
+    done = json.loads((tmp_path / "t" / "done" / "iql__cartpole-medium__1.json").read_text())
+    assert done["algo"] == "iql" and "--batch-size 16" in done["cmd"]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert "skip iql__cartpole-medium__1 (done)" in second.stdout  # resumable: a finished run is not redone
+
+    agg = subprocess.run([sys.executable, str(ROOT / "benchmark" / "aggregate.py"), str(tmp_path / "t")],
+                         capture_output=True, text=True, timeout=300)
+    assert agg.returncode == 0, agg.stderr
+    table = (tmp_path / "t" / "results.md").read_text()
+    assert "| cartpole-medium | 39.1 |" in table and "(n=1, 60 steps)" in table  # the data's own score, 1 seed
+    assert (tmp_path / "t" / "curves.png").stat().st_size > 10_000
