@@ -169,7 +169,7 @@ class Progress:
     """A one-line console summary every `log_every` steps: steps, steps/second, ETA and the last evaluation."""
 
     def __init__(self, total_steps: int):
-        self.total, self.start, self.last_t, self.last_step = total_steps, time.time(), time.time(), 0
+        self.total, self.last_t, self.last_step = total_steps, time.time(), 0
         self.last_eval = "no eval yet"
 
     def sps(self, step: int) -> float:

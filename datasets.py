@@ -145,7 +145,6 @@ ENVS: dict[str, EnvRecipe] = {
 }
 QUALITIES = ("random", "medium", "expert", "medium-expert", "mixed")
 BUILTIN_NAMES = tuple(f"{env}-{q}" for env in ENVS for q in QUALITIES)
-_SEEDS = {q: i for i, q in enumerate(QUALITIES)}
 
 
 class BehaviorPolicy:
@@ -272,7 +271,7 @@ def cache_dir() -> Path:
 
 def load_dataset(name_or_path: str) -> Dataset:
     """A built-in name (generated once, then cached), a path to an `.npz`, or a Minari dataset id."""
-    if name_or_path.endswith(".npz") or os.path.sep in name_or_path and Path(name_or_path).suffix:
+    if name_or_path.endswith(".npz") or (os.path.sep in name_or_path and Path(name_or_path).suffix):
         ds = load_npz(name_or_path)
     elif name_or_path in BUILTIN_NAMES:
         path = cache_dir() / f"{name_or_path}-r{RECIPE_VERSION}.npz"
@@ -346,10 +345,8 @@ def load_minari(dataset_id: str) -> Dataset:
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
     discrete = isinstance(mds.action_space, gym.spaces.Discrete)
     arrays["actions"] = arrays["actions"].astype(np.int64 if discrete else np.float32)
-    for k in ("rewards",):
-        arrays[k] = arrays[k].astype(np.float32)
-    for k in ("terminals", "timeouts"):
-        arrays[k] = arrays[k].astype(bool)
+    arrays["rewards"] = arrays["rewards"].astype(np.float32)
+    arrays["terminals"], arrays["timeouts"] = arrays["terminals"].astype(bool), arrays["timeouts"].astype(bool)
     spec = mds.spec.env_spec
     meta = getattr(mds.storage, "metadata", {}) or {}
     return Dataset(**arrays, env_id=spec.id if spec else None, env_kwargs=dict(spec.kwargs) if spec else {},
