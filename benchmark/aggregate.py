@@ -4,7 +4,8 @@
 
 Writes `results.md` (final normalized score, mean +- std over seeds, and the best evaluation during training,
 labelled as such), the steps/second of each algorithm, and `curves.png` (one panel per dataset, one line per
-algorithm, a band of +- one std over seeds) into the folder.
+algorithm, a band of +- one std over seeds; d3rlpy's runs dashed in the colour of ours) into the folder. When
+the folder has d3rlpy runs (`run.py --with-d3rlpy`), results.md ends with a side-by-side table of scores and speeds.
 """
 
 from __future__ import annotations
@@ -74,9 +75,8 @@ def main(folder: Path) -> None:
     speed = ["| algorithm | action space | median steps/s per run | runs | mean wall time per run |",
              "|---|---|---|---|---|"]
     for a in algos:
-        for kind, pred in (("Box", lambda d: "continuous" in d or "pendulum" in d),
-                           ("Discrete", lambda d: not ("continuous" in d or "pendulum" in d))):
-            g = [r for r in runs if r["algo"] == a and pred(r["dataset"])]
+        for kind, box in (("Box", True), ("Discrete", False)):
+            g = [r for r in runs if r["algo"] == a and is_box(r["dataset"]) == box]
             if g:
                 speed.append(f"| {a} | {kind} | {np.median([r['sps'] for r in g]):.0f} | {len(g)} | "
                              f"{np.mean([r['wall'] for r in g]) / 60:.1f} min |")
@@ -84,10 +84,47 @@ def main(folder: Path) -> None:
             "final evaluation, mean ± std over seeds; 'data' is the dataset's own score; 'best' is the best "
             "evaluation during training (optimistic, "
             "for reference only).\n\n" + "\n".join(lines) + "\n\n## Speed (gradient steps per second, "
-            "one torch thread per run, runs in parallel)\n\n" + "\n".join(speed) + "\n")
+            "one torch thread per run, runs in parallel)\n\n" + "\n".join(speed) + "\n"
+            + side_by_side(runs, groups, datasets, scores))
     (folder / "results.md").write_text(text)
     print(text)
     plot(groups, algos, datasets, scores, folder / "curves.png")
+
+
+def side_by_side(runs: list[dict], groups: dict, datasets: list[str], scores: dict) -> str:
+    """Our scripts next to d3rlpy's (runs named d3rlpy_{algo}): final score and steps/second, '' if none."""
+    ours = [a for a in ("iql", "cql", "bcq") if any(r["algo"] == f"d3rlpy_{a}" for r in runs)]
+    if not ours:
+        return ""
+
+    def cell(d: str, a: str) -> str:
+        g = groups.get((d, a), [])
+        final = np.array([r["score"][-1] for r in g])
+        return f"{final.mean():.1f} ± {final.std():.1f} (n={len(g)})" if g else "-"
+
+    lines = ["| dataset | data | " + " | ".join(f"{a} | d3rlpy {a}" for a in ours) + " |",
+             "|---|---|" + "---|---|" * len(ours)]
+    lines += [f"| {d} | {scores[d]:.1f} | " + " | ".join(f"{cell(d, a)} | {cell(d, f'd3rlpy_{a}')}" for a in ours)
+              + " |" for d in datasets]
+    speed = ["| algorithm | action space | ours steps/s | d3rlpy steps/s | ours / d3rlpy |", "|---|---|---|---|---|"]
+    for a in ours:
+        for kind, box in (("Box", True), ("Discrete", False)):
+            sps = [np.median([r["sps"] for r in runs if r["algo"] == name and is_box(r["dataset"]) == box] or
+                             [np.nan]) for name in (a, f"d3rlpy_{a}")]
+            if np.isfinite(sps).any():
+                ours_s, theirs_s, ratio = (f"{x:{f}}" if np.isfinite(x) else "-"
+                                           for x, f in ((sps[0], ".0f"), (sps[1], ".0f"), (sps[0] / sps[1], ".2f")))
+                speed.append(f"| {a} | {kind} | {ours_s} | {theirs_s} | {ratio} |")
+    return ("\n## Side by side with d3rlpy\n\nFinal normalized score, mean ± std over seeds ('-': no run; d3rlpy "
+            "has no discrete IQL). Same data, gradient steps, batch size, network sizes, hyperparameters and "
+            "evaluation episodes (benchmark/d3rlpy_run.py lists what is matched and what cannot be).\n\n"
+            + "\n".join(lines) + "\n\nMedian steps/second per run, from the runs above (same machine, same "
+            "session, same number of runs in parallel).\n\n" + "\n".join(speed) + "\n")
+
+
+def is_box(dataset: str) -> bool:
+    """Whether a built-in dataset has a Box action space (from its name)."""
+    return "continuous" in dataset or "pendulum" in dataset
 
 
 def plot(groups, algos, datasets, data_scores, path: Path) -> None:
@@ -101,14 +138,16 @@ def plot(groups, algos, datasets, data_scores, path: Path) -> None:
     rows = -(-len(datasets) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, d in zip(axes.flat, datasets):
-        for i, a in enumerate(algos):
+        base = sorted({a.removeprefix("d3rlpy_") for a in algos})
+        for a in algos:
             g = groups.get((d, a))
             if not g:
                 continue
+            i, ls = base.index(a.removeprefix("d3rlpy_")), "--" if a.startswith("d3rlpy_") else "-"
             n = min(len(r["score"]) for r in g)
             steps = g[0]["steps"][:n]
             scores = np.stack([r["score"][:n] for r in g])
-            ax.plot(steps, scores.mean(0), label=a, color=f"C{i}")
+            ax.plot(steps, scores.mean(0), label=a.replace("_", " "), color=f"C{i}", ls=ls)
             ax.fill_between(steps, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2,
                             color=f"C{i}")
         if np.isfinite(data_scores[d]):

@@ -22,11 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+D3RLPY_NOT_AVAILABLE = 3  # d3rlpy_run.py's exit status when d3rlpy lacks the variant (e.g. discrete IQL)
 
 PRESETS = {
     # one seed of the eight core datasets, short runs. Estimated from the measured speeds (README) at about 40
     # minutes on 2 cores, most of it Box CQL (~6 steps/s per core); not yet timed end to end
-    "small": dict(algos=["iql", "cql", "bcq"], seeds=[1], total_steps=5000, eval_every=2500, eval_episodes=10,
+    "small": dict(algos=["iql", "cql", "bcq"], seeds=[1], total_steps=5000, eval_every=1000, eval_episodes=10,
                   datasets=["lunarlander-medium", "lunarlander-medium-expert", "lunarlander-mixed",
                             "lunarlander-continuous-medium", "lunarlander-continuous-medium-expert",
                             "lunarlander-continuous-mixed", "pendulum-medium", "cartpole-medium"]),
@@ -47,15 +48,22 @@ def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
     marker = out / "done" / f"{key}.json"
     if marker.exists():
         return f"skip {key} (done)"
-    cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--dataset", dataset, "--seed", str(seed),
-           "--total-steps", str(cfg["total_steps"]), "--eval-every", str(cfg["eval_every"]),
-           "--eval-episodes", str(cfg["eval_episodes"]), "--exp-name", f"{algo}-{cfg['tag']}",
-           "--device", cfg["device"], *cfg["extra"].get(algo, [])]
+    if algo.startswith("d3rlpy_"):  # the same run with d3rlpy, in its own virtual environment
+        cmd = [cfg["d3rlpy_python"], str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", algo[len("d3rlpy_"):]]
+    else:
+        cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--device", cfg["device"]]
+    cmd += ["--dataset", dataset, "--seed", str(seed), "--total-steps", str(cfg["total_steps"]),
+            "--eval-every", str(cfg["eval_every"]), "--eval-episodes", str(cfg["eval_episodes"]),
+            "--exp-name", f"{algo}-{cfg['tag']}", *cfg["extra"].get(algo, [])]
     log = out / "logs" / f"{key}.log"
     t0 = time.time()
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=out, stdout=f, stderr=subprocess.STDOUT,
                               env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    if proc.returncode == D3RLPY_NOT_AVAILABLE and algo.startswith("d3rlpy_"):
+        marker.write_text(json.dumps(dict(cmd=" ".join(cmd[1:]), algo=algo, dataset=dataset, seed=seed,
+                                          not_available=log.read_text().strip().splitlines()[-1]), indent=1))
+        return f"n/a  {key} (d3rlpy has no such variant)"
     if proc.returncode != 0:
         return f"FAIL {key} (exit {proc.returncode}, see {log})"
     marker.write_text(json.dumps(dict(cmd=" ".join(cmd[1:]), wall_s=time.time() - t0, algo=algo, dataset=dataset,
@@ -76,6 +84,11 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel runs (default: CPU cores)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--results-dir", default=str(ROOT / "benchmark" / "results"), help="where {tag}/ is written")
+    p.add_argument("--with-d3rlpy", action="store_true",
+                   help="also run d3rlpy's version of each algorithm (d3rlpy_iql, ...) with the same settings, "
+                        "via benchmark/d3rlpy_run.py in the --d3rlpy-python environment")
+    p.add_argument("--d3rlpy-python", default=str(ROOT / ".venv-d3rlpy" / "bin" / "python"),
+                   help="the interpreter of the d3rlpy virtual environment (benchmark/requirements-d3rlpy.txt)")
     p.add_argument("--extra", action="append", default=[], metavar="ALGO:FLAGS",
                    help='extra flags for one algorithm, e.g. --extra "iql:--beta 1.0"')
     a = p.parse_args()
@@ -83,7 +96,12 @@ def main() -> None:
     for k in ("algos", "datasets", "seeds", "total_steps", "eval_every", "eval_episodes"):
         if getattr(a, k) is not None:
             cfg[k] = getattr(a, k)
-    cfg.update(tag=a.tag or a.preset, device=a.device, extra={})
+    if a.with_d3rlpy:
+        if not Path(a.d3rlpy_python).exists():
+            raise SystemExit(f"--with-d3rlpy: {a.d3rlpy_python} not found; create the d3rlpy environment as "
+                             "benchmark/requirements-d3rlpy.txt says, or pass --d3rlpy-python")
+        cfg["algos"] = [x for algo in cfg["algos"] for x in (algo, f"d3rlpy_{algo}")]
+    cfg.update(tag=a.tag or a.preset, device=a.device, extra={}, d3rlpy_python=a.d3rlpy_python)
     for e in a.extra:
         algo, flags = e.split(":", 1)
         cfg["extra"][algo] = flags.split()

@@ -8,15 +8,24 @@ from tests.conftest import ROOT
 
 
 def test_runner_skips_finished_runs_and_aggregator_writes_the_table(tmp_path):
+    # d3rlpy is not installed here: a stand-in interpreter answers like d3rlpy_run.py does for discrete IQL
+    fake = tmp_path / "fake-d3rlpy-python"
+    fake.write_text("#!/bin/sh\necho 'd3rlpy has no discrete IQL'\nexit 3\n")
+    fake.chmod(0o755)
     cmd = [sys.executable, str(ROOT / "benchmark" / "run.py"), "--algos", "iql", "--datasets", "cartpole-medium",
            "--seeds", "1", "--total-steps", "60", "--eval-every", "30", "--eval-episodes", "1", "--workers", "1",
-           "--tag", "t", "--results-dir", str(tmp_path), "--extra", "iql:--batch-size 16 --log-every 30"]
+           "--tag", "t", "--results-dir", str(tmp_path), "--extra", "iql:--batch-size 16 --log-every 30",
+           "--with-d3rlpy", "--d3rlpy-python", str(fake)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0 and "done iql__cartpole-medium__1" in first.stdout, first.stdout + first.stderr
     done = json.loads((tmp_path / "t" / "done" / "iql__cartpole-medium__1.json").read_text())
     assert done["algo"] == "iql" and "--batch-size 16" in done["cmd"]
+    assert "n/a  d3rlpy_iql__cartpole-medium__1" in first.stdout  # reported, not a failure, and not redone
+    na = json.loads((tmp_path / "t" / "done" / "d3rlpy_iql__cartpole-medium__1.json").read_text())
+    assert na["not_available"] == "d3rlpy has no discrete IQL" and "--algo iql" in na["cmd"]
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert "skip iql__cartpole-medium__1 (done)" in second.stdout  # resumable: a finished run is not redone
+    assert "skip d3rlpy_iql__cartpole-medium__1 (done)" in second.stdout
 
     agg = subprocess.run([sys.executable, str(ROOT / "benchmark" / "aggregate.py"), str(tmp_path / "t")],
                          capture_output=True, text=True, timeout=300)

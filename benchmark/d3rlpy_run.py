@@ -1,0 +1,161 @@
+"""Train d3rlpy's IQL / CQL / BCQ on one of our datasets with our settings, for the side-by-side benchmark.
+
+Runs in its own virtual environment (d3rlpy pins its own gymnasium; see benchmark/requirements-d3rlpy.txt):
+
+    .venv-d3rlpy/bin/python benchmark/d3rlpy_run.py --algo cql --dataset lunarlander-medium --total-steps 5000
+
+What is matched to our scripts (each value is our script's default for that action space):
+- the data: our arrays, converted to a d3rlpy MDPDataset (episodes split at terminals and timeouts), Box
+  actions min-max scaled to [-1, 1] with the environment's bounds (as our ReplayBuffer does);
+- gradient steps, batch size, learning rates, discount, Polyak tau, network widths and depths, the algorithm
+  constants (expectile, beta / weight_temp, CQL weight, sampled actions, BCQ phi / lambda / threshold);
+- evaluation: `common.evaluate` with the same episodes (seeds seed+0 .. seed+n-1), d3rlpy's greedy `predict`
+  (our scripts also evaluate the deterministic action), logged under the same TensorBoard tags
+  (`eval/normalized_score`, `eval/return`, `charts/SPS`) so `benchmark/aggregate.py` reads both.
+
+What d3rlpy cannot match, and what it is set to instead:
+- discrete IQL: d3rlpy has none (`--algo iql` on a Discrete dataset exits with a message);
+- discrete CQL / BCQ target network: d3rlpy copies it every `target_update_interval` steps, our scripts use
+  Polyak averaging with tau 0.005; the interval is set to 1 / tau = 200 steps, the same time scale;
+- CQL's conservative weight: d3rlpy multiplies `conservative_weight * (gap - threshold)` by a learned alpha;
+  `alpha_learning_rate=0` with `initial_alpha=1` leaves the fixed weight 5.0 of our default (non-Lagrangian);
+- steps/second: timed between evaluations with evaluation time left out, as our scripts do; d3rlpy's own
+  sampler and logging are part of its speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import d3rlpy  # noqa: E402
+import torch  # noqa: E402
+from d3rlpy.models.encoders import VectorEncoderFactory  # noqa: E402
+from d3rlpy.optimizers import AdamFactory  # noqa: E402
+from d3rlpy.optimizers.lr_schedulers import CosineAnnealingLRFactory  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from common import action_bounds, dataset_dims, evaluate  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+
+
+NOT_AVAILABLE = 3  # exit status for "d3rlpy has no such algorithm for this action space" (run.py reports n/a)
+
+
+def enc(*hidden: int) -> VectorEncoderFactory:
+    return VectorEncoderFactory(hidden_units=list(hidden))
+
+
+def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler):
+    """The d3rlpy algorithm configured with our scripts' defaults (iql.py, cql.py, bcq.py)."""
+    if algo == "iql":
+        if discrete:
+            print("d3rlpy has no discrete IQL; nothing to compare iql.py's discrete variant with")
+            raise SystemExit(NOT_AVAILABLE)
+        # iql.py: 2x256 networks, lr 3e-4 everywhere, cosine-decayed actor lr, expectile 0.7, beta 3, max weight 100
+        return d3rlpy.algos.IQLConfig(
+            actor_learning_rate=3e-4, critic_learning_rate=3e-4, batch_size=256, gamma=0.99, tau=0.005,
+            expectile=0.7, weight_temp=3.0, max_weight=100.0, n_critics=2,
+            actor_encoder_factory=enc(256, 256), critic_encoder_factory=enc(256, 256),
+            value_encoder_factory=enc(256, 256),
+            actor_optim_factory=AdamFactory(lr_scheduler_factory=CosineAnnealingLRFactory(T_max=total_steps)),
+            action_scaler=action_scaler)
+    if algo == "cql":
+        if discrete:  # cql.py discrete: 3x256 Q network, lr 3e-4, batch 256, alpha 1.0
+            return d3rlpy.algos.DiscreteCQLConfig(
+                learning_rate=3e-4, batch_size=256, gamma=0.99, n_critics=1, alpha=1.0,
+                target_update_interval=200, encoder_factory=enc(256, 256, 256))
+        # cql.py Box: 3x256 actor and critics, actor lr 1e-4, critic lr 3e-4, entropy lr 1e-4, weight 5, 10 actions
+        return d3rlpy.algos.CQLConfig(
+            actor_learning_rate=1e-4, critic_learning_rate=3e-4, temp_learning_rate=1e-4, alpha_learning_rate=0.0,
+            initial_alpha=1.0, conservative_weight=5.0, n_action_samples=10, batch_size=256, gamma=0.99, tau=0.005,
+            n_critics=2, soft_q_backup=False, max_q_backup=False,
+            actor_encoder_factory=enc(256, 256, 256), critic_encoder_factory=enc(256, 256, 256),
+            action_scaler=action_scaler)
+    if algo == "bcq":
+        if discrete:  # bcq.py discrete: separate 2x256 Q and imitation networks, lr 3e-4, batch 64, threshold 0.3
+            return d3rlpy.algos.DiscreteBCQConfig(
+                learning_rate=3e-4, batch_size=64, gamma=0.99, n_critics=1, action_flexibility=0.3, beta=1e-2,
+                target_update_interval=200, share_encoder=False, encoder_factory=enc(256, 256))
+        # bcq.py Box: actor / critics 400-300, VAE 750-750, lr 1e-3, batch 100, phi 0.05, lambda 0.75, 10 samples
+        return d3rlpy.algos.BCQConfig(
+            actor_learning_rate=1e-3, critic_learning_rate=1e-3, imitator_learning_rate=1e-3, batch_size=100,
+            gamma=0.99, tau=0.005, n_critics=2, lam=0.75, n_action_samples=10, action_flexibility=0.05, beta=0.5,
+            actor_encoder_factory=enc(400, 300), critic_encoder_factory=enc(400, 300),
+            imitator_encoder_factory=enc(750, 750), action_scaler=action_scaler)
+    raise SystemExit(f"unknown --algo {algo!r}: choose iql, cql or bcq")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--algo", required=True, choices=["iql", "cql", "bcq"])
+    p.add_argument("--dataset", required=True, help="a built-in name or an .npz path (as in our scripts)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--total-steps", type=int, default=5000, help="gradient steps")
+    p.add_argument("--eval-every", type=int, default=1000, help="evaluate every this many gradient steps")
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--exp-name", default=None, help="default: d3rlpy_{algo}; the run folder is "
+                   "runs/{dataset}__{exp_name}__{seed}__{time}, as our scripts write")
+    a = p.parse_args()
+
+    ds = load_dataset(a.dataset)
+    _, _, n_actions = dataset_dims(ds)
+    d3rlpy.seed(a.seed)
+    torch.manual_seed(a.seed)
+    timeouts = ds.timeouts.copy()
+    timeouts[-1] |= not ds.terminals[-1]  # close the last episode so d3rlpy keeps it
+    if ds.discrete:
+        data = d3rlpy.dataset.MDPDataset(ds.observations, ds.actions.reshape(-1, 1), ds.rewards, ds.terminals,
+                                         timeouts, action_space=d3rlpy.ActionSpace.DISCRETE, action_size=n_actions)
+        scaler = None
+    else:
+        data = d3rlpy.dataset.MDPDataset(ds.observations, ds.actions, ds.rewards, ds.terminals, timeouts,
+                                         action_space=d3rlpy.ActionSpace.CONTINUOUS)
+        low, high = action_bounds(ds)
+        scaler = d3rlpy.preprocessing.MinMaxActionScaler(minimum=low.astype(np.float32),
+                                                         maximum=high.astype(np.float32))
+    algo = make_algo(a.algo, ds.discrete, a.total_steps, scaler).create(device="cpu:0")
+    algo.build_with_dataset(data)
+
+    exp_name = a.exp_name or f"d3rlpy_{a.algo}"
+    dataset = Path(a.dataset).stem if a.dataset.endswith(".npz") else a.dataset
+    run_name = f"{dataset}__{exp_name}__{a.seed}__{int(time.time())}"
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", f"```\n{algo.config}\n```")
+    print(f"d3rlpy_run.py: run {run_name} (d3rlpy {d3rlpy.__version__}, {type(algo).__name__})", flush=True)
+
+    def policy(obs: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(algo.predict(obs.cpu().numpy()))
+
+    state = dict(t=time.time(), step=0)
+
+    def on_epoch(algo_, epoch: int, step: int) -> None:  # called by d3rlpy after every `eval_every` steps
+        sps = (step - state["step"]) / (time.time() - state["t"])
+        t0 = time.time()
+        returns = evaluate(ds, policy, a.eval_episodes, a.seed, torch.device("cpu"))
+        ret = float(returns.mean())
+        norm = float(ds.normalized_score(ret))
+        if not math.isfinite(ret):
+            raise FloatingPointError(f"non-finite evaluation return at step {step}")
+        writer.add_scalar("eval/return", ret, step)
+        writer.add_scalar("eval/normalized_score", norm, step)
+        writer.add_scalar("charts/SPS", sps, step)
+        writer.flush()
+        print(f"step {step:>8}/{a.total_steps} | {sps:6.0f} SPS | eval return {ret:.1f} (normalized {norm:.1f}) "
+              f"in {time.time() - t0:.0f}s", flush=True)
+        state.update(t=time.time(), step=step)
+
+    algo.fit(data, n_steps=a.total_steps, n_steps_per_epoch=a.eval_every, experiment_name=run_name,
+             with_timestamp=False, logger_adapter=d3rlpy.logging.NoopAdapterFactory(), show_progress=False,
+             save_interval=10**9, epoch_callback=on_epoch)
+    writer.close()
+
+
+if __name__ == "__main__":
+    main()
