@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from run import is_box
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -120,11 +121,6 @@ def side_by_side(runs: list[dict], groups: dict, datasets: list[str], scores: di
             "evaluation episodes (benchmark/d3rlpy_run.py lists what is matched and what cannot be).\n\n"
             + "\n".join(lines) + "\n\nMedian steps/second per run, from the runs above (same machine, same "
             "session, same number of runs in parallel).\n\n" + "\n".join(speed) + "\n")
-
-
-def is_box(dataset: str) -> bool:
-    """Whether a built-in dataset has a Box action space (from its name)."""
-    return "continuous" in dataset or "pendulum" in dataset
 
 
 def plot(groups, algos, datasets, data_scores, path: Path) -> None:

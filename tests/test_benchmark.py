@@ -33,3 +33,15 @@ def test_runner_skips_finished_runs_and_aggregator_writes_the_table(tmp_path):
     table = (tmp_path / "t" / "results.md").read_text()
     assert "| cartpole-medium | 39.1 |" in table and "(n=1, 60 steps)" in table  # the data's own score, 1 seed
     assert (tmp_path / "t" / "curves.png").stat().st_size > 10_000
+
+
+def test_extra_flags_can_target_one_action_space():
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from run import PRESETS, extra_flags
+
+    extra = {"iql": ["--log-every", "10"], "iql@discrete": ["--beta", "0.3"], "cql@box": ["--cql-alpha", "10"]}
+    assert extra_flags(extra, "iql", "lunarlander-medium") == ["--log-every", "10", "--beta", "0.3"]
+    assert extra_flags(extra, "iql", "lunarlander-continuous-medium") == ["--log-every", "10"]
+    assert extra_flags(extra, "cql", "pendulum-medium") == ["--cql-alpha", "10"]
+    assert extra_flags(extra, "cql", "cartpole-medium") == [] and extra_flags(extra, "bcq", "pendulum-medium") == []
+    assert extra_flags(PRESETS["small"]["extra"], "iql", "cartpole-medium") == ["--beta", "0.3"]
