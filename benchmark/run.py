@@ -28,8 +28,8 @@ D3RLPY_NOT_AVAILABLE = 3  # d3rlpy_run.py's exit status when d3rlpy lacks the va
 DISCRETE_IQL_BETA = {"iql@discrete": ["--beta", "0.3"]}
 
 PRESETS = {
-    # one seed of the eight core datasets, short runs. Estimated from the measured speeds (README) at about 40
-    # minutes on 2 cores, most of it Box CQL (~6 steps/s per core); not yet timed end to end
+    # one seed of the eight core datasets, short runs: about 50 minutes on 2 cores from the measured run times,
+    # half of it Box CQL (~6 steps/s per core); not yet timed end to end in one go (benchmark/README.md)
     "small": dict(algos=["iql", "cql", "bcq"], seeds=[1], total_steps=5000, eval_every=1000, eval_episodes=10,
                   extra=DISCRETE_IQL_BETA,
                   datasets=["lunarlander-medium", "lunarlander-medium-expert", "lunarlander-mixed",
