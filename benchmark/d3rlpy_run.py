@@ -6,7 +6,8 @@ Runs in its own virtual environment (d3rlpy pins its own gymnasium; see benchmar
 
 What is matched to our scripts (each value is our script's default for that action space):
 - the data: our arrays, converted to a d3rlpy MDPDataset (episodes split at terminals and timeouts), Box
-  actions min-max scaled to [-1, 1] with the environment's bounds (as our ReplayBuffer does);
+  actions min-max scaled to [-1, 1] with the environment's bounds (as our ReplayBuffer does); d3rlpy takes s'
+  from the next row, so it drops the last transition of each time-limited episode (0.5% of Pendulum's data);
 - gradient steps, batch size, learning rates, discount, Polyak tau, network widths and depths, the algorithm
   constants (expectile, beta / weight_temp, CQL weight, sampled actions, BCQ phi / lambda / threshold);
 - evaluation: `common.evaluate` with the same episodes (seeds seed+0 .. seed+n-1), d3rlpy's greedy `predict`
