@@ -120,7 +120,8 @@ def side_by_side(runs: list[dict], groups: dict, datasets: list[str], scores: di
             "has no discrete IQL). Same data, gradient steps, batch size, network sizes, hyperparameters and "
             "evaluation episodes (benchmark/d3rlpy_run.py lists what is matched and what cannot be).\n\n"
             + "\n".join(lines) + "\n\nMedian steps/second per run, from the runs above (same machine, same "
-            "session, same number of runs in parallel).\n\n" + "\n".join(speed) + "\n")
+            "session, interleaved in one queue: rough ratios, as the load varies with what runs beside).\n\n"
+            + "\n".join(speed) + "\n")
 
 
 def plot(groups, algos, datasets, data_scores, path: Path) -> None:

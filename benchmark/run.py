@@ -2,6 +2,7 @@
 
     python benchmark/run.py --preset small               # the small preset (see PRESETS below)
     python benchmark/run.py --algos iql --datasets lunarlander-medium --seeds 1 2 3 --total-steps 20000
+    python benchmark/run.py --preset small --with-d3rlpy # and each run with d3rlpy (its own venv: README.md)
     python benchmark/aggregate.py benchmark/results/small  # tables and learning curves
 
 Each run is `python {algo}.py --dataset D --seed S --total-steps N --exp-name {algo}-{tag}` started in
