@@ -64,7 +64,7 @@ def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
     if marker.exists():
         return f"skip {key} (done)"
     if algo.startswith("d3rlpy_"):  # the same run with d3rlpy, in its own virtual environment
-        cmd = [cfg["d3rlpy_python"], str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", algo[len("d3rlpy_"):]]
+        cmd = [cfg["d3rlpy_python"], str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", algo.removeprefix("d3rlpy_")]
     else:
         cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--device", cfg["device"]]
     cmd += ["--dataset", dataset, "--seed", str(seed), "--total-steps", str(cfg["total_steps"]),
@@ -75,14 +75,13 @@ def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
     with open(log, "w") as f:
         proc = subprocess.run(cmd, cwd=out, stdout=f, stderr=subprocess.STDOUT,
                               env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    info = dict(cmd=" ".join(cmd[1:]), algo=algo, dataset=dataset, seed=seed)
     if proc.returncode == D3RLPY_NOT_AVAILABLE and algo.startswith("d3rlpy_"):
-        marker.write_text(json.dumps(dict(cmd=" ".join(cmd[1:]), algo=algo, dataset=dataset, seed=seed,
-                                          not_available=log.read_text().strip().splitlines()[-1]), indent=1))
+        marker.write_text(json.dumps(dict(info, not_available=log.read_text().strip().splitlines()[-1]), indent=1))
         return f"n/a  {key} (d3rlpy has no such variant)"
     if proc.returncode != 0:
         return f"FAIL {key} (exit {proc.returncode}, see {log})"
-    marker.write_text(json.dumps(dict(cmd=" ".join(cmd[1:]), wall_s=time.time() - t0, algo=algo, dataset=dataset,
-                                      seed=seed), indent=1))
+    marker.write_text(json.dumps(dict(info, wall_s=time.time() - t0), indent=1))
     return f"done {key} in {time.time() - t0:.0f}s"
 
 
