@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,8 @@ D3RLPY_NOT_AVAILABLE = 3  # d3rlpy_run.py's exit status when d3rlpy lacks the va
 DISCRETE_IQL_BETA = {"iql@discrete": ["--beta", "0.3"]}
 
 PRESETS = {
-    # one seed of the eight core datasets, short runs: about 50 minutes on 2 cores from the measured run times,
-    # half of it Box CQL (~6 steps/s per core); not yet timed end to end in one go (benchmark/README.md)
+    # one seed of the eight core datasets, short runs: about 55 minutes on 2 cores from the measured run times
+    # (SECONDS_PER_1K_STEPS), 60% of it Box CQL; not yet timed end to end in one go (benchmark/README.md)
     "small": dict(algos=["iql", "cql", "bcq"], seeds=[1], total_steps=5000, eval_every=1000, eval_episodes=10,
                   extra=DISCRETE_IQL_BETA,
                   datasets=["lunarlander-medium", "lunarlander-medium-expert", "lunarlander-mixed",
@@ -44,6 +44,15 @@ PRESETS = {
 }
 
 
+# Seconds per 1,000 gradient steps of one run on one core of this project's 2-core CPU machine, evaluation
+# included, from the small preset's runs (benchmark/results/small/done/*.json). Used only to start the longest
+# runs first (so the last ones to finish are short) and to print an estimate of the wall time before starting.
+SECONDS_PER_1K_STEPS = {("iql", True): 20, ("iql", False): 23, ("cql", True): 200, ("cql", False): 13,
+                        ("bcq", True): 80, ("bcq", False): 7, ("d3rlpy_iql", True): 26, ("d3rlpy_iql", False): 1,
+                        ("d3rlpy_cql", True): 220, ("d3rlpy_cql", False): 26, ("d3rlpy_bcq", True): 105,
+                        ("d3rlpy_bcq", False): 12}
+
+
 def is_box(dataset: str) -> bool:
     """Whether a built-in dataset has a Box action space (from its name: lunarlander-continuous-*, pendulum-*)."""
     return "continuous" in dataset or "pendulum" in dataset
@@ -52,6 +61,21 @@ def is_box(dataset: str) -> bool:
 def extra_flags(extra: dict[str, list[str]], algo: str, dataset: str) -> list[str]:
     """The --extra flags for one run: those given for `algo`, then those for `algo@box` or `algo@discrete`."""
     return extra.get(algo, []) + extra.get(f"{algo}@{'box' if is_box(dataset) else 'discrete'}", [])
+
+
+def expected_seconds(algo: str, dataset: str, total_steps: int) -> float:
+    """A run's expected wall time on one core (SECONDS_PER_1K_STEPS; Minari and .npz datasets count as Box)."""
+    box = is_box(dataset) or dataset.split("-")[0] not in ("lunarlander", "cartpole")
+    return SECONDS_PER_1K_STEPS.get((algo, box), 50) * total_steps / 1000
+
+
+def schedule(costs: list[float], workers: int) -> float:
+    """Wall time of running jobs with these costs, in this order, on `workers` parallel slots (each job goes to
+    the slot that frees up first)."""
+    slots = [0.0] * max(1, workers)
+    for c in costs:
+        slots[slots.index(min(slots))] += c
+    return max(slots)
 
 
 def job_key(algo: str, dataset: str, seed: int) -> str:
@@ -126,10 +150,21 @@ def main() -> None:
     (out / "logs").mkdir(exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     jobs = [(algo, d, s) for d in cfg["datasets"] for algo in cfg["algos"] for s in cfg["seeds"]]
-    print(f"{len(jobs)} runs, {a.workers} at a time, results in {out}", flush=True)
+    todo = [j for j in jobs if not (out / "done" / f"{job_key(*j)}.json").exists()]
+    for j in jobs:
+        if j not in todo:
+            print(f"skip {job_key(*j)} (done)")
+    # longest first: a long run started last would leave the other cores idle at the end
+    todo.sort(key=lambda j: -expected_seconds(j[0], j[1], cfg["total_steps"]))
+    eta = schedule([expected_seconds(j[0], j[1], cfg["total_steps"]) for j in todo], a.workers)
+    print(f"{len(jobs)} runs ({len(jobs) - len(todo)} already done), {a.workers} at a time, results in {out}; "
+          f"expected wall time ~{eta / 60:.0f} min on a 2-core CPU like ours", flush=True)
+    t0 = time.time()
     with ThreadPoolExecutor(a.workers) as pool:
-        for msg in pool.map(lambda j: run_job(*j, cfg, out), jobs):
-            print(msg, flush=True)
+        futures = [pool.submit(run_job, *j, cfg, out) for j in todo]
+        for i, fut in enumerate(as_completed(futures), 1):
+            print(f"[{i}/{len(todo)}, {(time.time() - t0) / 60:.0f} min] {fut.result()}", flush=True)
+    print(f"finished in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

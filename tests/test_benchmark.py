@@ -45,3 +45,17 @@ def test_extra_flags_can_target_one_action_space():
     assert extra_flags(extra, "cql", "pendulum-medium") == ["--cql-alpha", "10"]
     assert extra_flags(extra, "cql", "cartpole-medium") == [] and extra_flags(extra, "bcq", "pendulum-medium") == []
     assert extra_flags(PRESETS["small"]["extra"], "iql", "cartpole-medium") == ["--beta", "0.3"]
+
+
+def test_longest_runs_start_first_and_the_wall_time_estimate_packs_them():
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from run import expected_seconds, schedule
+
+    assert schedule([3, 2, 2, 1], workers=2) == 4  # slots: 3+1 and 2+2
+    assert schedule([1, 2, 2, 3], workers=2) == 5  # shortest first leaves the 3 to run alone at the end
+    assert schedule([5], workers=4) == 5
+    # Box CQL (30 sampled actions per state) is the slowest run; discrete BCQ the fastest
+    costs = {a: expected_seconds(a, d, 1000) for a, d in [("cql", "pendulum-medium"), ("bcq", "cartpole-medium"),
+                                                            ("iql", "lunarlander-medium")]}
+    assert max(costs, key=costs.get) == "cql" and min(costs, key=costs.get) == "bcq"
+    assert expected_seconds("iql", "cartpole-medium", 2000) == 2 * expected_seconds("iql", "cartpole-medium", 1000)
