@@ -78,7 +78,7 @@ def sgd_step_delta(net: torch.nn.Module, before: list[torch.Tensor]) -> list[tor
 
 def test_box_cql_alpha_zero_is_the_plain_sac_critic_update():
     torch.manual_seed(0)
-    args = cql.Args(cql_alpha=0.0, hidden_dim=16, n_layers=2)
+    args = cql.Args(cql_alpha=0.0, hidden_dim=16, n_layers=2, log_every=1)  # step 1 logs: the gap is measured
     q1, q2 = cql.QNetwork(3, 2, args), cql.QNetwork(3, 2, args)
     q1_t, q2_t, actor = copy.deepcopy(q1), copy.deepcopy(q2), cql.TanhGaussianActor(3, 2, args)
     ref_q1, ref_q2, ref_actor = copy.deepcopy(q1), copy.deepcopy(q2), copy.deepcopy(actor)
@@ -105,6 +105,12 @@ def test_box_cql_alpha_zero_is_the_plain_sac_critic_update():
     delta = sgd_step_delta(q1, before[:len(before) // 2]) + sgd_step_delta(q2, before[len(before) // 2:])
     grads = [p.grad for p in list(ref_q1.parameters()) + list(ref_q2.parameters())]
     assert all(torch.allclose(d, -g, atol=1e-6) for d, g in zip(delta, grads))
+    # between logging steps alpha 0 skips the conservative term altogether (SAC's cost, not CQL's)
+    args.log_every = 1000
+    logs = cql.update_box(b, 2, q1, q2, q1_t, q2_t, actor, log_alpha, log_alpha_prime, q_opt,
+                          torch.optim.Adam(actor.parameters()), torch.optim.Adam([log_alpha]),
+                          torch.optim.Adam([log_alpha_prime]), args)
+    assert "cql_gap" not in logs and logs["cql_loss"].item() == 0.0
 
 
 def test_discrete_cql_alpha_zero_is_the_plain_double_dqn_update():
