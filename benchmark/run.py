@@ -159,7 +159,7 @@ def main() -> None:
     eta = schedule([expected_seconds(j[0], j[1], cfg["total_steps"]) for j in todo], a.workers)
     print(f"{len(jobs)} runs ({len(jobs) - len(todo)} already done), {a.workers} at a time, results in {out}; "
           f"expected wall time ~{eta / 60:.0f} min on a 2-core CPU like ours" + (" with the scripts' defaults (--extra "
-          "flags may change it)" if cfg["extra"] else ""), flush=True)
+          "flags may change it)" if a.extra else ""), flush=True)
     t0 = time.time()
     with ThreadPoolExecutor(a.workers) as pool:
         futures = [pool.submit(run_job, *j, cfg, out) for j in todo]
