@@ -18,7 +18,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datasets import load_dataset  # noqa: E402
+from datasets import Dataset, load_dataset  # noqa: E402
 
 
 def curves(folder: Path, dataset: str) -> dict[str, np.ndarray]:
@@ -38,9 +38,8 @@ def curves(folder: Path, dataset: str) -> dict[str, np.ndarray]:
                 eval_steps=np.array(out["eval_steps"][0][:n_e]), score=np.array([x[:n_e] for x in out["score"]]))
 
 
-def discounted_return_to_go(dataset: str, gamma: float) -> float:
+def discounted_return_to_go(ds: Dataset, gamma: float) -> float:
     """Mean over dataset states of the discounted return the data itself earned from there."""
-    ds = load_dataset(dataset)
     rtg, g = np.zeros(len(ds)), 0.0
     ends = ds.terminals | ds.timeouts
     for i in range(len(ds) - 1, -1, -1):
@@ -65,8 +64,11 @@ def main() -> None:
 
     fig, axes = plt.subplots(len(a.datasets), 2, figsize=(10, 3.3 * len(a.datasets)), squeeze=False)
     for row, d in zip(axes, a.datasets):
-        for folder, label, color in ((a.cql_folder, "CQL (alpha 1)", "C0"), (a.alpha0_folder, "alpha 0: plain DQN",
-                                                                              "C3")):
+        # cql.py's default alpha and the algorithm that alpha 0 leaves depend on the action space.
+        ds = load_dataset(d)
+        cql_label, alpha0_label = (("CQL (alpha 1)", "alpha 0: plain double DQN") if ds.discrete
+                                   else ("CQL (alpha 5)", "alpha 0: plain SAC"))
+        for folder, label, color in ((a.cql_folder, cql_label, "C0"), (a.alpha0_folder, alpha0_label, "C3")):
             c = curves(folder, d)
             row[0].plot(c["q_steps"], c["q_pi"].mean(0), color=color, label=label)
             row[0].fill_between(c["q_steps"], c["q_pi"].min(0), c["q_pi"].max(0), color=color, alpha=0.2)
@@ -74,11 +76,11 @@ def main() -> None:
             row[1].fill_between(c["eval_steps"], c["score"].min(0), c["score"].max(0), color=color, alpha=0.2)
             print(f"{d} {label}: final Q(s, pi(s)) {c['q_pi'][:, -1].mean():.1f}, final score "
                   f"{c['score'][:, -1].mean():.1f} +- {c['score'][:, -1].std():.1f} ({len(c['score'])} seeds)")
-        rtg = discounted_return_to_go(d, a.discount)
+        rtg = discounted_return_to_go(ds, a.discount)
         print(f"{d}: the data's mean discounted return-to-go {rtg:.1f}")
         row[0].axhline(rtg, color="black", ls=":", label="data's discounted return-to-go")
-        row[0].set_title(f"{d}: mean Q(s, pi(s)) on dataset states", fontsize=9)
-        row[1].set_title(f"{d}: normalized score (seed mean, min-max band)", fontsize=9)
+        row[0].set_title(f"{d}\nmean Q(s, pi(s)) on dataset states", fontsize=9)
+        row[1].set_title(f"{d}\nnormalized score (seed mean, min-max band)", fontsize=9)
         for ax in row:
             ax.set_xlabel("gradient steps")
             ax.legend(fontsize=8)
