@@ -29,8 +29,8 @@ D3RLPY_NOT_AVAILABLE = 3  # d3rlpy_run.py's exit status when d3rlpy lacks the va
 DISCRETE_IQL_BETA = {"iql@discrete": ["--beta", "0.3"]}
 
 PRESETS = {
-    # one seed of the eight core datasets, short runs: about 55 minutes on 2 cores from the measured run times
-    # (SECONDS_PER_1K_STEPS), 60% of it Box CQL; not yet timed end to end in one go (benchmark/README.md)
+    # one seed of the eight core datasets, short runs: 41 minutes on 2 cores from a fresh clone (benchmark/README.md),
+    # 70% of the run time Box CQL
     "small": dict(algos=["iql", "cql", "bcq"], seeds=[1], total_steps=5000, eval_every=1000, eval_episodes=10,
                   extra=DISCRETE_IQL_BETA,
                   datasets=["lunarlander-medium", "lunarlander-medium-expert", "lunarlander-mixed",
@@ -45,12 +45,14 @@ PRESETS = {
 
 
 # Seconds per 1,000 gradient steps of one run on one core of this project's 2-core CPU machine, evaluation
-# included, from the small preset's runs (benchmark/results/small/done/*.json). Used only to start the longest
-# runs first (so the last ones to finish are short) and to print an estimate of the wall time before starting.
-SECONDS_PER_1K_STEPS = {("iql", True): 20, ("iql", False): 23, ("cql", True): 200, ("cql", False): 13,
-                        ("bcq", True): 80, ("bcq", False): 7, ("d3rlpy_iql", True): 26, ("d3rlpy_iql", False): 1,
-                        ("d3rlpy_cql", True): 220, ("d3rlpy_cql", False): 26, ("d3rlpy_bcq", True): 105,
-                        ("d3rlpy_bcq", False): 12}
+# included. Ours: the small preset timed from a fresh clone, two runs at a time (benchmark/README.md: 41 min).
+# d3rlpy's: ours divided by the speed ratio measured side by side in one queue (README "Speed"; Box CQL even).
+# Used only to start the longest runs first (so the last ones to finish are short) and to print an estimate of
+# the wall time before starting.
+SECONDS_PER_1K_STEPS = {("iql", True): 10, ("iql", False): 10, ("cql", True): 178, ("cql", False): 5,
+                        ("bcq", True): 42, ("bcq", False): 3, ("d3rlpy_iql", True): 14, ("d3rlpy_iql", False): 1,
+                        ("d3rlpy_cql", True): 180, ("d3rlpy_cql", False): 11, ("d3rlpy_bcq", True): 61,
+                        ("d3rlpy_bcq", False): 5}
 
 
 def is_box(dataset: str) -> bool:
