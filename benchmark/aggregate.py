@@ -34,7 +34,28 @@ def load_runs(folder: Path) -> list[dict]:
                          steps=np.array([e.step for e in ev]), score=np.array([e.value for e in ev]),
                          sps=float(np.median(sps)) if sps else float("nan"),
                          wall=ev[-1].wall_time - acc.FirstEventTimestamp()))
-    return runs
+    return finished(runs)
+
+
+def finished(runs: list[dict]) -> list[dict]:
+    """Drop runs that are still going or were killed: a redone seed keeps its longest run, and a run whose last
+    evaluation is short of the longest run of its algorithm and dataset is left out, with a printed note."""
+    by_seed: dict[tuple[str, str, int], dict] = {}
+    for r in runs:  # sorted by folder name, so on ties the later run wins
+        key = (r["dataset"], r["algo"], r["seed"])
+        if key not in by_seed or r["steps"][-1] >= by_seed[key]["steps"][-1]:
+            by_seed[key] = r
+    longest: dict[tuple[str, str], int] = defaultdict(int)
+    for r in by_seed.values():
+        longest[r["dataset"], r["algo"]] = max(longest[r["dataset"], r["algo"]], int(r["steps"][-1]))
+    kept = []
+    for r in by_seed.values():
+        if r["steps"][-1] < longest[r["dataset"], r["algo"]]:
+            print(f"left out {r['algo']} on {r['dataset']}, seed {r['seed']}: last evaluation at step "
+                  f"{r['steps'][-1]} of {longest[r['dataset'], r['algo']]} (still running, or killed)")
+        else:
+            kept.append(r)
+    return kept
 
 
 def data_score(dataset: str) -> float:

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from tests.conftest import ROOT
 
 
@@ -59,3 +61,16 @@ def test_longest_runs_start_first_and_the_wall_time_estimate_packs_them():
                                                             ("iql", "lunarlander-medium")]}
     assert max(costs, key=costs.get) == "cql" and min(costs, key=costs.get) == "bcq"
     assert expected_seconds("iql", "cartpole-medium", 2000) == 2 * expected_seconds("iql", "cartpole-medium", 1000)
+
+
+def test_aggregator_leaves_out_unfinished_runs_and_keeps_a_redone_seed_once(capsys):
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from aggregate import finished
+
+    def run(seed, last_step):
+        return dict(dataset="d", algo="cql", seed=seed, steps=np.arange(1000, last_step + 1, 1000))
+
+    # seed 1 was killed at 2k and redone to 5k; seed 2 is still running at 3k; seed 3 finished
+    kept = finished([run(1, 2000), run(1, 5000), run(2, 3000), run(3, 5000)])
+    assert sorted((r["seed"], int(r["steps"][-1])) for r in kept) == [(1, 5000), (3, 5000)]
+    assert "seed 2: last evaluation at step 3000 of 5000" in capsys.readouterr().out
