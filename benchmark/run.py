@@ -46,12 +46,12 @@ PRESETS = {
 
 # Seconds per 1,000 gradient steps of one run on one core of this project's 2-core CPU machine, evaluation
 # included. Ours: the small preset timed from a fresh clone, two runs at a time (benchmark/README.md: 41 min).
-# d3rlpy's: ours divided by the speed ratio measured side by side in one queue (README "Speed"; Box CQL even).
+# d3rlpy's: ours divided by the speed ratio measured side by side (README "Speed"; Box CQL: its clean pair).
 # Used only to start the longest runs first (so the last ones to finish are short) and to print an estimate of
 # the wall time before starting.
 SECONDS_PER_1K_STEPS = {("iql", True): 10, ("iql", False): 10, ("cql", True): 178, ("cql", False): 5,
                         ("bcq", True): 42, ("bcq", False): 3, ("d3rlpy_iql", True): 14, ("d3rlpy_iql", False): 1,
-                        ("d3rlpy_cql", True): 180, ("d3rlpy_cql", False): 11, ("d3rlpy_bcq", True): 61,
+                        ("d3rlpy_cql", True): 166, ("d3rlpy_cql", False): 11, ("d3rlpy_bcq", True): 61,
                         ("d3rlpy_bcq", False): 5}
 
 
