@@ -46,13 +46,13 @@ def finished(runs: list[dict]) -> list[dict]:
         if key not in by_seed or r["steps"][-1] >= by_seed[key]["steps"][-1]:
             by_seed[key] = r
     longest: dict[tuple[str, str], int] = defaultdict(int)
-    for r in by_seed.values():
-        longest[r["dataset"], r["algo"]] = max(longest[r["dataset"], r["algo"]], int(r["steps"][-1]))
+    for (dataset, algo, _), r in by_seed.items():
+        longest[dataset, algo] = max(longest[dataset, algo], int(r["steps"][-1]))
     kept = []
-    for r in by_seed.values():
-        if r["steps"][-1] < longest[r["dataset"], r["algo"]]:
-            print(f"left out {r['algo']} on {r['dataset']}, seed {r['seed']}: last evaluation at step "
-                  f"{r['steps'][-1]} of {longest[r['dataset'], r['algo']]} (still running, or killed)")
+    for (dataset, algo, seed), r in by_seed.items():
+        if r["steps"][-1] < longest[dataset, algo]:
+            print(f"left out {algo} on {dataset}, seed {seed}: last evaluation at step {r['steps'][-1]} of "
+                  f"{longest[dataset, algo]} (still running, or killed)")
         else:
             kept.append(r)
     return kept
