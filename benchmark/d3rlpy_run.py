@@ -10,8 +10,8 @@ What is matched to our scripts (each value is our script's default for that acti
   from the next row, so it drops the last transition of each time-limited episode (0.5% of Pendulum's data);
 - gradient steps, batch size, learning rates, discount, Polyak tau, network widths and depths, the algorithm
   constants (expectile, beta / weight_temp, CQL weight, sampled actions, BCQ phi / lambda / threshold);
-- evaluation: `common.evaluate` with the same episodes (seeds seed+0 .. seed+n-1), d3rlpy's greedy `predict`
-  (our scripts also evaluate the deterministic action), logged under the same TensorBoard tags
+- evaluation: `common.evaluate` on the same episodes as our scripts (episode i seeded seed + 100 + i), d3rlpy's
+  greedy `predict` (our scripts also evaluate the deterministic action), logged under the same TensorBoard tags
   (`eval/normalized_score`, `eval/return`, `charts/SPS`) so `benchmark/aggregate.py` reads both.
 
 What d3rlpy cannot match, and what it is set to instead:
@@ -141,7 +141,8 @@ def main() -> None:
         t0, line = time.time(), f"step {step:>8}/{a.total_steps} | {sps:6.0f} SPS"
         writer.add_scalar("charts/SPS", sps, step)
         if a.eval_episodes > 0:
-            ret = float(evaluate(ds, policy, a.eval_episodes, a.seed, torch.device("cpu")).mean())
+            # the episodes our scripts evaluate on: episode i is seeded seed + 100 + i (see their --seed)
+            ret = float(evaluate(ds, policy, a.eval_episodes, a.seed + 100, torch.device("cpu")).mean())
             if not math.isfinite(ret):
                 raise FloatingPointError(f"non-finite evaluation return at step {step}")
             norm = float(ds.normalized_score(ret))
