@@ -31,6 +31,12 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+from tqdm import tqdm
+
+class UserError(ValueError):
+    """A mistake in the user's input that they can fix (a flag, a file, a dataset): the scripts print its message
+    in one or two lines on stderr and exit with status 1, without a traceback (common.report_user_errors)."""
+
 
 RECIPE_VERSION = 1  # bump when a recipe changes: cached files of other versions are not reused
 ARRAY_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
@@ -201,6 +207,8 @@ def rollout_episodes(recipe: EnvRecipe, eps_schedule: Callable[[int], float], n_
     keys = (*ARRAY_KEYS, "behavior_log_probs")
     buf: dict[str, list] = {k: [] for k in keys}
     episode, steps = 0, 0
+    bar = tqdm(total=n_transitions, unit="transition", desc="  rollouts", leave=False, mininterval=1.0,
+               disable=n_episodes is not None or n_transitions < 10_000)  # only the long generations show a bar
     while (steps < n_transitions) if n_episodes is None else (episode < n_episodes):
         policy = BehaviorPolicy(env.action_space, expert, eps_schedule(episode), recipe.sigma, rng)
         obs, _ = env.reset(seed=int(rng.integers(2**31 - 1)))
@@ -211,7 +219,9 @@ def rollout_episodes(recipe: EnvRecipe, eps_schedule: Callable[[int], float], n_
             for k, v in zip(keys, (obs, a, r, next_obs, term, trunc, logp)):
                 buf[k].append(v)
             obs, done, steps = next_obs, term or trunc, steps + 1
+        bar.update(min(steps, n_transitions) - bar.n)
         episode += 1
+    bar.close()
     env.close()
     discrete = isinstance(env.action_space, gym.spaces.Discrete)
     dtypes = dict(actions=np.int64 if discrete else np.float32, terminals=bool, timeouts=bool)
@@ -250,7 +260,7 @@ def _split_name(name: str) -> tuple[str, str]:
     for q in sorted(QUALITIES, key=len, reverse=True):
         if name.endswith("-" + q) and name[: -len(q) - 1] in ENVS:
             return name[: -len(q) - 1], q
-    raise ValueError(f"unknown dataset {name!r}: not a built-in name, an existing .npz file, or a Minari id "
+    raise UserError(f"unknown dataset {name!r}: not a built-in name, an existing .npz file, or a Minari id "
                      f"(namespace/name-vN). Built-in names: {', '.join(BUILTIN_NAMES)}")
 
 
@@ -305,23 +315,41 @@ def save_npz(ds: Dataset, path: str | Path) -> None:
 
 def load_npz(path: str | Path) -> Dataset:
     """Read an `.npz` with the arrays in ARRAY_KEYS (+ optional behavior_log_probs) and optional metadata
-    keys env_id, env_kwargs (a dict literal string), ref_min_score, ref_max_score."""
-    import ast
-
+    keys env_id, env_kwargs (a JSON object or a Python dict literal), ref_min_score, ref_max_score."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"dataset file {path} does not exist")
-    with np.load(path, allow_pickle=False) as f:
+        raise UserError(f"dataset file {path} does not exist")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    with f:
         missing = [k for k in ARRAY_KEYS if k not in f]
         if missing:
-            raise ValueError(f"{path}: missing array(s) {missing}; an offline dataset needs {list(ARRAY_KEYS)} "
-                             "(row-aligned; terminals/timeouts boolean)")
+            raise UserError(f"{path}: missing array(s) {missing}; an offline dataset needs {list(ARRAY_KEYS)} "
+                            "(row-aligned; terminals/timeouts boolean)")
         arrays = {k: f[k] for k in ARRAY_KEYS}
         meta = {k: f[k].item() for k in ("env_id", "ref_min_score", "ref_max_score") if k in f}
         return Dataset(
             **arrays, behavior_log_probs=f["behavior_log_probs"] if "behavior_log_probs" in f else None,
-            env_kwargs=ast.literal_eval(str(f["env_kwargs"])) if "env_kwargs" in f else {},
+            env_kwargs=parse_env_kwargs(str(f["env_kwargs"]), path) if "env_kwargs" in f else {},
             name=str(f["name"]) if "name" in f else path.stem, **meta)
+
+
+def parse_env_kwargs(text: str, path: str | Path) -> dict:
+    """`env_kwargs` as most tools write it (JSON: {"continuous": true}) or as save_npz does (a Python dict literal)."""
+    import ast
+    import json
+
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            kwargs = parse(text)
+        except (ValueError, SyntaxError):
+            continue
+        if isinstance(kwargs, dict):
+            return kwargs
+    raise UserError(f"{path}: env_kwargs must be a JSON object or a Python dict literal such as "
+                    f'{{"continuous": true}}, got {text[:80]!r}')
 
 
 def load_minari(dataset_id: str) -> Dataset:
@@ -329,14 +357,14 @@ def load_minari(dataset_id: str) -> Dataset:
     try:
         import minari
     except ImportError as e:
-        raise ImportError(f"{dataset_id!r} looks like a Minari id, but minari is not installed: "
+        raise UserError(f"{dataset_id!r} looks like a Minari id, but minari is not installed: "
                           "`pip install minari` (and `pip install 'minari[hdf5]'` for the D4RL-ported datasets)") from e
     try:
         mds = minari.load_dataset(dataset_id, download=True)
     except Exception as e:
-        raise ValueError(f"could not load Minari dataset {dataset_id!r}: {e}") from e
+        raise UserError(f"could not load Minari dataset {dataset_id!r}: {e}") from e
     if not isinstance(mds.observation_space, gym.spaces.Box):
-        raise ValueError(f"{dataset_id}: only Box observation spaces are supported, got {mds.observation_space}")
+        raise UserError(f"{dataset_id}: only Box observation spaces are supported, got {mds.observation_space}")
     parts: dict[str, list] = {k: [] for k in ARRAY_KEYS}
     for ep in mds.iterate_episodes():
         obs = np.asarray(ep.observations, dtype=np.float32)  # T+1 observations for T steps
@@ -349,58 +377,100 @@ def load_minari(dataset_id: str) -> Dataset:
     arrays["terminals"], arrays["timeouts"] = arrays["terminals"].astype(bool), arrays["timeouts"].astype(bool)
     spec = mds.spec.env_spec
     meta = getattr(mds.storage, "metadata", {}) or {}
+    ref = minari_reference_scores(dataset_id, meta)
     return Dataset(**arrays, env_id=spec.id if spec else None, env_kwargs=dict(spec.kwargs) if spec else {},
-                   ref_min_score=meta.get("ref_min_score"), ref_max_score=meta.get("ref_max_score"),
-                   name=dataset_id)
+                   ref_min_score=ref[0], ref_max_score=ref[1], name=dataset_id)
+
+
+# D4RL's reference returns (d4rl/infos.py REF_MIN_SCORE / REF_MAX_SCORE: a uniform-random and an expert SAC policy,
+# measured on the v2 environments under mujoco-py). Minari's mujoco/*-v0 sets carry none, and run on Gymnasium v5,
+# whose returns are not on the same scale (Walker2d's friction, healthy_reward only while healthy, Ant's 105-D
+# observations: see docs/datasets.md); scores normalized with them read only approximately like D4RL's.
+D4RL_REFERENCE = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
+                  "walker2d": (1.629008, 4592.3), "ant": (-325.6, 3879.7)}
+
+
+def minari_reference_scores(dataset_id: str, meta: dict) -> tuple[float | None, float | None]:
+    """(random, expert) returns for the normalized score: the dataset's own when Minari has them, else D4RL's for
+    mujoco/{hopper,halfcheetah,walker2d,ant}/* (approximate, said once), else none (said once)."""
+    if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
+        return float(meta["ref_min_score"]), float(meta["ref_max_score"])
+    parts = dataset_id.split("/")
+    if len(parts) == 3 and parts[0] == "mujoco" and parts[1] in D4RL_REFERENCE:
+        print(f"note: {dataset_id} has no reference scores; normalizing with D4RL's {parts[1]} returns "
+              f"{D4RL_REFERENCE[parts[1]]}, measured on the older v2 environments (approximate on v5)", flush=True)
+        return D4RL_REFERENCE[parts[1]]
+    print(f"note: {dataset_id} has no reference scores (ref_min_score / ref_max_score), so no normalized score "
+          "can be given; raw returns are reported", flush=True)
+    return None, None
 
 
 def validate(ds: Dataset) -> None:
-    """Raise a ValueError that says what is wrong; nothing is silently fixed or truncated."""
+    """Raise a UserError that says what is wrong and how to fix it. The one repair: a per-transition array shaped
+    (N, 1) (the CQL authors' loader writes rewards and terminals so) becomes (N,), with a note; anything else that
+    could broadcast in a loss is refused, and nothing is truncated."""
     n = len(ds.rewards)
     if n == 0:
-        raise ValueError(f"{ds.name}: the dataset is empty")
+        raise UserError(f"{ds.name}: the dataset is empty")
+    for k in ("rewards", "terminals", "timeouts", "behavior_log_probs") + (("actions",) if ds.discrete else ()):
+        v = getattr(ds, k)
+        if v is not None and v.ndim == 2 and v.shape[1] == 1:
+            print(f"note: {ds.name}: {k} has shape {v.shape}; using it as ({len(v)},)", flush=True)
+            setattr(ds, k, v[:, 0])
+        elif v is not None and v.ndim != 1:
+            raise UserError(f"{ds.name}: {k} must have one value per transition, shape (N,), got {v.shape}")
+    # Box actions are checked against the environment's space below; without one they must at least be (N, dim)
+    for k in ("observations", "next_observations") + (("actions",) if ds.env_id is None and not ds.discrete else ()):
+        v = getattr(ds, k)
+        if v.ndim != 2 or not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+            fix = " (a 1-D action of a 1-D Box: use actions[:, None])" if k == "actions" and v.ndim == 1 else ""
+            raise UserError(f"{ds.name}: {k} must be a real (N, dim) array, got {v.dtype} {v.shape}{fix}")
     rows = {k: len(getattr(ds, k)) for k in ARRAY_KEYS}
     if ds.behavior_log_probs is not None:
         rows["behavior_log_probs"] = len(ds.behavior_log_probs)
     if len(set(rows.values())) != 1:
-        raise ValueError(f"{ds.name}: arrays must be row-aligned (one row per transition), got lengths {rows}")
-    if ds.observations.shape != ds.next_observations.shape or ds.observations.ndim != 2:
-        raise ValueError(f"{ds.name}: observations {ds.observations.shape} and next_observations "
-                         f"{ds.next_observations.shape} must both be (N, obs_dim)")
+        raise UserError(f"{ds.name}: arrays must be row-aligned (one row per transition), got lengths {rows}")
+    if ds.observations.shape != ds.next_observations.shape:
+        raise UserError(f"{ds.name}: observations {ds.observations.shape} and next_observations "
+                        f"{ds.next_observations.shape} must both be (N, obs_dim)")
     for k in ("observations", "actions", "rewards", "next_observations"):
         bad = ~np.isfinite(getattr(ds, k).astype(np.float64))
         if bad.any():
             rows_bad = np.unique(np.nonzero(bad)[0])
-            raise ValueError(f"{ds.name}: {k} has {bad.sum()} NaN/inf value(s), first at row(s) "
-                             f"{rows_bad[:5].tolist()}; clean or drop those transitions before training")
+            raise UserError(f"{ds.name}: {k} has {bad.sum()} NaN/inf value(s), first at row(s) "
+                            f"{rows_bad[:5].tolist()}; clean or drop those transitions before training")
     for k in ("terminals", "timeouts"):
         v = getattr(ds, k)
         if v.dtype != bool and not np.isin(v, (0, 1)).all():
-            raise ValueError(f"{ds.name}: {k} must be boolean (0/1), got values {np.unique(v)[:5]}")
+            raise UserError(f"{ds.name}: {k} must be boolean (0/1), got values {np.unique(v)[:5]}")
         setattr(ds, k, v.astype(bool))
     if ds.env_id is None:
         return
-    env = gym.make(ds.env_id, **ds.env_kwargs)
+    try:
+        env = gym.make(ds.env_id, **ds.env_kwargs)
+    except Exception as e:
+        raise UserError(f"{ds.name}: cannot make its environment {ds.env_id} {ds.env_kwargs or ''} "
+                        f"({type(e).__name__}: {e}); fix env_id / env_kwargs in the dataset file") from None
     if ds.observations.shape[1:] != env.observation_space.shape:
-        raise ValueError(f"{ds.name}: observations have shape {ds.observations.shape[1:]} but {ds.env_id} "
-                         f"observes {env.observation_space.shape}; is env_id right for this data?")
+        raise UserError(f"{ds.name}: observations have shape {ds.observations.shape[1:]} but {ds.env_id} "
+                        f"observes {env.observation_space.shape}; is env_id right for this data?")
     space = env.action_space
     if isinstance(space, gym.spaces.Discrete):
         if ds.actions.ndim != 1 or not np.issubdtype(ds.actions.dtype, np.integer):
-            raise ValueError(f"{ds.name}: {ds.env_id} has a Discrete({space.n}) action space, so actions must be "
-                             f"a 1-D integer array, got {ds.actions.dtype} {ds.actions.shape}")
+            raise UserError(f"{ds.name}: {ds.env_id} has a Discrete({space.n}) action space, so actions must be "
+                            f"a 1-D integer array, got {ds.actions.dtype} {ds.actions.shape}")
         bad = (ds.actions < space.start) | (ds.actions >= space.start + space.n)
     elif isinstance(space, gym.spaces.Box):
         if ds.actions.shape[1:] != space.shape:
-            raise ValueError(f"{ds.name}: actions have shape {ds.actions.shape[1:]} but {ds.env_id} "
-                             f"expects {space.shape}")
+            raise UserError(f"{ds.name}: actions have shape {ds.actions.shape[1:]} but {ds.env_id} "
+                            f"expects {space.shape}" + (" (use actions[:, None])" if ds.actions.ndim == 1 else ""))
         bad = ((ds.actions < space.low) | (ds.actions > space.high)).any(axis=1)
     else:
-        raise ValueError(f"{ds.name}: action space {space} is not supported (Box or Discrete only)")
+        raise UserError(f"{ds.name}: action space {space} is not supported (Box or Discrete only)")
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{ds.name}: {int(bad.sum())} action(s) lie outside {space} (first at row {i}: "
-                         f"{ds.actions[i]}); rescale or clip them yourself if that is what you intend")
+        raise UserError(f"{ds.name}: {int(bad.sum())} action(s) lie outside {space} (first at row {i}: "
+                        f"{ds.actions[i]}); rescale or clip them yourself if that is what you intend")
     env.close()
 
 

@@ -196,7 +196,7 @@ def test_minari_round_trip(tmp_path, monkeypatch):
 
 def test_minari_id_without_minari_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "minari", None)  # makes `import minari` raise ImportError
-    with pytest.raises(ImportError, match="pip install minari"):
+    with pytest.raises(D.UserError, match="pip install minari"):
         D.load_dataset("mujoco/hopper/medium-v0")
 
 
@@ -216,7 +216,7 @@ def test_unknown_name_lists_the_valid_ones():
 
 
 def test_missing_file():
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(D.UserError, match="does not exist"):
         D.load_dataset("/nonexistent/data.npz")
 
 
@@ -271,3 +271,59 @@ def test_report_prints_for_every_builtin(small, name):
     assert f"dataset {name}" in text and "normalized" in text and "return histogram" in text
     assert ("action frequencies" in text) == small[name].discrete
     assert "behaviour policy: mean -log pi_b" in text
+
+
+@pytest.mark.parametrize("key", ["rewards", "terminals", "timeouts", "behavior_log_probs"])
+def test_per_transition_arrays_shaped_n_by_1_are_squeezed_with_a_note(tmp_path, small, capsys, key):
+    ds = small["pendulum-medium"]  # the CQL authors' loader writes rewards and terminals as (N, 1)
+    extra = {"behavior_log_probs": ds.behavior_log_probs} if key != "behavior_log_probs" else {}
+    path = _write(tmp_path, ds, **{key: getattr(ds, key)[:, None]}, **extra)
+    loaded = D.load_dataset(path)
+    assert getattr(loaded, key).shape == (len(ds),)
+    np.testing.assert_array_equal(getattr(loaded, key), getattr(ds, key))
+    assert f"{key} has shape ({len(ds)}, 1); using it as ({len(ds)},)" in capsys.readouterr().out
+
+
+def test_other_shapes_and_dtypes_are_refused(tmp_path, small):
+    ds = small["pendulum-medium"]
+    with pytest.raises(D.UserError, match=r"rewards must have one value per transition.*\(3\d+, 2\)"):
+        D.load_dataset(_write(tmp_path, ds, rewards=np.stack([ds.rewards, ds.rewards], 1)))
+    with pytest.raises(D.UserError, match=r"observations must be a real \(N, dim\) array"):
+        D.load_dataset(_write(tmp_path, ds, observations=ds.observations.astype(str)))
+    with pytest.raises(D.UserError, match=r"actions\[:, None\]"):  # a 1-D Box action without its dimension
+        D.load_dataset(_write(tmp_path, ds, actions=ds.actions[:, 0]))
+    bare = D.Dataset(**{k: getattr(ds, k) for k in D.ARRAY_KEYS})  # no env to check against: still (N, dim)
+    bare.actions = bare.actions[:, 0]
+    with pytest.raises(D.UserError, match=r"actions must be a real \(N, dim\) array"):
+        D.validate(bare)
+
+
+@pytest.mark.parametrize("text", ['{"continuous": true}', "{'continuous': True}"])
+def test_env_kwargs_may_be_json_or_a_python_dict(tmp_path, small, text):
+    ds = small["lunarlander-continuous-medium"]
+    path = tmp_path / "kw.npz"
+    np.savez(path, **{k: getattr(ds, k) for k in D.ARRAY_KEYS}, env_id=np.asarray(ds.env_id),
+             env_kwargs=np.asarray(text))
+    assert D.load_dataset(str(path)).env_kwargs == {"continuous": True}
+
+
+def test_env_kwargs_that_are_not_a_dict_get_a_clear_error(tmp_path, small):
+    ds = small["cartpole-medium"]
+    path = tmp_path / "kw.npz"
+    np.savez(path, **{k: getattr(ds, k) for k in D.ARRAY_KEYS}, env_kwargs=np.asarray("continuous=True"))
+    with pytest.raises(D.UserError, match="env_kwargs must be a JSON object or a Python dict literal"):
+        D.load_dataset(str(path))
+
+
+def test_a_corrupt_npz_is_a_user_error(tmp_path):
+    (tmp_path / "x.npz").write_text("not a zip file")
+    with pytest.raises(D.UserError, match="not a readable .npz"):
+        D.load_dataset(str(tmp_path / "x.npz"))
+
+
+def test_minari_reference_scores_own_then_d4rl_table_then_none(capsys):
+    assert D.minari_reference_scores("D4RL/door/human-v2", {"ref_min_score": -1, "ref_max_score": 9}) == (-1.0, 9.0)
+    assert D.minari_reference_scores("mujoco/hopper/medium-v0", {}) == (-20.272305, 3234.3)
+    assert "D4RL's hopper returns" in capsys.readouterr().out
+    assert D.minari_reference_scores("mujoco/pusher/medium-v0", {}) == (None, None)
+    assert "no normalized score" in capsys.readouterr().out
