@@ -11,14 +11,15 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (Policy, Progress, ReplayBuffer, dataset_dims, evaluate, load_dataset, make_run, mlp, pick_device,
-                    set_seed)
+from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
+                    load_checkpoint, load_dataset, make_run, mlp, pick_device, report_user_errors, set_seed)
 
 
 @dataclass
@@ -31,14 +32,18 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
     """`auto` picks CUDA when present, else CPU; or any torch device string (`cpu`, `cuda:1`)"""
+    threads: int = 1
+    """CPU threads per process (torch.set_num_threads): 1 is fastest for these small networks and does not collapse
+    when other processes share the cores; run seeds as separate processes instead of raising it"""
     save_model: bool = False
     """if toggled, save weights and config to `runs/{run_name}/bcq.pt` (load with torch.load(weights_only=True))"""
     load_model: str | None = None
     """path to a saved `bcq.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
     checkpoint_every: int = 0
     """with --save-model, also save `bcq_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
-    dataset: str = "lunarlander-continuous-medium"
-    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path"""
+    dataset: str | None = None
+    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path;
+    unset: `lunarlander-continuous-medium`, or with --load-model the dataset the checkpoint was trained on"""
     total_steps: int = 1_000_000
     """number of gradient steps"""
     batch_size: int | None = None
@@ -75,6 +80,14 @@ class Args:
     """Discrete: weight of mean(logits^2) of the imitation network in the loss"""
     target_update_every: int = 0
     """Discrete: 0 = Polyak --tau every step (authors' non-Atari setting); N > 0 = hard copy every N steps"""
+
+
+# Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range).
+# --bcq-threshold 1 or more would rule out every action (the masked argmax would then always return action 0).
+RANGES = {**COMMON_RANGES, "learning_rate": "(0, inf)", "phi": "[0, inf)", "lmbda": "[0, 1]",
+          "n_target_samples": "[1, inf)", "n_select_samples": "[1, inf)", "kl_weight": "[0, inf)",
+          "bcq_threshold": "[0, 1)", "logit_penalty": "[0, inf)", "target_update_every": "[0, inf)"}
+DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
 # ALGO LOGIC: Box networks (continuous BCQ, paper Sec. 4 and Algorithm 1). Actions live in [-1, 1].
@@ -176,7 +189,9 @@ def box_target(rewards, next_obs, terminals, vae, actor_target, critic_target, a
     return rewards + args.discount * (1.0 - terminals) * target_q
 
 
-def update_box(batch, agent: BoxBCQ, actor_target, critic_target, vae_opt, critic_opt, actor_opt, args: Args):
+def update_box(batch, step: int, *, agent: BoxBCQ, actor_target, critic_target, vae_opt, critic_opt, actor_opt,
+               args: Args):
+    """One BCQ step (Algorithm 1); `step` is unused (the Box targets are Polyak-averaged every step)."""
     obs, actions, rewards, next_obs, terminals = batch
     # (1) VAE: reconstruct data actions, KL to the prior (loss = MSE + 0.5 * KL)
     recon, mean, std = agent.vae(obs, actions)
@@ -244,7 +259,7 @@ def discrete_target(rewards, next_obs, terminals, agent: DiscreteBCQ, q_target, 
     return rewards + args.discount * (1.0 - terminals) * next_q
 
 
-def update_discrete(batch, agent: DiscreteBCQ, q_target, opt, step: int, args: Args):
+def update_discrete(batch, step: int, *, agent: DiscreteBCQ, q_target, opt, args: Args):
     """One step on Huber TD + NLL of G on data actions + 1e-2 * mean(logits^2), then the target update."""
     obs, actions, rewards, next_obs, terminals = batch
     y = discrete_target(rewards, next_obs, terminals, agent, q_target, args)
@@ -268,18 +283,24 @@ def update_discrete(batch, agent: DiscreteBCQ, q_target, opt, step: int, args: A
     return dict(q_loss=q_loss, imitation_loss=imitation_loss, logit_loss=logit_loss, target_q=y.mean())
 
 
+def q_value(agent, obs: torch.Tensor, a: torch.Tensor, discrete: bool) -> torch.Tensor:
+    """Q(s, a) (Discrete) or min(Q1, Q2)(s, a) (Box): what the diagnostics and eval/q_start report."""
+    if discrete:
+        return agent.q(obs).gather(1, a[:, None]).squeeze(1)
+    return torch.min(*agent.critic(obs, a))
+
+
 @torch.no_grad()
 def diagnostics(batch, agent, discrete: bool) -> dict[str, torch.Tensor]:
-    """Mean Q on dataset actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), and how far pi strays from the data."""
+    """Mean Q on dataset actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), and how far pi strays from the data.
+    Call under common.isolated(): pi(s) draws VAE samples, which must not come from the training stream."""
     obs, actions = batch[0], batch[1]
     pi = agent.act(obs)
+    q_data, q_pi = q_value(agent, obs, actions, discrete), q_value(agent, obs, pi, discrete)
     if discrete:
-        q = agent.q(obs)
-        q_data, q_pi = q.gather(1, actions[:, None]).squeeze(1), q.gather(1, pi[:, None]).squeeze(1)
         n_allowed = allowed_actions(agent.imitation(obs), agent.threshold).float().sum(1).mean()
         return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_pi - q_data).mean(),
                     action_mismatch=(pi != actions).float().mean(), allowed_actions=n_allowed)
-    q_data, q_pi = torch.min(*agent.critic(obs, actions)), torch.min(*agent.critic(obs, pi))
     return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_pi - q_data).mean(),
                 action_mse=((pi - actions) ** 2).sum(-1).mean())
 
@@ -287,7 +308,7 @@ def diagnostics(batch, agent, discrete: bool) -> dict[str, torch.Tensor]:
 def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
     """Rebuild the policy saved by --save-model, in environment units: Box, the argmax of Q1 over perturbed VAE
     candidates; Discrete, the masked greedy action. `dist` is None: BCQ has no density (see the OPE note at the top)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = load_checkpoint(path, device, "bcq")
     args = Args(**ckpt["args"])
     discrete = ckpt["n_actions"] is not None
     agent = (DiscreteBCQ(ckpt["obs_dim"], ckpt["n_actions"], args) if discrete
@@ -303,24 +324,31 @@ def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    # TRY NOT TO MODIFY: seeding, device, data
+    # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
+    report_user_errors("bcq.py")
+    check_ranges(args, RANGES)
+    torch.set_num_threads(args.threads)
     set_seed(args.seed, args.torch_deterministic)
     device = pick_device(args.device)
-    ds = load_dataset(args.dataset)
-    discrete = ds.discrete
-    obs_dim, act_dim, n_actions = dataset_dims(ds)
 
-    if args.load_model:  # evaluate a saved policy and exit
-        returns = evaluate(ds, load_policy(args.load_model, device).act, args.eval_episodes, args.seed + 100, device)
-        print(f"{args.load_model}: return {returns.mean():.1f} +- {returns.std():.1f}, "
+    if args.load_model:  # evaluate a saved policy on its own dataset (unless --dataset says otherwise) and exit
+        saved = load_policy(args.load_model, device)
+        ds = load_dataset(args.dataset or saved.checkpoint["args"]["dataset"])
+        returns = evaluate(ds, saved.act, args.eval_episodes, args.seed + 100, device).returns
+        print(f"{args.load_model} on {ds.name}: return {returns.mean():.1f} +- {returns.std():.1f}, "
               f"normalized {ds.normalized_score(returns.mean()):.1f} over {len(returns)} episodes")
         raise SystemExit
 
+    args.dataset = args.dataset or DEFAULT_DATASET
+    ds = load_dataset(args.dataset)
+    discrete = ds.discrete
+    obs_dim, act_dim, n_actions = dataset_dims(ds)
     # The authors' continuous and discrete code have different defaults; None picks the one for this action space
     if args.batch_size is None:
         args.batch_size = 64 if discrete else 100
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if discrete else 1e-3
+    check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
     rb = ReplayBuffer(ds, device, args.normalize_obs)
     run_name, writer = make_run(args, "bcq.py")
 
@@ -329,58 +357,62 @@ if __name__ == "__main__":
         agent = DiscreteBCQ(obs_dim, n_actions, args).to(device)
         q_target = copy.deepcopy(agent.q)  # only the Q network has a target; G is only used online
         opt = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)  # ONE optimiser for Q and G
-
-        def update(batch, step):
-            return update_discrete(batch, agent, q_target, opt, step, args)
+        update = partial(update_discrete, agent=agent, q_target=q_target, opt=opt, args=args)
     else:
         agent = BoxBCQ(obs_dim, act_dim, args).to(device)
         actor_target, critic_target = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic)  # no target VAE
         vae_opt, critic_opt, actor_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate)
                                           for m in (agent.vae, agent.critic, agent.actor))
-
-        def update(batch, step):
-            return update_box(batch, agent, actor_target, critic_target, vae_opt, critic_opt, actor_opt, args)
+        update = partial(update_box, agent=agent, actor_target=actor_target, critic_target=critic_target,
+                         vae_opt=vae_opt, critic_opt=critic_opt, actor_opt=actor_opt, args=args)
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: the BCQ choice (Box: mapped back to the environment's box; Discrete: masked greedy)."""
         a = agent.act(obs)
         return a if discrete else rb.unscale_action(a)
 
-    def save_model(path: str) -> None:
+    def save_model(path: str) -> str:
         """Weights, config and normalisation constants, loadable with torch.load(path, weights_only=True)."""
         extra = {} if discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
         torch.save(dict(algo="bcq", args=asdict(args), agent=agent.state_dict(), obs_mean=rb.obs_mean,
                         obs_std=rb.obs_std, obs_dim=obs_dim, act_dim=act_dim, n_actions=n_actions, **extra), path)
         print(f"saved {path}", flush=True)
+        return path
 
     # TRY NOT TO MODIFY: the training loop
-    progress = Progress(args.total_steps)
+    progress = Progress("bcq.py", args.total_steps)
     for step in range(1, args.total_steps + 1):
         batch = rb.sample(args.batch_size)
         logs = update(batch, step)
 
-        if step % args.log_every == 0 or step == args.total_steps:  # the only host syncs: every log_every steps
-            logs.update(diagnostics(batch, agent, discrete))
+        # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
+        # policy's own Q there (overestimation, measured on the same policy). Acting draws VAE samples: isolated.
+        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps)
+        if evaluated:
+            t0 = time.time()
+            with isolated(agent):
+                ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
+                s0 = rb.normalize(ev.start_obs)
+                q_start = q_value(agent, s0, agent.act(s0), discrete).mean().item()
+            norm = ds.normalized_score(ev.returns.mean())
+            for tag, value in (("return", ev.returns.mean()), ("normalized_score", norm),
+                               ("discounted_return", ev.discounted_returns.mean()), ("q_start", q_start)):
+                writer.add_scalar(f"eval/{tag}", value, step)
+            progress.eval(step, ev.returns.mean(), norm, time.time() - t0)
+
+        if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
+            with isolated(agent):
+                logs.update(diagnostics(batch, agent, discrete))
             for k, v in logs.items():
                 if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
                     raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "
                                              "rate, --normalize-obs, or check the dataset's rewards)")
                 writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
-            sps = progress.sps(step)
-            writer.add_scalar("charts/SPS", sps, step)
-            progress.line(step, sps, f"q_data {logs['q_data']:.2f}")
-
-        if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps):
-            t0 = time.time()
-            returns = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize)
-            norm = ds.normalized_score(returns.mean())
-            writer.add_scalar("eval/return", returns.mean(), step)
-            writer.add_scalar("eval/normalized_score", norm, step)
-            progress.eval(returns.mean(), norm, time.time() - t0)
+            writer.add_scalar("charts/SPS", progress.line(step, f"q_data {logs['q_data']:.2f}"), step)
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_model(f"runs/{run_name}/bcq_step{step}.pt")
 
-    if args.save_model:
-        save_model(f"runs/{run_name}/bcq.pt")
+    model_path = save_model(f"runs/{run_name}/bcq.pt") if args.save_model else None
     writer.close()
+    progress.summary(run_name, model_path)

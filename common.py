@@ -6,9 +6,11 @@ Dataset recipes, loading and validation live in datasets.py (`load_dataset` is r
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,10 +20,11 @@ import torch
 import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
-from datasets import BUILTIN_NAMES, Dataset, load_dataset
+from datasets import BUILTIN_NAMES, Dataset, UserError, load_dataset
 
-__all__ = ["BUILTIN_NAMES", "Dataset", "load_dataset", "Policy", "ReplayBuffer", "mlp", "evaluate", "set_seed",
-           "pick_device", "make_run", "Progress", "dataset_dims", "return_range_scale"]
+__all__ = ["BUILTIN_NAMES", "Dataset", "UserError", "load_dataset", "Policy", "ReplayBuffer", "mlp", "evaluate",
+           "Evaluation", "isolated", "set_seed", "pick_device", "make_run", "Progress", "dataset_dims",
+           "return_range_scale", "report_user_errors", "check_ranges", "COMMON_RANGES", "load_checkpoint"]
 
 
 @dataclass
@@ -65,6 +68,9 @@ class ReplayBuffer:
             self.actions = (t(ds.actions) - self.action_center) / self.action_half
         self.rewards = t(ds.rewards) * reward_scale + reward_bias
         self.terminals = t(ds.terminals)  # only true terminals stop bootstrapping; timeouts do not
+        if self.rewards.shape != (self.size,) or self.terminals.shape != (self.size,):  # (N, 1) would broadcast
+            raise ValueError(f"rewards {tuple(self.rewards.shape)} and terminals {tuple(self.terminals.shape)} must "
+                             f"be ({self.size},): load data with load_dataset, which validates it")
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_mean) / self.obs_std
@@ -117,28 +123,59 @@ def mlp(in_dim: int, out_dim: int, hidden: Sequence[int] = (256, 256), activatio
     return nn.Sequential(*layers)
 
 
+@dataclass
+class Evaluation:
+    """What `evaluate` measured: per-episode returns and the observations the episodes started from."""
+
+    returns: np.ndarray
+    """undiscounted episode returns (what the normalized score is computed from)"""
+    discounted_returns: np.ndarray
+    """sum_t gamma^t r_t per episode: what the policy's own Q at the start state should predict"""
+    start_obs: torch.Tensor
+    """(n_episodes, obs_dim) raw first observations, on the device"""
+
+
+@contextlib.contextmanager
+def isolated(*modules: nn.Module) -> Iterator[None]:
+    """For evaluation and diagnostics: `modules` in eval mode (no dropout) and the torch random state forked (CPU
+    and CUDA), so neither changes what training draws next: the same seed gives the same run whatever
+    --log-every, --eval-every and --eval-episodes are."""
+    modes = [m.training for m in modules]
+    with torch.random.fork_rng(), torch.no_grad():
+        for m in modules:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
+
+
 def evaluate(ds: Dataset, policy: Callable[[torch.Tensor], torch.Tensor], n_episodes: int, seed: int,
-             device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor] = lambda x: x) -> np.ndarray:
-    """Run `n_episodes` of `policy` (a batch of raw observations -> a batch of actions, under no_grad) in the
-    dataset's environment, each episode seeded `seed + i`; return the undiscounted episode returns."""
+             device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+             discount: float = 0.99) -> Evaluation:
+    """Run `n_episodes` of `policy` (a batch of raw observations -> a batch of actions) in the dataset's
+    environment, each episode seeded `seed + i`, on a forked random stream (see `isolated`)."""
     if ds.env_id is None:
-        raise ValueError(f"{ds.name}: no env_id in the dataset metadata, so policies cannot be evaluated; "
-                         "pass --eval-episodes 0 to train without evaluation")
+        raise UserError(f"{ds.name}: no env_id in the dataset metadata, so policies cannot be evaluated; "
+                        "pass --eval-episodes 0 to train without evaluation")
     env = gym.make(ds.env_id, **ds.env_kwargs)
     discrete = isinstance(env.action_space, gym.spaces.Discrete)
-    returns = np.zeros(n_episodes)
-    for i in range(n_episodes):
-        obs, _ = env.reset(seed=seed + i)
-        done = False
-        while not done:
-            with torch.no_grad():
-                o = normalize(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])
-                a = policy(o)[0].cpu().numpy()
-            obs, r, term, trunc, _ = env.step(int(a) if discrete else a)
-            returns[i] += r
-            done = term or trunc
+    returns, discounted, starts = np.zeros(n_episodes), np.zeros(n_episodes), []
+    with isolated():
+        for i in range(n_episodes):
+            obs, _ = env.reset(seed=seed + i)
+            starts.append(obs)
+            done, t = False, 0
+            while not done:
+                a = policy(normalize(torch.as_tensor(obs, dtype=torch.float32, device=device)[None]))[0].cpu().numpy()
+                obs, r, term, trunc, _ = env.step(int(a) if discrete else a)
+                returns[i] += r
+                discounted[i] += discount**t * r
+                done, t = term or trunc, t + 1
     env.close()
-    return returns
+    start_obs = torch.as_tensor(np.asarray(starts), dtype=torch.float32, device=device).reshape(n_episodes, -1)
+    return Evaluation(returns, discounted, start_obs)
 
 
 def set_seed(seed: int, torch_deterministic: bool = True) -> None:
@@ -149,9 +186,71 @@ def set_seed(seed: int, torch_deterministic: bool = True) -> None:
 
 
 def pick_device(device: str) -> torch.device:
-    """'auto' picks CUDA when present, else CPU; anything else is passed to torch.device."""
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                        "cpu" if device == "auto" else device)
+    """'auto' picks CUDA when present, else CPU; anything else is passed to torch.device (a UserError if this
+    machine does not have it)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu "
+                        "(or auto)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: only cpu and cuda are supported")
+    return dev
+
+
+def report_user_errors(script: str) -> None:
+    """From now on an uncaught UserError prints `script: error: message` on stderr and exits with status 1, no
+    traceback; any other exception (a bug) keeps its traceback."""
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, UserError):
+            print(f"{script}: error: {exc}", file=sys.stderr, flush=True)
+        else:
+            sys.__excepthook__(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+# Valid ranges of the flags every training script has, as intervals ("inf" is unbounded); None values are skipped
+COMMON_RANGES = {"total_steps": "[1, inf)", "batch_size": "[1, inf)", "eval_every": "[1, inf)",
+                 "eval_episodes": "[0, inf)", "log_every": "[1, inf)", "checkpoint_every": "[0, inf)",
+                 "threads": "[1, inf)", "discount": "[0, 1)", "tau": "(0, 1]"}
+
+
+def check_ranges(args, ranges: dict[str, str]) -> None:
+    """Raise a UserError naming the first flag whose value lies outside its interval, e.g. {"discount": "[0, 1)"}."""
+    for name, interval in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+        above = lo <= value if interval[0] == "[" else lo < value
+        below = value <= hi if interval[-1] == "]" else value < hi
+        if not (above and below):  # NaN fails both
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must lie in {interval}")
+
+
+def load_checkpoint(path: str, device: str | torch.device = "cpu", algo: str | None = None) -> dict:
+    """torch.load a `--save-model` file (weights only), with a UserError for a missing, corrupt or foreign file."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist (train with --save-model; it is saved in runs/<run>/)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a checkpoint saved by --save-model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "algo" not in ckpt or "args" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint saved by --save-model (no 'algo' / 'args' keys)")
+    if algo is not None and ckpt["algo"] != algo:
+        raise UserError(f"{path} was saved by {ckpt['algo']}.py, not {algo}.py: load it with "
+                        f"`python {ckpt['algo']}.py --load-model {path}`")
+    return ckpt
 
 
 def make_run(args, script: str) -> tuple[str, SummaryWriter]:
@@ -165,26 +264,53 @@ def make_run(args, script: str) -> tuple[str, SummaryWriter]:
     return run_name, writer
 
 
+def format_score(ret: float, norm: float) -> str:
+    """'normalized 85.2 (return 230.1)', or just the return when the dataset has no reference scores."""
+    return f"return {ret:.1f}" if np.isnan(norm) else f"normalized {norm:.1f} (return {ret:.1f})"
+
+
 class Progress:
-    """A one-line console summary every `log_every` steps: steps, steps/second, ETA and the last evaluation."""
+    """The console: a line every --log-every steps and at every evaluation (steps, steps/second, ETA and the latest
+    evaluation, printed on the line of the step where it ran), then a summary line when the run ends."""
 
-    def __init__(self, total_steps: int):
-        self.total, self.last_t, self.last_step = total_steps, time.time(), 0
-        self.last_eval = "no eval yet"
+    def __init__(self, script: str, total_steps: int):
+        self.script, self.total = script, total_steps
+        self.t_start = self.last_t = time.time()
+        self.last_step = 0
+        self.evals: list[tuple[int, float, float]] = []  # (step, mean return, normalized score)
 
-    def sps(self, step: int) -> float:
-        """Gradient steps per second since the previous call."""
+    def eval(self, step: int, ret: float, norm: float, seconds: float) -> None:
+        """Record an evaluation; its wall time is left out of the next SPS figure."""
+        self.evals.append((step, float(ret), float(norm)))
+        self.last_t += seconds
+
+    def line(self, step: int, extra: str = "") -> float:
+        """Print the progress line for `step`; return the gradient steps per second since the previous line."""
         now = time.time()
         sps = (step - self.last_step) / max(now - self.last_t, 1e-9)
         self.last_t, self.last_step = now, step
+        eta = (self.total - step) / max(sps, 1e-9)
+        if self.evals:
+            at, ret, norm = self.evals[-1]
+            ev = f"eval {format_score(ret, norm)}" + ("" if at == step else f" at step {at}")
+        else:
+            ev = "no eval yet"
+        print(f"step {step:>8}/{self.total} | {sps:6.0f} SPS | ETA {eta / 60:6.1f} min | {ev}"
+              + (f" | {extra}" if extra else ""), flush=True)
         return sps
 
-    def eval(self, ret: float, norm: float, seconds: float) -> None:
-        """Record an evaluation; its wall time is left out of the next SPS figure."""
-        self.last_eval = f"eval return {ret:.1f} (normalized {norm:.1f})"
-        self.last_t += seconds
-
-    def line(self, step: int, sps: float, extra: str = "") -> None:
-        eta = (self.total - step) / max(sps, 1e-9)
-        print(f"step {step:>8}/{self.total} | {sps:6.0f} SPS | ETA {eta / 60:6.1f} min | {self.last_eval}"
-              + (f" | {extra}" if extra else ""), flush=True)
+    def summary(self, run_name: str, model_path: str | None) -> None:
+        """One line at the end: final and best evaluation, wall time, run folder, saved model."""
+        parts = [f"{self.script}: done, {self.total} steps in {(time.time() - self.t_start) / 60:.1f} min"]
+        if self.evals:
+            at, ret, norm = self.evals[-1]
+            parts.append(f"final {format_score(ret, norm)}")
+            best = max(self.evals, key=lambda e: e[1])
+            parts.append(f"best {format_score(best[1], best[2])} at step {best[0]}")
+            if np.isnan(norm):
+                parts.append("no normalized score: the dataset has no reference returns")
+        else:
+            parts.append("not evaluated (--eval-episodes 0)")
+        parts.append(f"run runs/{run_name}")
+        parts.append(f"model {model_path}" if model_path else "model not saved (add --save-model)")
+        print(" | ".join(parts), flush=True)

@@ -6,14 +6,15 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (Policy, Progress, ReplayBuffer, dataset_dims, evaluate, load_dataset, make_run, mlp, pick_device,
-                    set_seed)
+from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
+                    load_checkpoint, load_dataset, make_run, mlp, pick_device, report_user_errors, set_seed)
 
 
 @dataclass
@@ -26,14 +27,18 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
     """`auto` picks CUDA when present, else CPU; or any torch device string (`cpu`, `cuda:1`)"""
+    threads: int = 1
+    """CPU threads per process (torch.set_num_threads): 1 is fastest for these small networks and does not collapse
+    when other processes share the cores; run seeds as separate processes instead of raising it"""
     save_model: bool = False
     """if toggled, save weights and config to `runs/{run_name}/cql.pt` (load with torch.load(weights_only=True))"""
     load_model: str | None = None
     """path to a saved `cql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
     checkpoint_every: int = 0
     """with --save-model, also save `cql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
-    dataset: str = "lunarlander-continuous-medium"
-    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path"""
+    dataset: str | None = None
+    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path;
+    unset: `lunarlander-continuous-medium`, or with --load-model the dataset the checkpoint was trained on"""
     total_steps: int = 1_000_000
     """number of gradient steps"""
     batch_size: int = 256
@@ -82,6 +87,13 @@ class Args:
     """rewards become r * reward_scale + reward_bias (authors' AntMaze: (r - 0.5) * 4, i.e. 4 and -2)"""
     reward_bias: float = 0.0
     """see --reward-scale"""
+
+
+# Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)
+RANGES = {**COMMON_RANGES, "cql_alpha": "[0, inf)", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)",
+          "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "cql_n_actions": "[1, inf)", "bc_steps": "[0, inf)",
+          "target_update_every": "[0, inf)"}
+DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
 # ALGO LOGIC: networks. Box: twin Q(s, a) and a tanh-Gaussian actor (SAC). Discrete: one Q(s, .) network.
@@ -174,7 +186,7 @@ def cql_gap_box(q_proposals: torch.Tensor, log_density: torch.Tensor, q_data: to
     return (torch.logsumexp(q_proposals - log_density, 1) - q_data).mean()
 
 
-def update_box(batch, step, q1, q2, q1_target, q2_target, actor, log_alpha, log_alpha_prime, q_opt, actor_opt,
+def update_box(batch, step, *, q1, q2, q1_target, q2_target, actor, log_alpha, log_alpha_prime, q_opt, actor_opt,
                alpha_opt, alpha_prime_opt, args: Args):
     """One CQL(H)-SAC step in the authors' order: temperature, then critics, then the actor, then Polyak. The
     actor's loss is taken before the critic step, so actor and critics both see the pre-update networks."""
@@ -210,11 +222,13 @@ def update_box(batch, step, q1, q2, q1_target, q2_target, actor, log_alpha, log_
         target = rewards + args.discount * (1.0 - terminals) * q_next
 
     # (4) Critics: TD (MSE, no 1/2, as the authors) plus the conservative term, for each critic separately. With
-    # --cql-alpha 0 (plain SAC critics) the term, 95% of the compute, is only measured on logging steps, no gradient
+    # --cql-alpha 0 (plain SAC critics) the term, 95% of the compute, is only measured on logging steps, no gradient,
+    # with proposals from a forked random stream so that logging never changes what training draws
     conservative = args.cql_alpha > 0
     measure = conservative or step % args.log_every == 0 or step == args.total_steps
     if measure:
-        prop_actions, prop_log_density = cql_proposals(obs, next_obs, actor, args.cql_n_actions)
+        with torch.random.fork_rng(enabled=not conservative):
+            prop_actions, prop_log_density = cql_proposals(obs, next_obs, actor, args.cql_n_actions)
     td_losses, gaps = [], []
     for q in (q1, q2):
         q_data = q(obs, actions)
@@ -252,7 +266,7 @@ def update_box(batch, step, q1, q2, q1_target, q2_target, actor, log_alpha, log_
                 log_pi=logp_pi.mean().detach(), **logs)
 
 
-def update_discrete(batch, step, qnet, qnet_target, q_opt, args: Args):
+def update_discrete(batch, step, *, qnet, qnet_target, q_opt, args: Args):
     """One CQL(H)-DQN step: Huber TD to a double-DQN target plus alpha * (logsumexp_a Q(s, a) - Q(s, a_data))."""
     obs, actions, rewards, next_obs, terminals = batch
     # (1) Double DQN target: the online network picks a' = argmax Q(s', .), the target network scores it
@@ -283,6 +297,16 @@ def update_discrete(batch, step, qnet, qnet_target, q_opt, args: Args):
                 cql_gap=gap.detach())
 
 
+def twin_min_q(q1: QNetwork, q2: QNetwork, obs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Box: min(Q1, Q2)(s, a), the value the actor maximises and the diagnostics report."""
+    return torch.min(q1(obs, a), q2(obs, a))
+
+
+def discrete_q(qnet: DiscreteQNetwork, obs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Discrete: Q(s, a) read from the Q(s, .) head."""
+    return qnet(obs).gather(1, a[:, None]).squeeze(1)
+
+
 @torch.no_grad()
 def diagnostics(batch, q_value, greedy, discrete: bool) -> dict[str, torch.Tensor]:
     """Mean Q on dataset actions, the gap Q(s, pi(s)) - Q(s, a_data) and how far pi strays from the data.
@@ -298,7 +322,7 @@ def diagnostics(batch, q_value, greedy, discrete: bool) -> dict[str, torch.Tenso
 def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
     """Rebuild the policy saved by --save-model, in environment units. Box: acts with tanh(mean); its distribution
     is the tanh-Gaussian mapped to the action box (for OPE). Discrete: argmax Q, deterministic (no distribution)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = load_checkpoint(path, device, "cql")
     args = Args(**ckpt["args"])
     mean, std = ckpt["obs_mean"], ckpt["obs_std"]
     if ckpt["n_actions"] is not None:
@@ -320,19 +344,26 @@ def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    # TRY NOT TO MODIFY: seeding, device, data
+    # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
+    report_user_errors("cql.py")
+    check_ranges(args, RANGES)
+    torch.set_num_threads(args.threads)
     set_seed(args.seed, args.torch_deterministic)
     device = pick_device(args.device)
-    ds = load_dataset(args.dataset)
-    discrete = ds.discrete
-    obs_dim, act_dim, n_actions = dataset_dims(ds)
 
-    if args.load_model:  # evaluate a saved policy and exit
-        returns = evaluate(ds, load_policy(args.load_model, device).act, args.eval_episodes, args.seed + 100, device)
-        print(f"{args.load_model}: return {returns.mean():.1f} +- {returns.std():.1f}, "
+    if args.load_model:  # evaluate a saved policy on its own dataset (unless --dataset says otherwise) and exit
+        saved = load_policy(args.load_model, device)
+        ds = load_dataset(args.dataset or saved.checkpoint["args"]["dataset"])
+        returns = evaluate(ds, saved.act, args.eval_episodes, args.seed + 100, device).returns
+        print(f"{args.load_model} on {ds.name}: return {returns.mean():.1f} +- {returns.std():.1f}, "
               f"normalized {ds.normalized_score(returns.mean()):.1f} over {len(returns)} episodes")
         raise SystemExit
 
+    args.dataset = args.dataset or DEFAULT_DATASET
+    ds = load_dataset(args.dataset)
+    check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
+    discrete = ds.discrete
+    obs_dim, act_dim, n_actions = dataset_dims(ds)
     if args.cql_alpha is None:  # one flag, two defaults: 5.0 for Box (authors' Gym runs), 1.0 for Discrete
         args.cql_alpha = 1.0 if discrete else 5.0
     rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias)
@@ -343,14 +374,8 @@ if __name__ == "__main__":
         qnet = DiscreteQNetwork(obs_dim, n_actions, args).to(device)
         qnet_target = copy.deepcopy(qnet)
         q_opt = torch.optim.Adam(qnet.parameters(), lr=args.critic_lr)
-
-        def update(batch, step):
-            return update_discrete(batch, step, qnet, qnet_target, q_opt, args)
-
-        def q_value(obs, a):
-            return qnet(obs).gather(1, a[:, None]).squeeze(1)
-
-        greedy = qnet.act
+        update = partial(update_discrete, qnet=qnet, qnet_target=qnet_target, q_opt=q_opt, args=args)
+        q_value, greedy = partial(discrete_q, qnet), qnet.act
     else:
         q1, q2 = (QNetwork(obs_dim, act_dim, args).to(device) for _ in range(2))
         q1_target, q2_target = copy.deepcopy(q1), copy.deepcopy(q2)
@@ -361,21 +386,16 @@ if __name__ == "__main__":
         actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
         alpha_opt = torch.optim.Adam([log_alpha], lr=args.actor_lr)
         alpha_prime_opt = torch.optim.Adam([log_alpha_prime], lr=args.critic_lr)
-
-        def update(batch, step):
-            return update_box(batch, step, q1, q2, q1_target, q2_target, actor, log_alpha, log_alpha_prime, q_opt,
-                              actor_opt, alpha_opt, alpha_prime_opt, args)
-
-        def q_value(obs, a):
-            return torch.min(q1(obs, a), q2(obs, a))
-
-        greedy = actor.act
+        update = partial(update_box, q1=q1, q2=q2, q1_target=q1_target, q2_target=q2_target, actor=actor,
+                         log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, q_opt=q_opt, actor_opt=actor_opt,
+                         alpha_opt=alpha_opt, alpha_prime_opt=alpha_prime_opt, args=args)
+        q_value, greedy = partial(twin_min_q, q1, q2), actor.act
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: tanh(mean) mapped back to the environment's box (Box) or argmax Q (Discrete)."""
         return greedy(obs) if discrete else rb.unscale_action(greedy(obs))
 
-    def save_model(path: str) -> None:
+    def save_model(path: str) -> str:
         """Weights, config and normalisation constants, loadable with torch.load(path, weights_only=True)."""
         if discrete:
             nets = dict(qnet=qnet.state_dict(), qnet_target=qnet_target.state_dict())
@@ -387,35 +407,43 @@ if __name__ == "__main__":
         torch.save(dict(algo="cql", args=asdict(args), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
                         act_dim=act_dim, n_actions=n_actions, **nets), path)
         print(f"saved {path}", flush=True)
+        return path
 
     # TRY NOT TO MODIFY: the training loop
-    progress = Progress(args.total_steps)
+    progress = Progress("cql.py", args.total_steps)
     for step in range(1, args.total_steps + 1):
         batch = rb.sample(args.batch_size)
         logs = update(batch, step)
 
-        if step % args.log_every == 0 or step == args.total_steps:  # the only host syncs: every log_every steps
-            logs.update(diagnostics(batch, q_value, greedy, discrete))
+        # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
+        # policy's own Q there (overestimation, measured on the same policy)
+        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps)
+        if evaluated:
+            t0 = time.time()
+            with isolated():
+                ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
+                s0 = rb.normalize(ev.start_obs)
+                q_start = q_value(s0, greedy(s0)).mean().item()
+            norm = ds.normalized_score(ev.returns.mean())
+            for tag, value in (("return", ev.returns.mean()), ("normalized_score", norm),
+                               ("discounted_return", ev.discounted_returns.mean()), ("q_start", q_start)):
+                writer.add_scalar(f"eval/{tag}", value, step)
+            progress.eval(step, ev.returns.mean(), norm, time.time() - t0)
+
+        if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
+            with isolated():
+                logs.update(diagnostics(batch, q_value, greedy, discrete))
             for k, v in logs.items():
                 if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
                     raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "
                                              "rate, --normalize-obs, or check the dataset's rewards)")
                 writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
-            sps = progress.sps(step)
-            writer.add_scalar("charts/SPS", sps, step)
-            progress.line(step, sps, f"q_data {logs['q_data']:.2f} | cql_gap {logs['cql_gap']:.2f}")
-
-        if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps):
-            t0 = time.time()
-            returns = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize)
-            norm = ds.normalized_score(returns.mean())
-            writer.add_scalar("eval/return", returns.mean(), step)
-            writer.add_scalar("eval/normalized_score", norm, step)
-            progress.eval(returns.mean(), norm, time.time() - t0)
+            gap = f" | cql_gap {logs['cql_gap']:.2f}" if "cql_gap" in logs else ""  # alpha 0: logging steps only
+            writer.add_scalar("charts/SPS", progress.line(step, f"q_data {logs['q_data']:.2f}{gap}"), step)
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_model(f"runs/{run_name}/cql_step{step}.pt")
 
-    if args.save_model:
-        save_model(f"runs/{run_name}/cql.pt")
+    model_path = save_model(f"runs/{run_name}/cql.pt") if args.save_model else None
     writer.close()
+    progress.summary(run_name, model_path)

@@ -12,8 +12,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (Policy, Progress, ReplayBuffer, dataset_dims, evaluate, load_dataset, make_run, mlp, pick_device,
-                    return_range_scale, set_seed)
+from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
+                    load_checkpoint, load_dataset, make_run, mlp, pick_device, report_user_errors, return_range_scale,
+                    set_seed)
 
 
 @dataclass
@@ -26,14 +27,18 @@ class Args:
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     device: str = "auto"
     """`auto` picks CUDA when present, else CPU; or any torch device string (`cpu`, `cuda:1`)"""
+    threads: int = 1
+    """CPU threads per process (torch.set_num_threads): 1 is fastest for these small networks and does not collapse
+    when other processes share the cores; run seeds as separate processes instead of raising it"""
     save_model: bool = False
     """if toggled, save weights and config to `runs/{run_name}/iql.pt` (load with torch.load(weights_only=True))"""
     load_model: str | None = None
     """path to a saved `iql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
     checkpoint_every: int = 0
     """with --save-model, also save `iql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
-    dataset: str = "lunarlander-continuous-medium"
-    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path"""
+    dataset: str | None = None
+    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path;
+    unset: `lunarlander-continuous-medium`, or with --load-model the dataset the checkpoint was trained on"""
     total_steps: int = 1_000_000
     """number of gradient steps"""
     batch_size: int = 256
@@ -73,6 +78,12 @@ class Args:
     reward_scaling: Literal["none", "return-range", "minus-one"] = "none"
     """`return-range`: r * 1000 / (max - min episode return), the authors' locomotion setting;
     `minus-one`: r - 1, their AntMaze setting; `none`: raw rewards"""
+
+
+# Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)
+RANGES = {**COMMON_RANGES, "learning_rate": "(0, inf)", "expectile": "(0, 1)", "beta": "[0, inf)",
+          "max_weight": "(0, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "actor_dropout": "[0, 1)"}
+DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
 # ALGO LOGIC: networks. Twin Q and a state-value V; the actor depends on the action space.
@@ -157,7 +168,7 @@ def awr_weights(adv: torch.Tensor, beta: float, max_weight: float) -> torch.Tens
     return torch.exp(beta * adv).clamp(max=max_weight)
 
 
-def update(batch, q1, q2, q1_target, q2_target, vf, actor, q_opt, v_opt, actor_opt, actor_sched, args: Args):
+def update(batch, *, q1, q2, q1_target, q2_target, vf, actor, q_opt, v_opt, actor_opt, actor_sched, args: Args):
     """One IQL step in the authors' order: V, then the actor (with the new V), then Q (to the new V), then Polyak."""
     obs, actions, rewards, next_obs, terminals = batch
     # (1) V(s) -> the expectile of the target twin-min Q over dataset actions (Eq. 5). No OOD action is queried.
@@ -197,22 +208,28 @@ def update(batch, q1, q2, q1_target, q2_target, vf, actor, q_opt, v_opt, actor_o
                 v=v.mean())
 
 
+def q_pi(obs: torch.Tensor, q1, q2, actor) -> torch.Tensor:
+    """min(Q1, Q2)(s, pi(s)) at the evaluation action pi(s): the policy's own estimate of its value."""
+    pi = actor.act(obs)
+    return torch.min(q1(obs, pi), q2(obs, pi))
+
+
 @torch.no_grad()
 def diagnostics(batch, q1, q2, actor, discrete: bool) -> dict[str, torch.Tensor]:
-    """Mean Q on dataset actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), and how far pi strays from the data."""
+    """Mean Q on dataset actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), and how far pi strays from the data.
+    Call under common.isolated(actor): no dropout, no draw from the training random stream."""
     obs, actions = batch[0], batch[1]
     pi = actor.act(obs)
     q_data = torch.min(q1(obs, actions), q2(obs, actions))
-    q_pi = torch.min(q1(obs, pi), q2(obs, pi))
     stray = (pi != actions).float().mean() if discrete else ((pi - actions) ** 2).sum(-1).mean()
-    return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_pi - q_data).mean(),
+    return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_pi(obs, q1, q2, actor) - q_data).mean(),
                 **{"action_mismatch" if discrete else "action_mse": stray})
 
 
 def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
     """Rebuild the policy saved by --save-model, in environment units. Box: acts with the Gaussian's mean; its
     distribution is N(tanh(mu(s)), std) mapped to the action box. Discrete: argmax, and the categorical pi(.|s)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = load_checkpoint(path, device, "iql")
     args = Args(**ckpt["args"])
     actor = make_actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["n_actions"], args).to(device).eval()
     actor.load_state_dict(ckpt["actor"])
@@ -233,19 +250,26 @@ def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    # TRY NOT TO MODIFY: seeding, device, data
+    # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
+    report_user_errors("iql.py")
+    check_ranges(args, RANGES)
+    torch.set_num_threads(args.threads)
     set_seed(args.seed, args.torch_deterministic)
     device = pick_device(args.device)
-    ds = load_dataset(args.dataset)
-    discrete = ds.discrete
-    obs_dim, act_dim, n_actions = dataset_dims(ds)
 
-    if args.load_model:  # evaluate a saved policy and exit
-        returns = evaluate(ds, load_policy(args.load_model, device).act, args.eval_episodes, args.seed + 100, device)
-        print(f"{args.load_model}: return {returns.mean():.1f} +- {returns.std():.1f}, "
+    if args.load_model:  # evaluate a saved policy on its own dataset (unless --dataset says otherwise) and exit
+        saved = load_policy(args.load_model, device)
+        ds = load_dataset(args.dataset or saved.checkpoint["args"]["dataset"])
+        returns = evaluate(ds, saved.act, args.eval_episodes, args.seed + 100, device).returns
+        print(f"{args.load_model} on {ds.name}: return {returns.mean():.1f} +- {returns.std():.1f}, "
               f"normalized {ds.normalized_score(returns.mean()):.1f} over {len(returns)} episodes")
         raise SystemExit
 
+    args.dataset = args.dataset or DEFAULT_DATASET
+    ds = load_dataset(args.dataset)
+    check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
+    discrete = ds.discrete
+    obs_dim, act_dim, n_actions = dataset_dims(ds)
     reward_scale, reward_bias = {"none": (1.0, 0.0), "return-range": (return_range_scale(ds), 0.0),
                                  "minus-one": (1.0, -1.0)}[args.reward_scaling]
     rb = ReplayBuffer(ds, device, args.normalize_obs, reward_scale, reward_bias)
@@ -266,48 +290,53 @@ if __name__ == "__main__":
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: the mean (Box, mapped back to the environment's box) or the argmax (Discrete)."""
-        actor.eval()  # no dropout while acting
         a = actor.act(obs)
-        actor.train()
         return a if discrete else rb.unscale_action(a)
 
-    def save_model(path: str) -> None:
+    def save_model(path: str) -> str:
         """Weights, config and normalisation constants, loadable with torch.load(path, weights_only=True)."""
         extra = {} if discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
         torch.save(dict(algo="iql", args=asdict(args), actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
                         vf=vf.state_dict(), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
                         act_dim=act_dim, n_actions=n_actions, **extra), path)
         print(f"saved {path}", flush=True)
+        return path
 
     # TRY NOT TO MODIFY: the training loop
-    progress = Progress(args.total_steps)
+    progress = Progress("iql.py", args.total_steps)
     for step in range(1, args.total_steps + 1):
         batch = rb.sample(args.batch_size)
-        logs = update(batch, q1, q2, q1_target, q2_target, vf, actor, q_opt, v_opt, actor_opt, actor_sched, args)
+        logs = update(batch, q1=q1, q2=q2, q1_target=q1_target, q2_target=q2_target, vf=vf, actor=actor, q_opt=q_opt,
+                      v_opt=v_opt, actor_opt=actor_opt, actor_sched=actor_sched, args=args)
 
-        if step % args.log_every == 0 or step == args.total_steps:  # the only host syncs: every log_every steps
-            logs.update(diagnostics(batch, q1, q2, actor, discrete))
+        # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
+        # policy's own Q there (overestimation, measured on the same policy)
+        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps)
+        if evaluated:
+            t0 = time.time()
+            with isolated(actor):
+                ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
+                q_start = q_pi(rb.normalize(ev.start_obs), q1, q2, actor).mean().item()
+            norm = ds.normalized_score(ev.returns.mean())
+            for tag, value in (("return", ev.returns.mean()), ("normalized_score", norm),
+                               ("discounted_return", ev.discounted_returns.mean()), ("q_start", q_start)):
+                writer.add_scalar(f"eval/{tag}", value, step)
+            progress.eval(step, ev.returns.mean(), norm, time.time() - t0)
+
+        if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
+            with isolated(actor):
+                logs.update(diagnostics(batch, q1, q2, actor, discrete))
             for k, v in logs.items():
                 if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
                     raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "
                                              "rate, --normalize-obs, or check the dataset's rewards)")
                 writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
             writer.add_scalar("charts/actor_lr", actor_sched.get_last_lr()[0], step)
-            sps = progress.sps(step)
-            writer.add_scalar("charts/SPS", sps, step)
-            progress.line(step, sps, f"q_data {logs['q_data']:.2f}")
-
-        if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps):
-            t0 = time.time()
-            returns = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize)
-            norm = ds.normalized_score(returns.mean())
-            writer.add_scalar("eval/return", returns.mean(), step)
-            writer.add_scalar("eval/normalized_score", norm, step)
-            progress.eval(returns.mean(), norm, time.time() - t0)
+            writer.add_scalar("charts/SPS", progress.line(step, f"q_data {logs['q_data']:.2f}"), step)
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_model(f"runs/{run_name}/iql_step{step}.pt")
 
-    if args.save_model:
-        save_model(f"runs/{run_name}/iql.pt")
+    model_path = save_model(f"runs/{run_name}/iql.pt") if args.save_model else None
     writer.close()
+    progress.summary(run_name, model_path)

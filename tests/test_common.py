@@ -1,5 +1,6 @@
 """The thin helpers: the device replay buffer, action scaling, observation normalisation, evaluation, runs."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -55,11 +56,61 @@ def test_mlp_shape():
 def test_evaluate_runs_distinct_seeded_episodes_and_is_reproducible():
     ds = D.generate_builtin("cartpole-expert", 1000)
     always_left = lambda obs: torch.zeros(len(obs), dtype=torch.long)  # noqa: E731
-    r1 = C.evaluate(ds, always_left, 3, seed=0, device=torch.device("cpu"))
-    r2 = C.evaluate(ds, always_left, 3, seed=0, device=torch.device("cpu"))
+    r1 = C.evaluate(ds, always_left, 3, seed=0, device=torch.device("cpu")).returns
+    r2 = C.evaluate(ds, always_left, 3, seed=0, device=torch.device("cpu")).returns
     assert r1.shape == (3,) and (r1 < 30).all() and np.array_equal(r1, r2)
     expert = lambda obs: torch.as_tensor([D.cartpole_expert(o) for o in obs.numpy()])  # noqa: E731
-    assert C.evaluate(ds, expert, 2, seed=0, device=torch.device("cpu")).mean() == 500
+    assert C.evaluate(ds, expert, 2, seed=0, device=torch.device("cpu")).returns.mean() == 500
+
+
+def test_evaluate_discounts_each_episode_and_keeps_its_start_state():
+    ds = D.generate_builtin("cartpole-expert", 1000)
+    always_left = lambda obs: torch.zeros(len(obs), dtype=torch.long)  # noqa: E731
+    ev = C.evaluate(ds, always_left, 2, seed=3, device=torch.device("cpu"), discount=0.9)
+    # CartPole pays 1 per step, so an episode of T steps earns T and sum_t 0.9^t = (1 - 0.9^T) / (1 - 0.9)
+    np.testing.assert_allclose(ev.discounted_returns, (1 - 0.9**ev.returns) / (1 - 0.9), rtol=1e-12)
+    env = gym.make("CartPole-v1")
+    for i in range(2):
+        np.testing.assert_array_equal(ev.start_obs[i].numpy(), env.reset(seed=3 + i)[0])
+
+
+def test_evaluation_and_isolated_leave_the_training_random_stream_alone():
+    ds = D.generate_builtin("cartpole-expert", 1000)
+    noisy = lambda obs: torch.randint(0, 2, (len(obs),))  # noqa: E731  (a policy that draws from torch's RNG)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    C.evaluate(ds, noisy, 2, seed=0, device=torch.device("cpu"))
+    with C.isolated(net):
+        assert not net.training  # no dropout while measuring
+        torch.rand(5)
+    assert net.training
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("interval,good,bad", [("[0, 1)", [0.0, 0.5], [1.0, -0.1, float("nan")]),
+                                               ("(0, 1]", [1.0, 1e-9], [0.0, 1.5]),
+                                               ("[1, inf)", [1, 10**9], [0, -3])])
+def test_check_ranges_names_the_flag_and_its_interval(interval, good, bad):
+    class A:
+        discount = None
+
+    C.check_ranges(A, {"discount": interval})  # None (an unset optional flag) is skipped
+    for v in good:
+        A.discount = v
+        C.check_ranges(A, {"discount": interval})
+    for v in bad:
+        A.discount = v
+        with pytest.raises(C.UserError, match=rf"--discount {v} is out of range: it must lie in \{interval[0]}"):
+            C.check_ranges(A, {"discount": interval})
+
+
+def test_replay_buffer_refuses_per_transition_arrays_that_would_broadcast(pend):
+    bad = D.Dataset(**{k: getattr(pend, k) for k in D.ARRAY_KEYS})
+    bad.rewards = bad.rewards[:, None]  # (N, 1): r + gamma * V(s') would broadcast to (B, B)
+    with pytest.raises(ValueError, match="must be"):
+        C.ReplayBuffer(bad, torch.device("cpu"))
 
 
 def test_dataset_dims():
@@ -69,5 +120,5 @@ def test_dataset_dims():
 
 def test_evaluate_without_env_id_says_what_to_do(pend):
     bare = D.Dataset(**{k: getattr(pend, k) for k in D.ARRAY_KEYS})
-    with pytest.raises(ValueError, match="--eval-episodes 0"):
+    with pytest.raises(C.UserError, match="--eval-episodes 0"):
         C.evaluate(bare, lambda o: o, 1, 0, torch.device("cpu"))
