@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from tqdm import tqdm
 
-from common import Dataset, Policy, action_bounds, dataset_dims, load_dataset, mlp, pick_device, set_seed
+from common import (Dataset, Policy, UserError, action_bounds, dataset_dims, load_checkpoint, load_dataset, mlp,
+                    pick_device, report_user_errors, set_seed)
 
 
 @dataclass
@@ -101,8 +104,26 @@ class Args:
     """write a PNG of the estimates with their 95% CIs (and the rollouts' value when --rollouts > 0) to this path"""
 
 
-class OPEError(ValueError):
-    """A problem with the inputs that the user can fix; printed without a traceback."""
+class OPEError(UserError):
+    """A problem with the inputs that the user can fix; printed as `ope.py: error: ...` without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress: a bar on stderr (total, rate, ETA) for every long phase, gone when the phase ends (the results print on
+# stdout). Hot loops update it every PROGRESS_EVERY steps with a step count: no host sync is added to a step.
+# TQDM_DISABLE=1 hides the bars; when stderr is not a terminal they redraw at most every 10 s.
+# ---------------------------------------------------------------------------------------------------------
+PROGRESS_EVERY = 200
+
+
+def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm:
+    """A tqdm bar on stderr; redrawn at most every 0.5 s on a terminal, every 10 s into a file or pipe."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 ESTIMATORS = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR", "FQE", "MB")
@@ -441,20 +462,26 @@ def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args,
     fold = np.empty(n_rows, dtype=np.int64)
     fold[ep.rows[ep.mask]] = np.repeat(fold_of_episode, ep.lengths)
     log_probs = torch.empty(n_rows, device=data["rewards"].device)
+    bar = progress_bar(k * args.bc_steps, f"behaviour cloning (fold 1/{k})")
     for f in range(k):
+        bar.set_description(f"behaviour cloning (fold {f + 1}/{k})", refresh=False)
         train = np.flatnonzero(fold != f) if k > 1 else np.arange(n_rows)
         score = np.flatnonzero(fold == f)
         train_t = torch.as_tensor(train, device=log_probs.device)
         model = BehaviorModel(*dims, stats, args).to(log_probs.device)
         opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-5)
-        for _ in range(args.bc_steps):
+        for step in range(1, args.bc_steps + 1):
             idx = train_t[torch.randint(0, len(train_t), (args.batch_size,), device=train_t.device)]
             loss = -model.log_prob(data["obs"][idx], data["actions"][idx]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if step % PROGRESS_EVERY == 0:
+                bar.update(PROGRESS_EVERY)
+        bar.update(args.bc_steps % PROGRESS_EVERY)
         score_t = torch.as_tensor(score, device=log_probs.device)
         log_probs[score_t] = batched(model.log_prob, data["obs"][score_t], data["actions"][score_t])
+    bar.close()
     lp = log_probs.double().cpu().numpy()
     return lp, float(lp.mean()), k
 
@@ -510,7 +537,8 @@ class QModel(nn.Module):
 
 
 def fit_fqe(q: QModel, data: dict, next_pi: torch.Tensor, gamma: float, steps: int, tau: float, lr: float,
-            batch_size: int, probe: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[QModel, list]:
+            batch_size: int, probe: tuple[torch.Tensor, torch.Tensor] | None = None,
+            desc: str = "FQE") -> tuple[QModel, list]:
     """Train `q` by FQE; returns the target network (the one FQE evaluates with) and the probe trace: the mean of
     E_{pi} Q̄(s0, a) over the probe states at 5 points of training (a trace still moving means: more --fqe-steps).
     next_pi: pi_e at every row's s' (`policy_at`); Box holds k actions per row, one is drawn per update."""
@@ -520,6 +548,7 @@ def fit_fqe(q: QModel, data: dict, next_pi: torch.Tensor, gamma: float, steps: i
     lo = min(float(r.min()), 0.0) / (1 - gamma) if gamma < 1 else -math.inf  # values lie in [r_min, r_max] / (1-g),
     hi = max(float(r.max()), 0.0) / (1 - gamma) if gamma < 1 else math.inf  # widened to 0 (terminal states are 0)
     trace, probe_at = [], {int(steps * f) for f in (0.2, 0.4, 0.6, 0.8, 1.0)}
+    bar = progress_bar(steps, desc)
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(r), (batch_size,), device=r.device)
         with torch.no_grad():
@@ -538,6 +567,10 @@ def fit_fqe(q: QModel, data: dict, next_pi: torch.Tensor, gamma: float, steps: i
                 tp.lerp_(p, tau)
         if probe is not None and step in probe_at:
             trace.append(float(batched(target.expected, *probe).mean()))
+        if step % PROGRESS_EVERY == 0:
+            bar.update(PROGRESS_EVERY)
+    bar.update(steps % PROGRESS_EVERY)
+    bar.close()
     return target, trace
 
 
@@ -599,37 +632,45 @@ class DynamicsEnsemble(nn.Module):
         return next_obs, reward.clamp(s["r_min"], s["r_max"]), torch.sigmoid(out[..., -1])
 
 
-def fit_model(model: DynamicsEnsemble, data: dict, n_models: int, steps: int, lr: float, batch_size: int) -> float:
+def fit_model(model: DynamicsEnsemble, data: dict, n_models: int, steps: int, lr: float, batch_size: int,
+              desc: str = "dynamics models") -> float:
     """Train every member on its own uniform minibatches (different data order and initialisation); final loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
     n = len(data["rewards"])
     loss = torch.zeros(())
-    for _ in range(steps):
+    bar = progress_bar(steps, desc)
+    for step in range(1, steps + 1):
         idx = torch.randint(0, n, (n_models, batch_size), device=data["rewards"].device)
         loss = model.loss(data["obs"][idx], data["actions"][idx], data["rewards"][idx], data["next_obs"][idx],
                           data["terminals"][idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step % PROGRESS_EVERY == 0:
+            bar.update(PROGRESS_EVERY)
+    bar.update(steps % PROGRESS_EVERY)
+    bar.close()
     return loss.item()
 
 
 @torch.no_grad()
 def model_rollout(model: DynamicsEnsemble, act_fn, s0: torch.Tensor, n_models: int, horizon: int,
-                  gamma: float) -> tuple[np.ndarray, np.ndarray]:
+                  gamma: float, desc: str = "model rollouts") -> tuple[np.ndarray, np.ndarray]:
     """Every member rolls out its own copy of each initial state under act_fn for `horizon` steps, terminating
     with its predicted probability (a Bernoulli draw per step). Returns (discounted, undiscounted), each (E, n)."""
     state = s0[None].expand(n_models, -1, -1).clone()
     alive = torch.ones(state.shape[:2], device=s0.device)
     disc, undisc = torch.zeros_like(alive), torch.zeros_like(alive)
-    for t in range(horizon):
-        actions = act_fn(state.reshape(-1, state.shape[-1]))
-        state, reward, p_end = model.step(state, actions.reshape(*state.shape[:2], *actions.shape[1:]))
-        disc += alive * gamma**t * reward
-        undisc += alive * reward
-        alive = alive * (torch.rand_like(p_end) >= p_end).float()
-        if not alive.any():
-            break
+    with progress_bar(horizon, desc) as bar:  # (the loop already syncs once a step, on alive.any())
+        for t in range(horizon):
+            actions = act_fn(state.reshape(-1, state.shape[-1]))
+            state, reward, p_end = model.step(state, actions.reshape(*state.shape[:2], *actions.shape[1:]))
+            disc += alive * gamma**t * reward
+            undisc += alive * reward
+            alive = alive * (torch.rand_like(p_end) >= p_end).float()
+            bar.update()
+            if not alive.any():
+                break
     return disc.double().cpu().numpy(), undisc.double().cpu().numpy()
 
 
@@ -637,13 +678,14 @@ def model_rollout(model: DynamicsEnsemble, act_fn, s0: torch.Tensor, n_models: i
 # Ground truth and the DOPE metrics (Fu et al. 2021)
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def rollout_returns(ds: Dataset, act_fn, n_episodes: int, seed: int, gamma: float,
-                    device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def rollout_returns(ds: Dataset, act_fn, n_episodes: int, seed: int, gamma: float, device: torch.device,
+                    desc: str = "ground-truth rollouts") -> tuple[np.ndarray, np.ndarray]:
     """Run n_episodes in the dataset's environment (episode i seeded seed + i); (discounted, undiscounted) returns."""
     if ds.env_id is None:
         raise OPEError(f"{ds.name}: no env_id in the dataset metadata, so --rollouts cannot run the policy")
     env = gym.make(ds.env_id, **ds.env_kwargs)
     disc, undisc = np.zeros(n_episodes), np.zeros(n_episodes)
+    bar = progress_bar(n_episodes, desc, unit="episode")
     for i in range(n_episodes):
         obs, _ = env.reset(seed=seed + i)
         done, t = False, 0
@@ -653,6 +695,8 @@ def rollout_returns(ds: Dataset, act_fn, n_episodes: int, seed: int, gamma: floa
             disc[i] += gamma**t * r
             undisc[i] += r
             done, t = term or trunc, t + 1
+        bar.update()
+    bar.close()
     env.close()
     return disc, undisc
 
@@ -688,13 +732,12 @@ def regret_at_1(estimates, true_values) -> float:
 # ---------------------------------------------------------------------------------------------------------
 # One policy: every estimator, its CI and the divergence diagnostics
 # ---------------------------------------------------------------------------------------------------------
-def read_checkpoint(path: str, device: str | torch.device = "cpu"):
-    if not Path(path).is_file():
-        raise OPEError(f"policy file {path} does not exist")
+def read_checkpoint(path: str, device: str | torch.device = "cpu") -> dict:
+    """common.load_checkpoint (a missing, corrupt or foreign file is an error, in one line) as an OPEError."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise OPEError(f"{path}: not a checkpoint saved by --save-model ({e})") from e
+        return load_checkpoint(path, device)
+    except UserError as e:
+        raise OPEError(str(e)) from None
 
 
 def load_target_policy(path: str, ds: Dataset, device: torch.device) -> Policy:
@@ -751,10 +794,10 @@ def divergence_diagnostics(log_ratio_rows: np.ndarray, log_w: np.ndarray, thresh
 
 def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, log_pb: np.ndarray,
                     args: Args, model: DynamicsEnsemble | None = None,
-                    rng: np.random.Generator | None = None) -> dict:
+                    rng: np.random.Generator | None = None, label: str = "") -> dict:
     """Every estimator for one policy. Returns a dict: estimates (per estimator: which policy it values, the
     discounted and undiscounted estimates, the normalized score, bootstrap CIs, ESS or why it was skipped),
-    diagnostics, notes and warnings."""
+    diagnostics, notes and warnings. `label` names the policy on the progress bars."""
     rng = rng or np.random.default_rng(args.seed)
     gamma, device = args.discount, data["rewards"].device
     dims = dataset_dims(ds)
@@ -789,7 +832,7 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
         next_pi = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), data["next_obs"])
         pi0 = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), s0)
         q, trace = fit_fqe(q, data, next_pi, gamma, args.fqe_steps, args.fqe_tau, args.learning_rate,
-                           args.batch_size, probe=(s0, pi0))
+                           args.batch_size, probe=(s0, pi0), desc=f"FQE {label}".rstrip())
         v0 = batched(q.expected, s0, pi0).double().cpu().numpy()
         record("FQE", fqe_values, lambda c: _mean(v0, c))
         diag["fqe_trace"] = trace
@@ -811,7 +854,8 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
     if model is not None:
         horizon = args.mb_horizon or int(ep.lengths.max())
         act_fn = target.act if args.fqe_action == "act" else target.sample
-        disc, undisc = model_rollout(model, act_fn, s0, args.mb_ensemble, horizon, gamma)
+        disc, undisc = model_rollout(model, act_fn, s0, args.mb_ensemble, horizon, gamma,
+                                     desc=f"model rollouts {label}".rstrip())
         record("MB", fqe_values, lambda c: _mean(disc.mean(0), c),
                lambda c: _mean(undisc.mean(0), c))
         member = disc.mean(1)
@@ -1050,6 +1094,7 @@ def device_data(ds: Dataset, device: torch.device) -> tuple[dict, dict]:
 
 def main(args: Args) -> dict[str, dict]:
     # TRY NOT TO MODIFY: seeding, device, data
+    t_start, seconds = time.time(), {}  # wall time of each phase, for the summary line
     set_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     device = pick_device(args.device)
@@ -1083,7 +1128,9 @@ def main(args: Args) -> dict[str, dict]:
     else:
         print(f"fitting the behaviour policy ({args.bc_folds}-fold cross-fitted, {args.bc_steps} steps each) ...",
               flush=True)
+        t0 = time.time()
         log_pb, loglik, folds = fit_behavior(data, ep, stats, dims, args, rng)
+        seconds["behaviour policy"] = time.time() - t0
         fit = f"{folds}-fold cross-fitted, held-out" if folds > 1 else "fitted and scored on all the data, in-sample"
         behavior = (f"ESTIMATED by behaviour cloning ({'categorical' if ds.discrete else 'truncated Gaussian'}, "
                     f"{fit} mean log-lik {loglik:.3f})")
@@ -1096,14 +1143,18 @@ def main(args: Args) -> dict[str, dict]:
     model = None
     if args.mb_steps > 0:
         print(f"fitting {args.mb_ensemble} dynamics models ({args.mb_steps} steps) ...", flush=True)
+        t0 = time.time()
         model = DynamicsEnsemble(args.mb_ensemble, obs_dim, act_dim, n_actions, stats, args).to(device)
         fit_model(model, data, args.mb_ensemble, args.mb_steps, args.learning_rate, args.batch_size)
+        seconds["dynamics models"] = time.time() - t0
 
     results = {}
-    for path, target in targets.items():
-        policy = target.policy
+    for i, (path, target) in enumerate(targets.items(), 1):
+        policy, label = target.policy, f"(policy {i}/{len(targets)})"
         print(f"evaluating {path} (FQE {args.fqe_steps} steps) ...", flush=True)
-        res = evaluate_policy(ds, ep, target, data, stats, log_pb, args, model, rng)
+        t0 = time.time()
+        res = evaluate_policy(ds, ep, target, data, stats, log_pb, args, model, rng, label=label)
+        seconds["estimates"] = seconds.get("estimates", 0.0) + time.time() - t0
         res.update(policy=path, dataset=ds.name, density=target.density, behavior=behavior, discount=args.discount,
                    weight_threshold=args.weight_threshold, args=asdict(args))
         trained_on = policy.checkpoint.get("args", {}).get("dataset") if isinstance(policy.checkpoint, dict) else None
@@ -1113,7 +1164,10 @@ def main(args: Args) -> dict[str, dict]:
         # Ground truth: the same policy the rows marked with --rollout-action value
         if args.rollouts > 0:
             act_fn = target.act if args.rollout_action == "act" else target.sample
-            disc, undisc = rollout_returns(ds, act_fn, args.rollouts, args.seed + 100, args.discount, device)
+            t0 = time.time()
+            disc, undisc = rollout_returns(ds, act_fn, args.rollouts, args.seed + 100, args.discount, device,
+                                           desc=f"ground-truth rollouts {label}")
+            seconds["ground-truth rollouts"] = seconds.get("ground-truth rollouts", 0.0) + time.time() - t0
             boot = bootstrap_counts(len(disc), args.bootstrap, rng)
             ci_d = percentile_ci(_mean(disc, boot)) if boot is not None else None
             ci_u = percentile_ci(_mean(undisc, boot)) if boot is not None else None
@@ -1149,12 +1203,11 @@ def main(args: Args) -> dict[str, dict]:
     if args.plot:
         plot_estimates(args.plot, results)
         print(f"wrote {args.plot}" + ("" if args.rollouts > 0 else " (no --rollouts: no ground truth on it)"))
+    print(f"ope.py: done in {_duration(time.time() - t_start)} ("
+          + ", ".join(f"{k} {_duration(v)}" for k, v in seconds.items()) + ")", flush=True)
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main(tyro.cli(Args))
-    except OPEError as e:
-        print(f"ope.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    report_user_errors("ope.py")  # a UserError (OPEError, a bad dataset or device) prints one line, exits 1
+    main(tyro.cli(Args))

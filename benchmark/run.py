@@ -8,7 +8,8 @@
 Each run is `python {algo}.py --dataset D --seed S --total-steps N --exp-name {algo}-{tag}` started in
 `benchmark/results/{tag}/` (so its TensorBoard log lands in `benchmark/results/{tag}/runs/`), with one torch
 thread per process. When a run exits cleanly the runner writes `done/{algo}__{dataset}__{seed}.json`
-(command, wall time); runs with such a file are skipped next time.
+(command, wall time); runs with such a file are skipped next time. A progress line (runs done / total, elapsed,
+ETA) is printed as each run ends, and every --status-every minutes while none does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,24 @@ def schedule(costs: list[float], workers: int) -> float:
     return max(slots)
 
 
+def eta_seconds(finished: list[tuple[float, float]], running: list[tuple[float, float]], queued: list[float],
+                workers: int) -> float:
+    """Wall time left: the expected cost (expected_seconds) of each run still running, less the time it has run,
+    and of each queued run, packed on the slots as `schedule` does and scaled by how long the finished runs really
+    took against their expected cost. finished: (expected, actual seconds) of runs that completed normally;
+    running: (expected, seconds so far); queued: expected, in start order."""
+    expected_done = sum(e for e, _ in finished)
+    speed = sum(a for _, a in finished) / expected_done if expected_done > 0 else 1.0
+    left = [max(e * speed - ran, 0.0) for e, ran in running] + [e * speed for e in queued]
+    return schedule(left, workers) if left else 0.0
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds >= 600 else f"{seconds / 60:.1f} min"
+
+
 def job_key(algo: str, dataset: str, seed: int) -> str:
     return f"{algo}__{dataset.replace('/', '-')}__{seed}"
 
@@ -134,7 +153,12 @@ def main() -> None:
     p.add_argument("--extra", action="append", default=[], metavar="ALGO:FLAGS",
                    help='extra flags for one algorithm, e.g. --extra "iql:--beta 1.0"; ALGO@box or ALGO@discrete '
                         'limits them to one action space (replaces the preset\'s flags for that key)')
+    p.add_argument("--status-every", type=float, default=10.0, metavar="MIN",
+                   help="print the progress line (and the runs in flight) after this many minutes without a run "
+                        "ending (default: 10)")
     a = p.parse_args()
+    if not a.status_every > 0:
+        p.error(f"--status-every {a.status_every}: must be a positive number of minutes")
     cfg = dict(PRESETS[a.preset])
     for k in ("algos", "datasets", "seeds", "total_steps", "eval_every", "eval_episodes"):
         if getattr(a, k) is not None:
@@ -165,10 +189,39 @@ def main() -> None:
           f"expected wall time ~{eta / 60:.0f} min on a 2-core CPU like ours" + (" with the scripts' defaults (--extra "
           "flags may change it)" if a.extra else ""), flush=True)
     t0 = time.time()
+    cost = {j: expected_seconds(j[0], j[1], cfg["total_steps"]) for j in todo}
+    started: dict[tuple, float] = {}  # written by the worker threads as each run starts
+    finished: list[tuple[float, float]] = []  # (expected, actual seconds) of the runs that completed normally
+    ended: set[tuple] = set()  # every run that has returned (done, failed or not available)
+
+    def start(job: tuple) -> str:
+        started[job] = time.time()
+        return run_job(*job, cfg, out)
+
+    def progress(n_done: int) -> str:
+        now = time.time()
+        left = [j for j in todo if j not in ended]
+        running = [(cost[j], now - started[j]) for j in left if j in started]
+        queued = [cost[j] for j in left if j not in started]
+        line = f"[{n_done}/{len(todo)} runs, {duration(now - t0)} elapsed"
+        return line + (f", ETA ~{duration(eta_seconds(finished, running, queued, a.workers))}]" if left else "]")
+
     with ThreadPoolExecutor(a.workers) as pool:
-        futures = [pool.submit(run_job, *j, cfg, out) for j in todo]
-        for i, fut in enumerate(as_completed(futures), 1):
-            print(f"[{i}/{len(todo)}, {(time.time() - t0) / 60:.0f} min] {fut.result()}", flush=True)
+        pending = {pool.submit(start, j): j for j in todo}
+        while pending:
+            done, _ = wait(pending, timeout=60 * a.status_every, return_when=FIRST_COMPLETED)
+            if not done:  # a long stretch without a run ending: say what is running
+                now = time.time()
+                running = ", ".join(f"{job_key(*j)} ({duration(now - started[j])})" for j in pending.values()
+                                    if j in started)
+                print(f"{progress(len(ended))} running: {running}", flush=True)
+            for fut in done:
+                j = pending.pop(fut)
+                msg = fut.result()
+                ended.add(j)
+                if msg.startswith("done "):
+                    finished.append((cost[j], time.time() - started[j]))
+                print(f"{progress(len(ended))} {msg}", flush=True)
     print(f"finished in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 

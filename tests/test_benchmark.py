@@ -18,8 +18,11 @@ def test_runner_skips_finished_runs_and_aggregator_writes_the_table(tmp_path):
            "--seeds", "1", "--total-steps", "60", "--eval-every", "30", "--eval-episodes", "1", "--workers", "1",
            "--tag", "t", "--results-dir", str(tmp_path), "--extra", "iql:--batch-size 16 --log-every 30",
            "--with-d3rlpy", "--d3rlpy-python", str(fake)]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(cmd + ["--status-every", "0.005"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0 and "done iql__cartpole-medium__1" in first.stdout, first.stdout + first.stderr
+    # progress: runs done / total with an ETA as each run ends, and what is running while none ends
+    assert "[1/2 runs, " in first.stdout and "ETA ~" in first.stdout and "[2/2 runs, " in first.stdout, first.stdout
+    assert "running: iql__cartpole-medium__1 (" in first.stdout, first.stdout
     done = json.loads((tmp_path / "t" / "done" / "iql__cartpole-medium__1.json").read_text())
     assert done["algo"] == "iql" and "--batch-size 16" in done["cmd"]
     assert "n/a  d3rlpy_iql__cartpole-medium__1" in first.stdout  # reported, not a failure, and not redone
@@ -61,6 +64,17 @@ def test_longest_runs_start_first_and_the_wall_time_estimate_packs_them():
                                                             ("iql", "lunarlander-medium")]}
     assert max(costs, key=costs.get) == "cql" and min(costs, key=costs.get) == "bcq"
     assert expected_seconds("iql", "cartpole-medium", 2000) == 2 * expected_seconds("iql", "cartpole-medium", 1000)
+
+
+def test_eta_scales_the_expected_costs_by_how_fast_the_finished_runs_went():
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from run import eta_seconds
+
+    assert eta_seconds([], [], [], workers=2) == 0.0
+    assert eta_seconds([], [(100, 30)], [50, 50], workers=2) == 100  # no run finished yet: the costs as they are
+    # the finished runs took twice their expected cost: 200 - 30 left on the running one, 100 + 100 queued
+    assert eta_seconds([(10, 20)], [(100, 30)], [50, 50], workers=2) == 200
+    assert eta_seconds([(10, 5)], [(100, 80)], [], workers=1) == 0  # an overdue run: nothing left to predict
 
 
 def test_aggregator_leaves_out_unfinished_runs_and_keeps_a_redone_seed_once(capsys):

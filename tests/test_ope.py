@@ -5,15 +5,18 @@ checkpoint."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import ope
-from common import Policy
+from common import Policy, UserError
 from datasets import Dataset, save_npz
-from tests.conftest import run_script
+from tests.conftest import ROOT, run_script
 
 # ---------------------------------------------------------------------------------------------------------
 # A 4-state chain: start in 0; action 1 moves right (with prob p), action 0 moves left (stays in 0). Entering
@@ -389,6 +392,7 @@ def test_dope_metrics_helpers():
 # ---------------------------------------------------------------------------------------------------------
 # (5) Smoke: train IQL briefly, then evaluate the checkpoint end to end; and the input errors of main()
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_smoke_iql_checkpoint_end_to_end(tmp_path, chain):
     run_script("iql.py", "--dataset", "cartpole-medium", "--total-steps", "100", "--eval-episodes", "0",
                "--batch-size", "32", "--log-every", "100", "--save-model", "--device", "cpu", cwd=tmp_path)
@@ -399,6 +403,7 @@ def test_smoke_iql_checkpoint_end_to_end(tmp_path, chain):
     for name in ope.ESTIMATORS + ("truth",):
         assert f"\n   {name} " in out, name
     assert "(2 rollout episodes)" in out
+    assert "\nope.py: done in " in out and "ground-truth rollouts" in out.splitlines()[-1]  # the timing summary
     res = json.loads((tmp_path / (ckpt + ".ope.json")).read_text())
     assert set(res["estimates"]) == set(ope.ESTIMATORS) and res["truth"]["episodes"] == 2
     assert res["estimates"]["WIS"]["ci_discounted"] is not None and res["estimates"]["WIS"]["ess"] > 0
@@ -454,3 +459,83 @@ def test_cross_fitted_behaviour_cloning_recovers_a_known_behaviour_policy(discre
     gap = np.abs(log_pb - true_lp).mean()  # nats per action; a state-blind fit would be off by several times more
     assert gap < (0.1 if discrete else 0.15), gap
     assert mean_ll == pytest.approx(true_lp.mean(), abs=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress bars and the command line's error messages
+# ---------------------------------------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for the tqdm bar: records every update."""
+
+    bars: list = []
+
+    def __init__(self, total, desc, unit="step"):
+        self.total, self.desc, self.updates = total, desc, []
+        _Recorder.bars.append(self)
+
+    def update(self, n=1):
+        self.updates.append(n)
+
+    def set_description(self, desc, refresh=True):
+        self.desc = desc
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_long_phases_update_their_progress_bar_in_chunks_of_steps(chain, monkeypatch):
+    # each fit counts all its steps, in a few updates of PROGRESS_EVERY steps (no host sync per gradient step)
+    _, ds = chain
+    monkeypatch.setattr(ope, "progress_bar", _Recorder)
+    _Recorder.bars = []
+    run_pipeline(ds, table_policy(PI_E), fqe_steps=430, mb_steps=210, bootstrap=0, batch_size=32, mb_ensemble=2)
+    data, stats = ope.device_data(ds, torch.device("cpu"))
+    args = ope.Args(policy=["unused"], bc_steps=210, bc_folds=2, hidden_dim=16, batch_size=32)
+    ope.fit_behavior(data, ope.split_episodes(ds), stats, (4, 1, 2), args, np.random.default_rng(0))
+    bars = {b.desc.split(" (")[0]: b for b in _Recorder.bars}
+    assert set(bars) == {"dynamics models", "FQE", "model rollouts", "behaviour cloning"}, list(bars)
+    for name, steps in (("dynamics models", 210), ("FQE", 430), ("behaviour cloning", 420)):
+        bar = bars[name]
+        assert bar.total == steps and sum(bar.updates) == steps, (name, bar.updates)
+        assert len(bar.updates) <= steps // ope.PROGRESS_EVERY + 2, (name, bar.updates)
+    assert bars["behaviour cloning"].desc == "behaviour cloning (fold 2/2)"
+    assert 1 <= sum(bars["model rollouts"].updates) <= bars["model rollouts"].total == H
+
+
+def test_progress_bar_shows_total_and_rate_on_stderr(capsys):
+    with ope.progress_bar(300, "FQE (policy 1/2)") as bar:
+        bar.update(100)
+    err = capsys.readouterr().err
+    assert "FQE (policy 1/2)" in err and "/300" in err and "step/s" in err
+
+
+def test_ope_errors_are_user_errors():
+    assert issubclass(ope.OPEError, UserError) and issubclass(ope.OPEError, ValueError)
+    with pytest.raises(ope.OPEError, match="does not exist"):
+        ope.read_checkpoint("/no/such/dir/iql.pt")
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "unknown-dataset"])
+def test_command_line_errors_are_one_clean_line(tmp_path, case):
+    # a missing or corrupt policy file (OPEError) and a dataset error from datasets.py (UserError): exit 1, the
+    # message on stderr as `ope.py: error: ...`, no traceback
+    path = tmp_path / "x.pt"
+    if case == "corrupt":
+        path.write_text("not a checkpoint\n")
+    elif case == "unknown-dataset":
+        torch.save({"algo": "iql", "args": {"dataset": "no-such-dataset"}}, path)
+    proc = subprocess.run([sys.executable, str(ROOT / "ope.py"), "--policy", str(path), "--device", "cpu"],
+                          cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 2 and "ope.py: error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    expected = {"missing": "does not exist", "corrupt": "not a checkpoint saved by --save-model",
+                "unknown-dataset": "unknown dataset 'no-such-dataset'"}[case]
+    assert expected in proc.stderr, proc.stderr
