@@ -522,5 +522,8 @@ if __name__ == "__main__":
     elif args[0] == "--list":
         print("\n".join(BUILTIN_NAMES))
     else:
-        for name in BUILTIN_NAMES if args[0] == "--all" else args:
-            print(report(load_dataset(name)), end="\n\n")
+        try:
+            for name in BUILTIN_NAMES if args[0] == "--all" else args:
+                print(report(load_dataset(name)), end="\n\n")
+        except UserError as e:  # a user mistake: one line, no traceback
+            raise SystemExit(f"datasets.py: error: {e}") from None
