@@ -3,9 +3,11 @@
     python benchmark/plot_overestimation.py benchmark/results/cql-table benchmark/results/cql-alpha0 \
         --datasets lunarlander-expert lunarlander-medium --out docs/img/cql-alpha0.png
 
-For each dataset, the left panel shows mean Q(s, pi(s)) on dataset states over training (seed mean and range) for
-the runs in each folder, against the mean discounted return-to-go of the dataset's own states (what a policy as
-good as the data would really earn); the right panel shows the normalized score actually obtained.
+Overestimation is measured on one policy: at each evaluation the scripts log the policy's own value estimate at
+the evaluation episodes' start states, Q(s0, pi(s0)) (`eval/q_start`), and the discounted return that policy
+actually earned from those states (`eval/discounted_return`). For each dataset the left panel shows both (seed
+mean and min-max band; solid: Q, dashed: the return earned) for the runs in each folder; the right panel shows
+the normalized score.
 """
 
 from __future__ import annotations
@@ -18,34 +20,22 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datasets import Dataset, load_dataset  # noqa: E402
+from datasets import load_dataset  # noqa: E402
 
 
 def curves(folder: Path, dataset: str) -> dict[str, np.ndarray]:
-    """Per seed: steps, Q(s, pi(s)) = q_data + q_pi_minus_q_data, and the eval score."""
-    out: dict[str, list] = {"q_steps": [], "q_pi": [], "eval_steps": [], "score": []}
+    """Per seed, at each evaluation step: the policy's Q at the start states, the discounted return it earned
+    from them, and the normalized score."""
+    tags = {"q_start": "eval/q_start", "earned": "eval/discounted_return", "score": "eval/normalized_score"}
+    out: dict[str, list] = {k: [] for k in tags}
+    steps = []
     for run in sorted((folder / "runs").glob(f"{dataset}__*")):
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
-        q_data = acc.Scalars("diagnostics/q_data")
-        gap = acc.Scalars("diagnostics/q_pi_minus_q_data")
-        ev = acc.Scalars("eval/normalized_score")
-        out["q_steps"].append([e.step for e in q_data])
-        out["q_pi"].append([a.value + b.value for a, b in zip(q_data, gap)])
-        out["eval_steps"].append([e.step for e in ev])
-        out["score"].append([e.value for e in ev])
-    n_q, n_e = min(map(len, out["q_pi"])), min(map(len, out["score"]))
-    return dict(q_steps=np.array(out["q_steps"][0][:n_q]), q_pi=np.array([x[:n_q] for x in out["q_pi"]]),
-                eval_steps=np.array(out["eval_steps"][0][:n_e]), score=np.array([x[:n_e] for x in out["score"]]))
-
-
-def discounted_return_to_go(ds: Dataset, gamma: float) -> float:
-    """Mean over dataset states of the discounted return the data itself earned from there."""
-    rtg, g = np.zeros(len(ds)), 0.0
-    ends = ds.terminals | ds.timeouts
-    for i in range(len(ds) - 1, -1, -1):
-        g = ds.rewards[i] + (0.0 if ends[i] else gamma * g)
-        rtg[i] = g
-    return float(rtg.mean())
+        for k, tag in tags.items():
+            out[k].append([e.value for e in acc.Scalars(tag)])
+        steps.append([e.step for e in acc.Scalars(tags["score"])])
+    n = min(map(len, out["score"]))
+    return dict(steps=np.array(steps[0][:n]), **{k: np.array([x[:n] for x in v]) for k, v in out.items()})
 
 
 def main() -> None:
@@ -53,7 +43,6 @@ def main() -> None:
     p.add_argument("cql_folder", type=Path)
     p.add_argument("alpha0_folder", type=Path)
     p.add_argument("--datasets", nargs="+", required=True)
-    p.add_argument("--discount", type=float, default=0.99)
     p.add_argument("--out", default="docs/img/cql-alpha0.png")
     a = p.parse_args()
 
@@ -70,20 +59,20 @@ def main() -> None:
                                    else ("CQL (alpha 5)", "alpha 0: plain SAC"))
         for folder, label, color in ((a.cql_folder, cql_label, "C0"), (a.alpha0_folder, alpha0_label, "C3")):
             c = curves(folder, d)
-            row[0].plot(c["q_steps"], c["q_pi"].mean(0), color=color, label=label)
-            row[0].fill_between(c["q_steps"], c["q_pi"].min(0), c["q_pi"].max(0), color=color, alpha=0.2)
-            row[1].plot(c["eval_steps"], c["score"].mean(0), color=color, label=label)
-            row[1].fill_between(c["eval_steps"], c["score"].min(0), c["score"].max(0), color=color, alpha=0.2)
-            print(f"{d} {label}: final Q(s, pi(s)) {c['q_pi'][:, -1].mean():.1f}, final score "
-                  f"{c['score'][:, -1].mean():.1f} +- {c['score'][:, -1].std():.1f} ({len(c['score'])} seeds)")
-        rtg = discounted_return_to_go(ds, a.discount)
-        print(f"{d}: the data's mean discounted return-to-go {rtg:.1f}")
-        row[0].axhline(rtg, color="black", ls=":", label="data's discounted return-to-go")
-        row[0].set_title(f"{d}\nmean Q(s, pi(s)) on dataset states", fontsize=9)
+            for key, style, what in (("q_start", "-", "Q(s0, pi(s0))"), ("earned", "--", "return earned")):
+                row[0].plot(c["steps"], c[key].mean(0), style, color=color, label=f"{label}: {what}")
+                row[0].fill_between(c["steps"], c[key].min(0), c[key].max(0), color=color, alpha=0.15)
+            row[1].plot(c["steps"], c["score"].mean(0), color=color, label=label)
+            row[1].fill_between(c["steps"], c["score"].min(0), c["score"].max(0), color=color, alpha=0.2)
+            print(f"{d} {label} ({len(c['score'])} seeds, final): Q(s0, pi(s0)) {c['q_start'][:, -1].mean():.1f} "
+                  f"+- {c['q_start'][:, -1].std():.1f}, discounted return earned {c['earned'][:, -1].mean():.1f} "
+                  f"+- {c['earned'][:, -1].std():.1f}, score {c['score'][:, -1].mean():.1f} "
+                  f"+- {c['score'][:, -1].std():.1f}")
+        row[0].set_title(f"{d}\nthe policy's Q at start states vs the discounted return it earned", fontsize=9)
         row[1].set_title(f"{d}\nnormalized score (seed mean, min-max band)", fontsize=9)
         for ax in row:
             ax.set_xlabel("gradient steps")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out, dpi=110)
     print(f"wrote {a.out}")
