@@ -75,6 +75,10 @@ class Args:
     (the policy's distribution, the one the IS family values)"""
     fqe_tau: float = 0.005
     """Polyak rate of FQE's target network"""
+    fqe_time_limit_terminal: bool = False
+    """FQE stops bootstrapping at time limits too (timeouts treated as terminals), to compare with finite-horizon
+    values (IS, MB, the rollouts); approximate, since FQE's Q does not know the time left. Off: FQE values the
+    infinite-horizon discounted return"""
     learning_rate: float = 3e-4
     """AdamW learning rate of every fitted network (FQE, behaviour cloning, model ensemble; weight decay 1e-5)"""
     batch_size: int = 256
@@ -128,6 +132,7 @@ def _duration(seconds: float) -> str:
 
 ESTIMATORS = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR", "FQE", "MB")
 WEIGHTED = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR")  # the rows that need importance weights (a pi_e density)
+MIN_ESS_SHARE = 0.1  # below this share of the episodes a weighted row gets a warning, no interval, no rank metrics
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -809,19 +814,25 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
     s0 = data["obs"][torch.as_tensor(ep.starts, device=device)]
 
     def record(name, values, disc_fn, undisc_fn=None, ess=None):
-        """Point estimates from fn(None), CIs from fn(bootstrap counts) (fn: counts -> estimate(s))."""
+        """Point estimates from fn(None), CIs from fn(bootstrap counts) (fn: counts -> estimate(s)). A weighted row
+        whose ESS is below MIN_ESS_SHARE of the episodes gets no interval: resampling a handful of dominant episodes
+        gives tight, meaningless ones; it is also left out of the rank metrics."""
         d = float(disc_fn(None))
         u = float(undisc_fn(None)) if undisc_fn is not None else float("nan")
-        ci_d = percentile_ci(disc_fn(counts)) if counts is not None else None
-        ci_u = percentile_ci(undisc_fn(counts)) if counts is not None and undisc_fn is not None else None
+        low_ess = ess is not None and ess < MIN_ESS_SHARE * ep.n
+        boot = None if low_ess else counts
+        ci_d = percentile_ci(disc_fn(boot)) if boot is not None else None
+        ci_u = percentile_ci(undisc_fn(boot)) if boot is not None and undisc_fn is not None else None
         est[name] = dict(values=values, discounted=d, undiscounted=u, normalized=float(ds.normalized_score(u)),
                          ci_discounted=ci_d, ci_undiscounted=ci_u,
                          ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None,
-                         ess=ess, skipped=None)
+                         ess=ess, skipped=None,
+                         unreliable=f"ESS {ess:.1f} < {100 * MIN_ESS_SHARE:.0f}% of {ep.n} episodes" if low_ess
+                         else None)
 
     def skip(name, reason):
         est[name] = dict(values=None, discounted=None, undiscounted=None, normalized=None, ci_discounted=None,
-                         ci_undiscounted=None, ci_normalized=None, ess=None, skipped=reason)
+                         ci_undiscounted=None, ci_normalized=None, ess=None, skipped=reason, unreliable=None)
 
     # FQE first: DR and WDR reuse its Q̂. Which policy FQE and MB value: without a density, sampling is acting
     fqe_values = "dist" if args.fqe_action == "sample" and target.density is not None else "act"
@@ -831,7 +842,8 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
         q = QModel(*dims, stats, scale, args.hidden_dim, args.n_layers).to(device)
         next_pi = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), data["next_obs"])
         pi0 = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), s0)
-        q, trace = fit_fqe(q, data, next_pi, gamma, args.fqe_steps, args.fqe_tau, args.learning_rate,
+        fqe_data = {**data, "terminals": data["ends"]} if args.fqe_time_limit_terminal else data
+        q, trace = fit_fqe(q, fqe_data, next_pi, gamma, args.fqe_steps, args.fqe_tau, args.learning_rate,
                            args.batch_size, probe=(s0, pi0), desc=f"FQE {label}".rstrip())
         v0 = batched(q.expected, s0, pi0).double().cpu().numpy()
         record("FQE", fqe_values, lambda c: _mean(v0, c))
@@ -842,11 +854,13 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
                             f"{args.fqe_steps * args.fqe_tau:.3g} Bellman backups, against an effective horizon "
                             f"1/(1-gamma) = {1 / max(1 - gamma, 1e-9):.0f}: raise --fqe-steps (DOPE used 1M)")
         cut = ep.n - int(ds.terminals[ep.rows[np.arange(ep.n), ep.lengths - 1]].sum())  # episodes ended by time limit
-        if cut and gamma ** int(ep.lengths.max()) > 0.05:
+        if cut and gamma ** int(ep.lengths.max()) > 0.05 and not args.fqe_time_limit_terminal:
             notes.append(f"FQE values the infinite-horizon discounted return (it bootstraps through the time limit); "
                          f"{cut} episodes are cut at <= {int(ep.lengths.max())} steps, where gamma^H = "
-                         f"{gamma ** int(ep.lengths.max()):.2f}: FQE can exceed the finite-horizon value that IS, MB "
-                         "and the rollouts measure by up to that share of the value at the cut")
+                         f"{gamma ** int(ep.lengths.max()):.2f}: FQE adds about gamma^H V(s_H), the value past the "
+                         "cut, which the finite-horizon value of IS, MB and the rollouts does not have: FQE reads "
+                         "higher where later rewards are positive, lower where they are negative (Pendulum). "
+                         "--fqe-time-limit-terminal stops it at the cut")
     else:
         skip("FQE", "--fqe-steps 0")
 
@@ -920,10 +934,11 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
             skip(name, "needs FQE's Q (--fqe-steps 0)")
 
     # When not to trust the weighted estimates
-    if diag["ess_share"] < 0.1:
+    if diag["ess_share"] < MIN_ESS_SHARE:
         warnings.append(f"effective sample size {diag['ess']:.1f} is {100 * diag['ess_share']:.1f}% of the "
-                        f"{ep.n} episodes (< 10%): a few episodes carry the weight; do not trust IS, WIS, PDIS, "
-                        f"WPDIS, DR or WDR here (per-decision ESS {diag['per_decision_ess']:.1f})")
+                        f"{ep.n} episodes (< {100 * MIN_ESS_SHARE:.0f}%): a few episodes carry the weight; do not "
+                        f"trust IS, WIS, PDIS, WPDIS, DR or WDR here (per-decision ESS "
+                        f"{diag['per_decision_ess']:.1f}); rows below the threshold show no interval")
     if diag["zero_prob_share"] > 0:
         warnings.append(f"{100 * diag['zero_prob_share']:.2f}% of dataset actions have probability 0 under pi_e: "
                         "their episodes get weight 0 and KL(pi_b || pi_e) is infinite; the weighted estimates rest on "
@@ -972,8 +987,9 @@ def format_table(path: str, res: dict) -> str:
         if e["skipped"]:
             lines.append(f"   {name:<9} skipped: {e['skipped'][:90]}")
             continue
-        row = (f"   {name:<9} {e['values']:<6} {_f(e['discounted'], 10)} {_ci(e['ci_discounted'], 2)} "
-               f"{_f(e['undiscounted'], 9, 1)} {_f(e['normalized'], 10, 1)} {_ci(e['ci_normalized'])} "
+        no_ci = f"{'no CI: ESS low !':>18}" if e.get("unreliable") else None
+        row = (f"   {name:<9} {e['values']:<6} {_f(e['discounted'], 10)} {no_ci or _ci(e['ci_discounted'], 2)} "
+               f"{_f(e['undiscounted'], 9, 1)} {_f(e['normalized'], 10, 1)} {no_ci or _ci(e['ci_normalized'])} "
                f"{_f(e['ess'], 7, 1)}")
         if truth:
             flag = "*" if e["values"] != truth["values"] else " "
@@ -988,6 +1004,10 @@ def format_table(path: str, res: dict) -> str:
             lines.append(f"   * values a different policy from the rollouts ({truth['values']}): the error mixes "
                          "estimation error with the gap between 'act' and 'dist'; --rollout-action/--fqe-action "
                          "sample validate every row against one policy")
+    if any(e.get("unreliable") for e in res["estimates"].values()):
+        lines.append(f"   ! effective sample size below {100 * MIN_ESS_SHARE:.0f}% of the episodes: a bootstrap over "
+                     "a few dominant episodes gives tight, meaningless intervals, so none is shown and the row is "
+                     "left out of the rank metrics")
     lines.append("   policy: 'dist' = pi_e's distribution, 'act' = the evaluation action; ESS: IS/WIS of the "
                  "episode weights, others per-decision; CIs: bootstrap over episodes (FQE/MB: initial states only)")
     lines += [f"   note: {n}" for n in res["notes"]] + [f"   WARNING: {w}" for w in res["warnings"]]
@@ -1021,25 +1041,59 @@ def write_outputs(path: str, res: dict) -> None:
                             abs_error_normalized=e.get("abs_error_normalized"), skipped=e["skipped"]))
 
 
-def dope_metrics(results: dict[str, dict]) -> dict[str, dict]:
-    """Per estimator over the policy set (Fu et al. 2021): mean |normalized error| (undiscounted), Spearman
-    correlation of discounted estimates with discounted truth, regret@1 in normalized score (the policy the estimator
-    ranks first by its discounted estimate vs the truly best, both by their true undiscounted normalized score)."""
+def normalized_regret_at_k(estimates, true_values, k: int) -> float:
+    """DOPE's normalized regret@k: (best true value - the best true value among the estimator's top k) divided by
+    the spread of the true values over the policy set (0: the top k hold the best policy; 1: the worst)."""
+    estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
+    spread = true_values.max() - true_values.min()
+    if not np.isfinite(estimates).all() or spread <= 0:
+        return float("nan")
+    top = np.argsort(-estimates, kind="stable")[:k]
+    return float((true_values.max() - true_values[top].max()) / spread)
+
+
+def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Per estimator over the policy set, as DOPE (Fu et al. 2021), all on the discounted values: mean |error| of
+    the values min-max normalised by the true values over the set (estimates capped at 2), Spearman rank correlation,
+    normalized regret@1 and @3; each with its standard deviation over `n_boot` bootstrap resamples of the policy
+    set. Also regret@1 in normalized-score points (undiscounted truth). Rows that value a different policy from the
+    rollouts ('dist' against 'act') or whose ESS is too low for an interval are left out, with the reason."""
     out = {}
     paths = list(results)
-    true_d = np.array([results[p]["truth"]["discounted"] for p in paths])
-    true_n = np.array([results[p]["truth"]["normalized"] for p in paths])
+    truth = [results[p]["truth"] for p in paths]
+    true_d = np.array([t["discounted"] for t in truth])
+    true_n = np.array([t["normalized"] for t in truth])
     if np.isnan(true_n).any():  # no reference scores: regret in undiscounted return instead
-        true_n = np.array([results[p]["truth"]["undiscounted"] for p in paths])
+        true_n = np.array([t["undiscounted"] for t in truth])
+    lo, spread = true_d.min(), max(true_d.max() - true_d.min(), 1e-12)
+    boot = np.random.default_rng(seed).integers(0, len(paths), (n_boot, len(paths)))
     for name in ESTIMATORS:
         es = [results[p]["estimates"][name] for p in paths]
-        if any(e["skipped"] for e in es):
-            out[name] = dict(skipped=f"skipped for {sum(bool(e['skipped']) for e in es)} of {len(es)} policies")
+        reasons = [(f"skipped for {sum(bool(e['skipped']) for e in es)} of {len(es)} policies", any(e["skipped"]
+                                                                                                   for e in es)),
+                   (f"values pi_e's distribution, the rollouts ran '{truth[0]['values']}': rerun with "
+                    "--rollout-action sample to score it", any(e["values"] != t["values"] for e, t in zip(es, truth))),
+                   (f"ESS too low for {sum(bool(e.get('unreliable')) for e in es)} of {len(es)} policies",
+                    any(e.get("unreliable") for e in es))]
+        reason = next((r for r, bad in reasons if bad), None)
+        if reason:
+            out[name] = dict(skipped=reason)
             continue
         est_d = np.array([e["discounted"] for e in es])
-        errs = np.array([e["abs_error_normalized"] for e in es], dtype=np.float64)
-        out[name] = dict(abs_error_normalized=float(errs.mean()), spearman=spearman(est_d, true_d),
-                         regret_at_1=regret_at_1(est_d, true_n), skipped=None)
+
+        def metrics(i: np.ndarray) -> np.ndarray:
+            v_true, v_est = (true_d[i] - lo) / spread, np.minimum((est_d[i] - lo) / spread, 2.0)
+            return np.array([np.abs(v_est - v_true).mean(), spearman(v_est, v_true),
+                             normalized_regret_at_k(v_est, v_true, 1), normalized_regret_at_k(v_est, v_true, 3)])
+
+        point = metrics(np.arange(len(paths)))
+        with np.errstate(invalid="ignore"):
+            std = np.nanstd(np.array([metrics(i) for i in boot]), axis=0)
+        out[name] = dict(abs_error=float(point[0]), spearman=float(point[1]), regret_at_1=float(point[2]),
+                         regret_at_3=float(point[3]) if len(paths) > 3 else None,
+                         std=dict(abs_error=float(std[0]), spearman=float(std[1]), regret_at_1=float(std[2]),
+                                  regret_at_3=float(std[3]) if len(paths) > 3 else None),
+                         regret_at_1_points=regret_at_1(est_d, true_n), skipped=None)
     return out
 
 
@@ -1080,7 +1134,8 @@ def device_data(ds: Dataset, device: torch.device) -> tuple[dict, dict]:
         return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
 
     data = dict(obs=t(ds.observations), actions=t(ds.actions, torch.long if ds.discrete else torch.float32),
-                rewards=t(ds.rewards), next_obs=t(ds.next_observations), terminals=t(ds.terminals))
+                rewards=t(ds.rewards), next_obs=t(ds.next_observations), terminals=t(ds.terminals),
+                ends=t(ds.terminals | ds.timeouts))
     all_obs = np.concatenate([ds.observations, ds.next_observations]).astype(np.float64)
     delta = (ds.next_observations - ds.observations).astype(np.float64)
     stats = dict(obs_mean=t(all_obs.mean(0)), obs_std=t(all_obs.std(0) + 1e-3), obs_min=t(all_obs.min(0)),
@@ -1185,16 +1240,18 @@ def main(args: Args) -> dict[str, dict]:
 
     if args.rollouts > 0 and len(results) > 1:
         metrics = dope_metrics(results)
-        print("\nDOPE metrics over the policy set (Fu et al. 2021): |error| of the normalized score (undiscounted), "
-              "Spearman rank correlation (discounted), regret@1 (normalized score lost by deploying the estimator's "
-              "top choice)")
-        print(f"   {'estimator':<9} {'|err norm|':>10} {'spearman':>9} {'regret@1':>9}")
+        print(f"\nDOPE metrics over the {len(results)} policies (Fu et al. 2021), on the discounted values min-max "
+              "normalised by the true ones over the set; +- std over 1000 bootstrap resamples of the policies. "
+              "regret@k: share of the true spread lost by deploying the best of the estimator's top k; points: "
+              "normalized score lost by its top choice")
+        print(f"   {'estimator':<9} {'|error|':>15} {'spearman':>15} {'regret@1':>15} {'regret@3':>15} {'points':>7}")
         for name, m in metrics.items():
             if m["skipped"]:
-                print(f"   {name:<9} {m['skipped']}")
-            else:
-                print(f"   {name:<9} {_f(m['abs_error_normalized'], 10, 1)} {_f(m['spearman'], 9)} "
-                      f"{_f(m['regret_at_1'], 9, 1)}")
+                print(f"   {name:<9} left out: {m['skipped']}")
+                continue
+            cells = [f"{_f(m[k], 6)} +-{_f(m['std'][k], 5)}" if m[k] is not None else f"{'n/a':>15}"
+                     for k in ("abs_error", "spearman", "regret_at_1", "regret_at_3")]
+            print(f"   {name:<9} {' '.join(cells)} {_f(m['regret_at_1_points'], 7, 1)}")
         for res in results.values():
             res["dope_metrics"] = dict(policies=list(results), **metrics)
     for path, res in results.items():

@@ -1,0 +1,101 @@
+"""ope.py's output a practitioner acts on: no interval where the effective sample size makes it meaningless, DOPE's
+policy-selection metrics on hand cases (and only on rows that value the policy the rollouts ran), FQE and time
+limits."""
+
+import numpy as np
+import pytest
+
+import ope
+from tests.test_ope import PI_B, chain, run_pipeline, table_policy  # noqa: F401 (chain is a fixture)
+
+FAR = np.array([[0.99, 0.01], [0.01, 0.99], [0.99, 0.01], [0.5, 0.5]])  # far from the uniform behaviour policy
+
+
+def test_rows_with_too_small_an_ess_get_no_interval_and_say_why(chain):  # noqa: F811
+    _, ds = chain
+    res = run_pipeline(ds, table_policy(FAR))
+    d, est = res["diagnostics"], res["estimates"]
+    assert d["ess_share"] < ope.MIN_ESS_SHARE  # a handful of episodes carry the weight
+    for name in ("IS", "WIS"):
+        assert est[name]["unreliable"].startswith(f"ESS {d['ess']:.1f} < 10% of")
+        assert est[name]["ci_discounted"] is None and est[name]["ci_normalized"] is None
+    table = ope.format_table("far.pt", {**res, "behavior": "logged", "density": "categorical", "weight_threshold": 100})
+    assert "no CI: ESS low !" in table and "left out of the rank metrics" in table
+    # the behaviour policy itself: every weight is 1, ESS = n, intervals as usual
+    res = run_pipeline(ds, table_policy(PI_B))
+    assert all(res["estimates"][n]["unreliable"] is None and res["estimates"][n]["ci_discounted"] is not None
+               for n in ("IS", "WIS", "PDIS", "WPDIS"))
+
+
+def test_normalized_regret_at_k_by_hand():
+    true = [0.0, 10.0, 4.0, 8.0]  # spread 10
+    est = [5.0, 1.0, 9.0, 7.0]  # ranks policies 2, 3, 0, 1
+    assert ope.normalized_regret_at_k(est, true, 1) == pytest.approx((10 - 4) / 10)
+    assert ope.normalized_regret_at_k(est, true, 2) == pytest.approx((10 - 8) / 10)
+    assert ope.normalized_regret_at_k(est, true, 4) == 0.0
+    assert np.isnan(ope.normalized_regret_at_k(est, [1.0] * 4, 1))  # no spread: undefined
+
+
+def _results(estimates: dict[str, list], values: dict[str, str] | None = None, unreliable: str | None = None):
+    true_d, true_n = [0.0, 5.0, 10.0], [10.0, 30.0, 90.0]
+    out = {}
+    for i in range(3):
+        est = {}
+        for name in ope.ESTIMATORS:
+            if name in estimates:
+                est[name] = dict(discounted=estimates[name][i], values=(values or {}).get(name, "act"), skipped=None,
+                                 unreliable=unreliable if name == "IS" else None)
+            else:
+                est[name] = dict(discounted=None, values=None, skipped="not run", unreliable=None)
+        out[f"p{i}"] = dict(truth=dict(values="act", discounted=true_d[i], normalized=true_n[i], undiscounted=0.0),
+                            estimates=est)
+    return out
+
+
+def test_dope_metrics_on_a_hand_case():
+    m = ope.dope_metrics(_results({"FQE": [1.0, 9.0, 4.0]}))["FQE"]
+    # normalised by the truth's range [0, 10]: truth (0, .5, 1), estimate (.1, .9, .4)
+    assert m["abs_error"] == pytest.approx((0.1 + 0.4 + 0.6) / 3)
+    assert m["spearman"] == pytest.approx(1 - 6 * (0 + 1 + 1) / (3 * (9 - 1)))  # ranks (0, 2, 1) vs (0, 1, 2)
+    assert m["regret_at_1"] == pytest.approx(1.0 - 0.5)  # it deploys policy 1 (true .5) instead of policy 2 (1)
+    assert m["regret_at_1_points"] == pytest.approx(90.0 - 30.0)
+    assert m["regret_at_3"] is None  # three policies: the top 3 always hold the best
+    assert m["std"]["abs_error"] > 0  # the bootstrap over policies moves it
+    perfect = ope.dope_metrics(_results({"FQE": [0.0, 5.0, 10.0]}))["FQE"]
+    assert perfect["abs_error"] == 0 and perfect["spearman"] == pytest.approx(1) and perfect["regret_at_1"] == 0
+
+
+def test_estimates_above_twice_the_true_range_are_capped_as_dope():
+    m = ope.dope_metrics(_results({"FQE": [0.0, 5.0, 100.0]}))["FQE"]
+    assert m["abs_error"] == pytest.approx((0 + 0 + (2.0 - 1.0)) / 3)  # 100 -> 10 (normalised), capped at 2
+
+
+def test_rows_that_value_another_policy_or_have_low_ess_are_left_out():
+    res = _results({"FQE": [1.0, 9.0, 4.0], "IS": [0.0, 5.0, 10.0], "DR": [0.0, 5.0, 10.0]}, values={"DR": "dist"},
+                   unreliable="ESS 1.2 < 10% of 50 episodes")
+    m = ope.dope_metrics(res)
+    assert m["FQE"]["skipped"] is None
+    assert "--rollout-action sample" in m["DR"]["skipped"]
+    assert m["IS"]["skipped"].startswith("ESS too low for 3 of 3")
+    assert m["MB"]["skipped"].startswith("skipped for 3 of 3")
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_fqe_can_treat_time_limits_as_terminal(chain, monkeypatch, flag):  # noqa: F811
+    _, ds = chain
+    seen = {}
+    real = ope.fit_fqe
+
+    def spy(q, data, *a, **kw):
+        seen["terminals"] = data["terminals"].numpy().astype(bool)
+        return real(q, data, *a, **kw)
+
+    monkeypatch.setattr(ope, "fit_fqe", spy)
+    res = run_pipeline(ds, table_policy(PI_B), fqe_steps=10, fqe_time_limit_terminal=flag)
+    expected = ds.terminals | ds.timeouts if flag else ds.terminals
+    np.testing.assert_array_equal(seen["terminals"], expected)
+    assert ds.timeouts.any() and not np.array_equal(ds.terminals, ds.terminals | ds.timeouts)
+    note = [n for n in res["notes"] if n.startswith("FQE values the infinite-horizon")]
+    assert bool(note) != flag  # the note says what the flag would change, and goes when it is on
+    if note:
+        assert "lower where they are negative" in note[0]
