@@ -1052,6 +1052,25 @@ def normalized_regret_at_k(estimates, true_values, k: int) -> float:
     return float((true_values.max() - true_values[top].max()) / spread)
 
 
+def policy_selection(results: dict[str, dict]) -> dict[str, dict]:
+    """Per estimator: the policies ranked by their discounted estimate, the recommended one, and those it cannot be
+    told apart from (their 95% interval overlaps the top policy's). Rows without an estimate or with too low an ESS
+    for an interval are left out, with the reason."""
+    out = {}
+    for name in ESTIMATORS:
+        rows = {p: r["estimates"][name] for p, r in results.items()}
+        bad = [p for p, e in rows.items() if e["skipped"] or e.get("unreliable")]
+        if bad:
+            out[name] = dict(skipped=f"no usable estimate for {len(bad)} of {len(rows)} policies")
+            continue
+        ranking = sorted(rows, key=lambda p: -rows[p]["discounted"])
+        top = rows[ranking[0]]["ci_discounted"]
+        tied = [p for p in ranking[1:] if top is None or rows[p]["ci_discounted"] is None
+                or rows[p]["ci_discounted"][1] >= top[0]]
+        out[name] = dict(ranking=ranking, recommended=ranking[0], cannot_tell_apart=tied, skipped=None)
+    return out
+
+
 def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
     """Per estimator over the policy set, as DOPE (Fu et al. 2021), all on the discounted values: mean |error| of
     the values min-max normalised by the true values over the set (estimates capped at 2), Spearman rank correlation,
@@ -1238,6 +1257,18 @@ def main(args: Args) -> dict[str, dict]:
         print(format_table(path, res), flush=True)
         results[path] = res
 
+    if len(results) > 1:
+        selection = policy_selection(results)
+        print(f"\nPolicy selection over {len(results)} policies: each estimator's pick (highest discounted estimate), "
+              "and the policies whose 95% interval overlaps the pick's (cannot tell apart)")
+        for name, sel in selection.items():
+            if sel["skipped"]:
+                print(f"   {name:<9} left out: {sel['skipped']}")
+            else:
+                tied = ", ".join(sel["cannot_tell_apart"]) or "none"
+                print(f"   {name:<9} deploy {sel['recommended']} (cannot tell apart from: {tied})")
+        for res in results.values():
+            res["selection"] = selection
     if args.rollouts > 0 and len(results) > 1:
         metrics = dope_metrics(results)
         print(f"\nDOPE metrics over the {len(results)} policies (Fu et al. 2021), on the discounted values min-max "

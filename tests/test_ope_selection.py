@@ -99,3 +99,18 @@ def test_fqe_can_treat_time_limits_as_terminal(chain, monkeypatch, flag):  # noq
     assert bool(note) != flag  # the note says what the flag would change, and goes when it is on
     if note:
         assert "lower where they are negative" in note[0]
+
+
+def test_policy_selection_ranks_recommends_and_says_when_it_cannot_tell():
+    def row(d, ci):
+        return dict(discounted=d, ci_discounted=ci, skipped=None, unreliable=None)
+
+    skipped = dict(discounted=None, ci_discounted=None, skipped="not run", unreliable=None)
+    results = {p: dict(estimates={n: skipped for n in ope.ESTIMATORS}) for p in ("a", "b", "c")}
+    results["a"]["estimates"]["FQE"] = row(5.0, [4.0, 6.0])
+    results["b"]["estimates"]["FQE"] = row(8.0, [5.5, 9.0])  # the pick; a's interval reaches 6 > 5.5: a tie
+    results["c"]["estimates"]["FQE"] = row(1.0, [0.0, 2.0])  # clearly worse
+    sel = ope.policy_selection(results)
+    assert sel["FQE"]["ranking"] == ["b", "a", "c"] and sel["FQE"]["recommended"] == "b"
+    assert sel["FQE"]["cannot_tell_apart"] == ["a"]
+    assert sel["IS"]["skipped"] == "no usable estimate for 3 of 3 policies"
