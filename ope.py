@@ -293,6 +293,37 @@ def per_decision_ess(log_ratios, mask, gamma) -> float:
     return float(ess @ d / d.sum())
 
 
+# A high-confidence lower bound for IS (Thomas, Theocharous, Ghavamzadeh 2015): for X_i >= 0 and a clip c,
+# with probability >= 1 - delta, E[X] >= mean(min(X, c)) - 7 c ln(2/delta) / (3(n-1))
+#                                         - (1/n) sqrt(2 ln(2/delta) / (n-1) * (n sum Y^2 - (sum Y)^2)).
+def hcope_bound(x: np.ndarray, c: float, delta: float, n_range: int | None = None) -> float:
+    """The equal-c bound above on the sample x (Y = min(x, c)). `n_range` replaces n in the range term and scales the
+    variance term as in the paper's choice of c on a held-out split (it predicts the bound on n_range samples)."""
+    x = np.asarray(x, dtype=np.float64)
+    n, m = len(x), n_range or len(x)
+    y = np.minimum(x, c)
+    log_term = math.log(2.0 / delta)
+    spread = max(n * (y**2).sum() - y.sum() ** 2, 0.0)
+    if n_range is None:
+        return float(y.mean() - 7 * c * log_term / (3 * (n - 1)) - math.sqrt(2 * log_term / (n - 1) * spread) / n)
+    return float(y.mean() - 7 * c * log_term / (3 * (m - 1)) - math.sqrt(2 * log_term / (m * n * (n - 1)) * spread))
+
+
+def hcope_lower_bound(x: np.ndarray, delta: float, rng: np.random.Generator, pre_share: float = 0.05) -> float:
+    """A 1 - delta lower bound on E[X] (X >= 0): c is chosen on a random `pre_share` of the samples to maximise the
+    predicted bound, and the bound is evaluated on the other samples only (so the choice does not bias it)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = rng.permutation(len(x))
+    n_pre = max(int(round(pre_share * len(x))), 2)
+    pre, post = x[order[:n_pre]], x[order[n_pre:]]
+    if len(post) < 2:
+        return float("nan")
+    candidates = np.unique(np.concatenate([pre, [pre.mean()]]))
+    candidates = candidates[candidates > 0] if (candidates > 0).any() else np.array([1.0])
+    c = max(candidates, key=lambda cc: hcope_bound(pre, cc, delta, n_range=len(post)))
+    return hcope_bound(post, float(c), delta)
+
+
 def bootstrap_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray | None:
     """(n_boot, n) multinomial counts: how often each whole episode is drawn in each resample. None if n < 2 or
     n_boot == 0 (one episode cannot be resampled into a confidence interval)."""
@@ -917,6 +948,16 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
                lambda c, fn=fn: fn(rewards, log_ratios, mask, 1.0, c),
                ess=diag["ess"] if name in ("IS", "WIS") else diag["per_decision_ess"])
 
+    # A 95% lower bound from IS (valid whatever the ESS, only looser): returns mapped to [0, 1] by the data's reward
+    # range over the longest episode, so that X_i = w_i (G_i - g_lo) / (g_hi - g_lo) >= 0
+    disc = gamma ** np.arange(rewards.shape[1])
+    g_lo, g_hi = min(stats["r_min"], 0.0) * disc.sum(), max(stats["r_max"], 0.0) * disc.sum()
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.exp(log_w) * ((np.where(mask, rewards, 0.0) @ disc) - g_lo) / max(g_hi - g_lo, 1e-12)
+    lb = hcope_lower_bound(x, 0.05, np.random.default_rng(args.seed)) if np.isfinite(x).all() else float("nan")
+    diag["hcope"] = dict(delta=0.05, lower_bound_discounted=g_lo + (g_hi - g_lo) * lb,
+                         data_discounted=float((np.where(mask, rewards, 0.0) @ disc).mean()))
+
     # DR (Jiang & Li 2016) and WDR (Thomas & Brunskill 2016) with FQE's Q̂ and V̂(s) = E_{a~pi_e(.|s)} Q̂(s, a),
     # the expectation under the *same* distribution as the ratios (DR is unbiased for any Q̂ only then)
     if q is not None:
@@ -1004,6 +1045,12 @@ def format_table(path: str, res: dict) -> str:
             lines.append(f"   * values a different policy from the rollouts ({truth['values']}): the error mixes "
                          "estimation error with the gap between 'act' and 'dist'; --rollout-action/--fqe-action "
                          "sample validate every row against one policy")
+    if "hcope" in d:
+        h = d["hcope"]
+        verdict = "better than" if h["lower_bound_discounted"] > h["data_discounted"] else "not shown better than"
+        lines.append(f"   95% lower bound on the discounted value (IS, Thomas et al. 2015): "
+                     f"{_f(h['lower_bound_discounted'], 0).strip()}; the data's own discounted return "
+                     f"{h['data_discounted']:.2f}: pi_e is {verdict} the data with 95% confidence")
     if any(e.get("unreliable") for e in res["estimates"].values()):
         lines.append(f"   ! effective sample size below {100 * MIN_ESS_SHARE:.0f}% of the episodes: a bootstrap over "
                      "a few dominant episodes gives tight, meaningless intervals, so none is shown and the row is "

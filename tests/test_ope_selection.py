@@ -2,6 +2,8 @@
 policy-selection metrics on hand cases (and only on rows that value the policy the rollouts ran), FQE and time
 limits."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,37 @@ def test_policy_selection_ranks_recommends_and_says_when_it_cannot_tell():
     assert sel["FQE"]["ranking"] == ["b", "a", "c"] and sel["FQE"]["recommended"] == "b"
     assert sel["FQE"]["cannot_tell_apart"] == ["a"]
     assert sel["IS"]["skipped"] == "no usable estimate for 3 of 3 policies"
+
+
+def test_hcope_bound_by_hand():
+    x = np.array([0.2, 0.4, 0.6, 1.0])
+    # c = 0.5: Y = (.2, .4, .5, .5), mean .4; n sum Y^2 - (sum Y)^2 = 4 * .7 - 1.6^2 = .24; ln(2 / .05) = ln 40
+    expected = 0.4 - 7 * 0.5 * math.log(40) / (3 * 3) - math.sqrt(2 * math.log(40) / 3 * 0.24) / 4
+    assert ope.hcope_bound(x, 0.5, 0.05) == pytest.approx(expected)
+    # the held-out prediction of the bound on m = 100 samples: m in the range term, 1 / (m n (n - 1)) under the root
+    predicted = 0.4 - 7 * 0.5 * math.log(40) / (3 * 99) - math.sqrt(2 * math.log(40) / (100 * 4 * 3) * 0.24)
+    assert ope.hcope_bound(x, 0.5, 0.05, n_range=100) == pytest.approx(predicted)
+
+
+def test_hcope_lower_bound_holds_and_tightens_with_data():
+    rng = np.random.default_rng(0)
+    # heavy-tailed importance-weighted returns with mean 1: X = w * g, w ~ lognormal(-0.5, 1), g in [0, 1], E g = .5
+    def sample(n):
+        return rng.lognormal(-0.5, 1.0, n) * rng.uniform(0, 1, n) * 2.0
+
+    bounds = [ope.hcope_lower_bound(sample(300), 0.05, rng) for _ in range(100)]
+    assert np.mean(np.array(bounds) <= 1.0) >= 0.95  # a 95% lower bound on the true mean 1
+    assert ope.hcope_lower_bound(sample(20000), 0.05, rng) > 0.6  # and an informative one with enough data
+
+
+def test_the_pipeline_reports_the_lower_bound_against_the_data(chain):  # noqa: F811
+    _, ds = chain
+    res = run_pipeline(ds, table_policy(PI_B))
+    h = res["diagnostics"]["hcope"]
+    ends = ds.episode_ends()
+    data = np.mean([(ds.rewards[s: e + 1] * 0.9 ** np.arange(e + 1 - s)).sum()
+                    for s, e in zip(np.r_[0, ends[:-1] + 1], ends)])
+    assert h["data_discounted"] == pytest.approx(data, rel=1e-6)
+    assert h["lower_bound_discounted"] < data  # pi_e = pi_b cannot be shown better than itself
+    table = ope.format_table("b.pt", {**res, "behavior": "logged", "density": "categorical", "weight_threshold": 100})
+    assert "not shown better than the data with 95% confidence" in table
