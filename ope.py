@@ -55,6 +55,9 @@ class Args:
     likelihood; `auto`: logged when the dataset has them, else fitted"""
     bc_steps: int = 5000
     """gradient steps of each behaviour-cloning fit"""
+    coverage: bool = True
+    """fit one behaviour model on all the data (--bc-steps) and report, per policy, how much of its action mass lies
+    where that model's density is low: where FQE and the model-based estimate extrapolate"""
     bc_folds: int = 2
     """cross-fitting: the episodes are split in this many folds and each fold's log pi_b comes from a model fitted on
     the other folds (1: fit and score on all the data, which overstates pi_b on the logged actions)"""
@@ -132,6 +135,7 @@ def _duration(seconds: float) -> str:
 
 ESTIMATORS = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR", "FQE", "MB")
 WEIGHTED = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR")  # the rows that need importance weights (a pi_e density)
+COVERAGE_WARN = 0.2  # warn when more than this share of pi_e's action mass lies where the data are thin
 MIN_ESS_SHARE = 0.1  # below this share of the episodes a weighted row gets a warning, no interval, no rank metrics
 
 
@@ -490,6 +494,22 @@ class BehaviorModel(nn.Module):
         return truncated_normal_log_prob(actions, loc, scale, s["low"], s["high"])
 
 
+def train_behavior_model(data: dict, rows: torch.Tensor, stats: dict, dims: tuple, args: Args, bar) -> BehaviorModel:
+    """Maximum-likelihood behaviour cloning on the given rows for --bc-steps (the bar counts the steps)."""
+    model = BehaviorModel(*dims, stats, args).to(rows.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-5)
+    for step in range(1, args.bc_steps + 1):
+        idx = rows[torch.randint(0, len(rows), (args.batch_size,), device=rows.device)]
+        loss = -model.log_prob(data["obs"][idx], data["actions"][idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % PROGRESS_EVERY == 0:
+            bar.update(PROGRESS_EVERY)
+    bar.update(args.bc_steps % PROGRESS_EVERY)
+    return model
+
+
 def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args, rng: np.random.Generator):
     """Cross-fitted maximum-likelihood behaviour cloning: episodes are split into --bc-folds folds and each fold's
     log pi_b(a|s) comes from a model trained on the other folds. Returns (log pi_b per row, its mean, folds used)."""
@@ -502,24 +522,29 @@ def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args,
     for f in range(k):
         bar.set_description(f"behaviour cloning (fold {f + 1}/{k})", refresh=False)
         train = np.flatnonzero(fold != f) if k > 1 else np.arange(n_rows)
-        score = np.flatnonzero(fold == f)
-        train_t = torch.as_tensor(train, device=log_probs.device)
-        model = BehaviorModel(*dims, stats, args).to(log_probs.device)
-        opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-5)
-        for step in range(1, args.bc_steps + 1):
-            idx = train_t[torch.randint(0, len(train_t), (args.batch_size,), device=train_t.device)]
-            loss = -model.log_prob(data["obs"][idx], data["actions"][idx]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % PROGRESS_EVERY == 0:
-                bar.update(PROGRESS_EVERY)
-        bar.update(args.bc_steps % PROGRESS_EVERY)
-        score_t = torch.as_tensor(score, device=log_probs.device)
+        score_t = torch.as_tensor(np.flatnonzero(fold == f), device=log_probs.device)
+        model = train_behavior_model(data, torch.as_tensor(train, device=log_probs.device), stats, dims, args, bar)
         log_probs[score_t] = batched(model.log_prob, data["obs"][score_t], data["actions"][score_t])
     bar.close()
     lp = log_probs.double().cpu().numpy()
     return lp, float(lp.mean()), k
+
+
+@torch.no_grad()
+def low_coverage_share(model: BehaviorModel, target: Target, data: dict, mode: str, k: int, q: float = 0.05) -> float:
+    """The share of pi_e's action mass on the dataset's states (the policy FQE and MB value: `mode`) that falls where
+    the fitted behaviour density is below its q-quantile on the data's own actions: where FQE and the model must
+    extrapolate. About q for a policy that acts like the data."""
+    obs = data["obs"]
+    threshold = torch.quantile(batched(model.log_prob, obs, data["actions"]).float(), q)
+    pi = batched(lambda o: policy_at(target, o, mode, k), obs)
+    if target.discrete:  # pi: (N, n) probabilities; the fitted log pi_b of every action, (N, n)
+        every = torch.arange(target.n_actions, device=obs.device)
+        log_pb = torch.stack([batched(model.log_prob, obs, a.expand(len(obs))) for a in every], -1)
+        return float((pi * (log_pb < threshold)).sum(1).mean())
+    n, kk, d = pi.shape  # Box: pi holds k actions per state
+    log_pb = batched(model.log_prob, obs.repeat_interleave(kk, 0), pi.reshape(n * kk, d))
+    return float((log_pb < threshold).float().mean())
 
 
 def check_behavior_log_probs(log_probs: np.ndarray, name: str) -> None:
@@ -830,7 +855,8 @@ def divergence_diagnostics(log_ratio_rows: np.ndarray, log_w: np.ndarray, thresh
 
 def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, log_pb: np.ndarray,
                     args: Args, model: DynamicsEnsemble | None = None,
-                    rng: np.random.Generator | None = None, label: str = "") -> dict:
+                    rng: np.random.Generator | None = None, label: str = "",
+                    coverage_model: BehaviorModel | None = None) -> dict:
     """Every estimator for one policy. Returns a dict: estimates (per estimator: which policy it values, the
     discounted and undiscounted estimates, the normalized score, bootstrap CIs, ESS or why it was skipped),
     diagnostics, notes and warnings. `label` names the policy on the progress bars."""
@@ -894,6 +920,17 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
                          "--fqe-time-limit-terminal stops it at the cut")
     else:
         skip("FQE", "--fqe-steps 0")
+
+    # Coverage: how much of the policy FQE and MB value acts where the data's fitted behaviour density is low
+    if coverage_model is not None:
+        share = low_coverage_share(coverage_model, target, data, args.fqe_action, args.v_samples)
+        diag["low_coverage_share"] = share
+        if share > COVERAGE_WARN:
+            warnings.append(f"{100 * share:.0f}% of pi_e's action mass on dataset states lies where the fitted "
+                            "behaviour density is below its 5th percentile on the data's own actions (about 5% for a "
+                            "policy like the data): FQE and MB extrapolate there; do not trust their values")
+    else:
+        diag["low_coverage_share"] = None
 
     # Model-based: roll the (policy-independent) ensemble out under this policy
     if model is not None:
@@ -1045,6 +1082,9 @@ def format_table(path: str, res: dict) -> str:
             lines.append(f"   * values a different policy from the rollouts ({truth['values']}): the error mixes "
                          "estimation error with the gap between 'act' and 'dist'; --rollout-action/--fqe-action "
                          "sample validate every row against one policy")
+    if d.get("low_coverage_share") is not None:
+        lines.append(f"   coverage: {100 * d['low_coverage_share']:.1f}% of pi_e's action mass on dataset states lies "
+                     "where the fitted pi_b is below its 5th percentile on the data's actions (~5%: like the data)")
     if "hcope" in d:
         h = d["hcope"]
         verdict = "better than" if h["lower_bound_discounted"] > h["data_discounted"] else "not shown better than"
@@ -1260,6 +1300,13 @@ def main(args: Args) -> dict[str, dict]:
                          f"{np.abs(log_pb - ds.behavior_log_probs.astype(np.float64)).mean():.3f}")
     print(f"behaviour policy: {behavior}", flush=True)
 
+    # Coverage: one behaviour model on all the data (the cross-fitted ones above each miss a fold)
+    coverage_model = None
+    if args.coverage and args.bc_steps > 0:
+        bar = progress_bar(args.bc_steps, "behaviour model for the coverage check")
+        coverage_model = train_behavior_model(data, torch.arange(len(ds), device=device), stats, dims, args, bar)
+        bar.close()
+
     # The model ensemble does not depend on the policy: fit it once
     model = None
     if args.mb_steps > 0:
@@ -1274,7 +1321,8 @@ def main(args: Args) -> dict[str, dict]:
         policy, label = target.policy, f"(policy {i}/{len(targets)})"
         print(f"evaluating {path} (FQE {args.fqe_steps} steps) ...", flush=True)
         t0 = time.time()
-        res = evaluate_policy(ds, ep, target, data, stats, log_pb, args, model, rng, label=label)
+        res = evaluate_policy(ds, ep, target, data, stats, log_pb, args, model, rng, label=label,
+                              coverage_model=coverage_model)
         seconds["estimates"] = seconds.get("estimates", 0.0) + time.time() - t0
         res.update(policy=path, dataset=ds.name, density=target.density, behavior=behavior, discount=args.discount,
                    weight_threshold=args.weight_threshold, args=asdict(args))

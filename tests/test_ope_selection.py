@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import ope
 from tests.test_ope import PI_B, chain, run_pipeline, table_policy  # noqa: F401 (chain is a fixture)
@@ -150,3 +151,24 @@ def test_the_pipeline_reports_the_lower_bound_against_the_data(chain):  # noqa: 
     assert h["lower_bound_discounted"] < data  # pi_e = pi_b cannot be shown better than itself
     table = ope.format_table("b.pt", {**res, "behavior": "logged", "density": "categorical", "weight_threshold": 100})
     assert "not shown better than the data with 95% confidence" in table
+
+
+class _KnownBehaviour:
+    """A stand-in for the fitted behaviour model: pi_b(1|s) = 0.01 and pi_b(0|s) = 0.99 in every state."""
+
+    def log_prob(self, obs, actions):
+        return torch.log(torch.where(actions == 1, 0.01, 0.99))
+
+
+@pytest.mark.parametrize("p_rare,expected", [(0.7, 0.7), (0.01, 0.01), (0.0, 0.0)])
+def test_low_coverage_share_is_the_policy_mass_on_actions_the_data_rarely_takes(p_rare, expected):
+    actions = torch.tensor([0] * 96 + [1] * 4)
+    obs = torch.zeros(100, 4)
+    obs[:, 0] = 1.0  # every row in state 0 (one-hot)
+    data = dict(obs=obs, actions=actions)
+    pi = np.array([[1 - p_rare, p_rare]] * 4)
+    target = ope.Target(table_policy(pi), 2, None, None, None)
+    # the 5th percentile of log pi_b on the data's actions is log 0.99 (only 4% are the rare action): action 1 is
+    # "low density", so the share is pi_e's probability of action 1
+    share = ope.low_coverage_share(_KnownBehaviour(), target, data, "sample", 1)
+    assert share == pytest.approx(expected)
