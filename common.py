@@ -24,7 +24,8 @@ from datasets import BUILTIN_NAMES, Dataset, UserError, load_dataset
 
 __all__ = ["BUILTIN_NAMES", "Dataset", "UserError", "load_dataset", "Policy", "ReplayBuffer", "mlp", "evaluate",
            "Evaluation", "isolated", "set_seed", "pick_device", "make_run", "Progress", "dataset_dims",
-           "return_range_scale", "report_user_errors", "check_ranges", "COMMON_RANGES", "load_checkpoint"]
+           "return_range_scale", "report_user_errors", "check_ranges", "COMMON_RANGES", "load_checkpoint",
+           "log_evaluation"]
 
 
 @dataclass
@@ -262,6 +263,17 @@ def make_run(args, script: str) -> tuple[str, SummaryWriter]:
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     print(f"{script}: run {run_name} (tensorboard --logdir runs)", flush=True)
     return run_name, writer
+
+
+def log_evaluation(writer: SummaryWriter, progress: Progress, ds: Dataset, step: int, ev: Evaluation,
+                   q_start: float, seconds: float) -> None:
+    """An evaluation to TensorBoard (eval/return, eval/normalized_score, eval/discounted_return, eval/q_start: the
+    policy's own Q at the start states, next to the discounted return it earned from them) and to the console."""
+    norm = ds.normalized_score(ev.returns.mean())
+    for tag, value in (("return", ev.returns.mean()), ("normalized_score", norm),
+                       ("discounted_return", ev.discounted_returns.mean()), ("q_start", q_start)):
+        writer.add_scalar(f"eval/{tag}", value, step)
+    progress.eval(step, ev.returns.mean(), norm, seconds)
 
 
 def format_score(ret: float, norm: float) -> str:

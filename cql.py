@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import tyro
 
 from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
-                    load_checkpoint, load_dataset, make_run, mlp, pick_device, report_user_errors, set_seed)
+                    load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device, report_user_errors,
+                    set_seed)
 
 
 @dataclass
@@ -424,11 +425,7 @@ if __name__ == "__main__":
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
                 s0 = rb.normalize(ev.start_obs)
                 q_start = q_value(s0, greedy(s0)).mean().item()
-            norm = ds.normalized_score(ev.returns.mean())
-            for tag, value in (("return", ev.returns.mean()), ("normalized_score", norm),
-                               ("discounted_return", ev.discounted_returns.mean()), ("q_start", q_start)):
-                writer.add_scalar(f"eval/{tag}", value, step)
-            progress.eval(step, ev.returns.mean(), norm, time.time() - t0)
+            log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0)
 
         if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
             with isolated():

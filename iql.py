@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import tyro
 
 from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
-                    load_checkpoint, load_dataset, make_run, mlp, pick_device, report_user_errors, return_range_scale,
-                    set_seed)
+                    load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device, report_user_errors,
+                    return_range_scale, set_seed)
 
 
 @dataclass
@@ -317,11 +317,7 @@ if __name__ == "__main__":
             with isolated(actor):
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
                 q_start = q_pi(rb.normalize(ev.start_obs), q1, q2, actor).mean().item()
-            norm = ds.normalized_score(ev.returns.mean())
-            for tag, value in (("return", ev.returns.mean()), ("normalized_score", norm),
-                               ("discounted_return", ev.discounted_returns.mean()), ("q_start", q_start)):
-                writer.add_scalar(f"eval/{tag}", value, step)
-            progress.eval(step, ev.returns.mean(), norm, time.time() - t0)
+            log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0)
 
         if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
             with isolated(actor):
