@@ -390,6 +390,144 @@ def test_dope_metrics_helpers():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# (4b) Known answers on tiny examples computed by hand (each function against numbers, never against itself)
+# ---------------------------------------------------------------------------------------------------------
+def _toy():
+    """Two episodes, horizon 3, gamma 0.5. Episode 0: 3 steps, rewards 1, 2, 4, ratios rho = 2, 0.5, 2 (cumulative
+    w = 2, 1, 2). Episode 1: 2 steps, rewards 3, 1, ratios 0.5, 2 (w = 0.5, 1, then carried: 1). The padded cell
+    holds garbage (reward 100, ratio 7, Q̂ = V̂ = 9) that the mask must hide. Returns G = 1 + 0.5*2 + 0.25*4 = 3 and
+    3 + 0.5*1 = 3.5."""
+    mask = np.array([[True, True, True], [True, True, False]])
+    rewards = np.array([[1.0, 2.0, 4.0], [3.0, 1.0, 100.0]])
+    log_ratios = np.log([[2.0, 0.5, 2.0], [0.5, 2.0, 7.0]])
+    q_sa = np.array([[1.0, 1.0, 1.0], [2.0, 0.0, 9.0]])
+    v_s = np.array([[0.5, 1.0, 2.0], [1.0, 1.0, 9.0]])
+    return rewards, log_ratios, q_sa, v_s, mask
+
+
+def test_is_wis_pdis_wpdis_give_the_hand_computed_values_on_a_two_episode_example():
+    r, lr, _, _, mask = _toy()
+    # IS: mean of w_{0:H-1} G = (2 * 3 + 1 * 3.5) / 2 = 4.75
+    assert ope.is_estimate(r, lr, mask, 0.5) == pytest.approx(4.75)
+    # WIS: (2 * 3 + 1 * 3.5) / (2 + 1) = 9.5 / 3
+    assert ope.wis_estimate(r, lr, mask, 0.5) == pytest.approx(9.5 / 3)
+    # PDIS: episode 0: 2*1 + 0.5*(1*2) + 0.25*(2*4) = 5; episode 1: 0.5*3 + 0.5*(1*1) = 2; mean 3.5
+    assert ope.pdis_estimate(r, lr, mask, 0.5) == pytest.approx(3.5)
+    # WPDIS: t=0: (2*1 + 0.5*3) / 2.5 = 1.4; t=1: (1*2 + 1*1) / 2 = 1.5; t=2: (2*4 + 1*0) / 3 = 8/3
+    assert ope.wpdis_estimate(r, lr, mask, 0.5) == pytest.approx(1.4 + 0.5 * 1.5 + 0.25 * 8 / 3)
+    # counts (2, 1): episode 0 drawn twice. IS: (2*6 + 3.5) / 3; WIS: (2*6 + 3.5) / (2*2 + 1)
+    assert ope.is_estimate(r, lr, mask, 0.5, np.array([2.0, 1.0])) == pytest.approx(15.5 / 3)
+    assert ope.wis_estimate(r, lr, mask, 0.5, np.array([2.0, 1.0])) == pytest.approx(15.5 / 5)
+
+
+def test_dr_and_wdr_give_the_hand_computed_values_on_a_two_episode_example():
+    r, lr, q, v, mask = _toy()
+    # DR backwards, V^(t) = V̂_t + rho_t (r_t + 0.5 V^(t+1) - Q̂_t). Episode 0: t=2: 2 + 2*(4 - 1) = 8;
+    # t=1: 1 + 0.5*(2 + 4 - 1) = 3.5; t=0: 0.5 + 2*(1 + 1.75 - 1) = 4. Episode 1: t=1: 1 + 2*(1 - 0) = 3;
+    # t=0: 1 + 0.5*(3 + 1.5 - 2) = 2.25.
+    np.testing.assert_allclose(ope.dr_per_episode(r, lr, q, v, mask, 0.5), [4.0, 2.25])
+    assert ope.dr_estimate(r, lr, q, v, mask, 0.5) == pytest.approx((4.0 + 2.25) / 2)
+    assert ope.dr_estimate(r, lr, q, v, mask, 0.5, np.array([1.0, 3.0])) == pytest.approx((4.0 + 3 * 2.25) / 4)
+    # WDR: normalised weights ŵ_-1 = (1/2, 1/2), ŵ_0 = (0.8, 0.2), ŵ_1 = (0.5, 0.5), ŵ_2 = (2/3, 1/3).
+    # t=0: 0.8*0 + 0.2*(3-2) + 0.5*0.5 + 0.5*1 = 0.95; t=1: 0.5*1 + 0.5*1 + 0.8*1 + 0.2*1 = 2;
+    # t=2: (2/3)*(4-1) + (1/3)*0 + 0.5*2 + 0.5*0 = 3.  WDR = 0.95 + 0.5*2 + 0.25*3 = 2.7
+    assert ope.wdr_estimate(r, lr, q, v, mask, 0.5) == pytest.approx(2.7)
+
+
+def test_self_normalised_estimators_ignore_a_common_huge_log_weight_without_overflow():
+    # adding 800 to every episode's first log-ratio multiplies all weights by e^800 (inf in float64 unless shifted):
+    # the self-normalised estimators must give exactly the values of the unshifted toy
+    r, lr, q, v, mask = _toy()
+    big = lr.copy()
+    big[:, 0] += 800.0
+    assert ope.wis_estimate(r, big, mask, 0.5) == pytest.approx(9.5 / 3)
+    assert ope.wpdis_estimate(r, big, mask, 0.5) == pytest.approx(1.4 + 0.5 * 1.5 + 0.25 * 8 / 3)
+    assert ope.wdr_estimate(r, big, q, v, mask, 0.5) == pytest.approx(2.7)
+    small = lr.copy()
+    small[:, 0] -= 800.0  # every weight underflows to 0 without the shift
+    assert ope.wis_estimate(r, small, mask, 0.5) == pytest.approx(9.5 / 3)
+
+
+def test_ess_is_kish_formula_and_per_decision_ess_averages_it_with_discounts():
+    # w = 1, 2, 3: (1 + 2 + 3)^2 / (1 + 4 + 9) = 36 / 14, whatever common factor the weights share
+    assert ope.effective_sample_size(np.log([1.0, 2.0, 3.0])) == pytest.approx(36 / 14)
+    assert ope.effective_sample_size(np.log([1.0, 2.0, 3.0]) + 1000.0) == pytest.approx(36 / 14)
+    assert ope.effective_sample_size(np.array([0.0, -800.0, -800.0])) == pytest.approx(1.0)  # one dominates
+    assert ope.effective_sample_size(np.full(3, -np.inf)) == 0.0  # no weight at all
+    # toy step weights (carried): t=0 (2, 0.5): 2.5^2 / 4.25 = 25/17; t=1 (1, 1): 2; t=2 (2, 1): 9/5.
+    # gamma 0.5: (25/17 + 0.5*2 + 0.25*9/5) / (1 + 0.5 + 0.25)
+    _, lr, _, _, mask = _toy()
+    assert ope.per_decision_ess(lr, mask, 0.5) == pytest.approx((25 / 17 + 1.0 + 0.45) / 1.75)
+
+
+def test_bootstrap_counts_are_uniform_multinomial_draws_of_n_episodes():
+    counts = ope.bootstrap_counts(4, 2000, np.random.default_rng(0))
+    assert counts.shape == (2000, 4) and counts.dtype == np.float64
+    assert (counts.sum(1) == 4).all()  # each resample draws n episodes
+    # each episode is drawn with probability 1/n: mean count 1, variance n * (1/n) * (1 - 1/n) = 0.75
+    np.testing.assert_allclose(counts.mean(0), 1.0, atol=0.1)
+    np.testing.assert_allclose(counts.var(0), 0.75, atol=0.1)
+    assert ope.bootstrap_counts(2, 1, np.random.default_rng(0)).shape == (1, 2)  # two episodes, one resample
+    assert ope.bootstrap_counts(5, 0, np.random.default_rng(0)) is None  # no resamples asked
+    assert ope.bootstrap_counts(0, 10, np.random.default_rng(0)) is None
+
+
+def test_percentile_ci_returns_the_2_5_and_97_5_percentiles_of_the_finite_values():
+    # 0, 1, ..., 100: the q-th percentile (linear interpolation) is q itself
+    assert ope.percentile_ci(np.arange(101.0)) == pytest.approx([2.5, 97.5])
+    # two values 1, 2: 1 + 0.025 and 1 + 0.975
+    assert ope.percentile_ci(np.array([1.0, 2.0])) == pytest.approx([1.025, 1.975])
+    assert ope.percentile_ci(np.array([1.0])) is None  # one value: no interval
+    # 18 finite of 20 (90%) is enough, and the non-finite ones are dropped; 17 of 20 is not
+    samples = np.arange(20.0)
+    samples[[3, 7]] = [np.nan, np.inf]
+    finite = np.delete(np.arange(20.0), [3, 7])
+    assert ope.percentile_ci(samples) == pytest.approx([np.percentile(finite, 2.5), np.percentile(finite, 97.5)])
+    samples[11] = -np.inf
+    assert ope.percentile_ci(samples) is None
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def test_box_mass_and_truncated_normal_log_prob_match_the_closed_form():
+    loc, scale = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64)
+    low, high = torch.tensor([-1.0, -2.0], dtype=torch.float64), torch.tensor([3.0, 0.0], dtype=torch.float64)
+    # dim 0: Phi((3 - 0.5)/2) - Phi((-1 - 0.5)/2) = Phi(1.25) - Phi(-0.75); dim 1: Phi(2) - Phi(-2)
+    mass = [_phi(1.25) - _phi(-0.75), _phi(2.0) - _phi(-2.0)]
+    np.testing.assert_allclose(ope.log_box_mass(loc, scale, low, high).numpy(), np.log(mass), rtol=1e-12)
+    # a box with no mass in float64 gives the finite floor log(1e-30), not -inf
+    far = ope.log_box_mass(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([50.0]), torch.tensor([60.0]))
+    assert far.item() == pytest.approx(math.log(1e-30))
+    # log N(x; m, s) = -((x - m)/s)^2 / 2 - log s - log(2 pi)/2, minus log mass, summed over the two dimensions
+    x = torch.tensor([2.0, -0.25], dtype=torch.float64)
+    expected = sum(-0.5 * ((xi - m) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi) - math.log(p)
+                   for xi, m, s, p in zip([2.0, -0.25], [0.5, -1.0], [2.0, 0.5], mass))
+    assert ope.truncated_normal_log_prob(x, loc, scale, low, high).item() == pytest.approx(expected, rel=1e-12)
+    batch = ope.truncated_normal_log_prob(torch.stack([x, loc]), loc, scale, low, high)  # (B, d) -> (B,)
+    at_loc = sum(-math.log(s) - 0.5 * math.log(2 * math.pi) - math.log(p) for s, p in zip([2.0, 0.5], mass))
+    np.testing.assert_allclose(batch.numpy(), [expected, at_loc], rtol=1e-12)
+
+
+def test_spearman_ranks_with_average_ties_and_regret_edge_cases():
+    # x = 1, 1, 2, 3, 3, 3 has average ranks 0.5, 0.5, 2, 4, 4, 4; y = 2, 1, 4, 3, 6, 5 ranks 1, 0, 3, 2, 5, 4
+    expected = np.corrcoef([0.5, 0.5, 2, 4, 4, 4], [1, 0, 3, 2, 5, 4])[0, 1]
+    assert ope.spearman([1, 1, 2, 3, 3, 3], [2, 1, 4, 3, 6, 5]) == pytest.approx(expected)
+    assert ope.spearman([3, 1, 2], [1, 2, 3]) == pytest.approx(-0.5)  # ranks 2, 0, 1 vs 0, 1, 2
+    assert ope.spearman([1, 2], [5, 7]) == pytest.approx(1.0)  # two policies suffice
+    # average ranks 0.5, 0.5, 2.5, 2.5 (std exactly 1) vs 0, 1, 2, 3: centred (-1, -1, 1, 1) . (-1.5, -0.5, 0.5, 1.5)
+    # = 4, over norms 2 * sqrt(5): 2 / sqrt(5), whichever side holds the ties
+    assert ope.spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(2 / math.sqrt(5))
+    assert ope.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(2 / math.sqrt(5))
+    assert math.isnan(ope.spearman([1], [1]))
+    assert math.isnan(ope.spearman([2, 2, 2], [1, 2, 3]))  # a constant side has no ranking
+    assert math.isnan(ope.spearman([1, np.nan, 3], [1, 2, 3]))
+    assert math.isnan(ope.regret_at_1([1.0, np.inf], [5.0, 6.0]))  # a non-finite estimate ranks nothing
+    assert ope.regret_at_1([2.0, 1.0, 0.0], [7.0, 9.0, 3.0]) == pytest.approx(2.0)  # picks 7, best is 9
+
+
+# ---------------------------------------------------------------------------------------------------------
 # (5) Smoke: train IQL briefly, then evaluate the checkpoint end to end; and the input errors of main()
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
@@ -406,7 +544,9 @@ def test_smoke_iql_checkpoint_end_to_end(tmp_path, chain):
     assert "\nope.py: done in " in out and "ground-truth rollouts" in out.splitlines()[-1]  # the timing summary
     res = json.loads((tmp_path / (ckpt + ".ope.json")).read_text())
     assert set(res["estimates"]) == set(ope.ESTIMATORS) and res["truth"]["episodes"] == 2
-    assert res["estimates"]["WIS"]["ci_discounted"] is not None and res["estimates"]["WIS"]["ess"] > 0
+    wis, n_episodes = res["estimates"]["WIS"], res["diagnostics"]["n_episodes"]
+    assert wis["ess"] > 0  # an interval exactly when the ESS is at least 10% of the episodes
+    assert (wis["ci_discounted"] is not None) == (wis["ess"] >= ope.MIN_ESS_SHARE * n_episodes)
     assert (tmp_path / (ckpt + ".ope.csv")).read_text().count("\n") == len(ope.ESTIMATORS) + 1
     assert (tmp_path / "ope.png").stat().st_size > 0
 
