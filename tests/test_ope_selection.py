@@ -172,3 +172,18 @@ def test_low_coverage_share_is_the_policy_mass_on_actions_the_data_rarely_takes(
     # "low density", so the share is pi_e's probability of action 1
     share = ope.low_coverage_share(_KnownBehaviour(), target, data, "sample", 1)
     assert share == pytest.approx(expected)
+
+
+def test_tail_mc_error_is_the_spread_of_the_endpoints_over_batches():
+    # ten batches, batch k = 0..100 shifted by k: endpoints 2.5 + k and 97.5 + k; std of 0..9 (ddof 1) / sqrt(10)
+    samples = np.concatenate([np.arange(101.0) + k for k in range(10)])
+    assert ope.tail_mc_error(samples) == pytest.approx(np.std(np.arange(10.0), ddof=1) / math.sqrt(10))
+    assert ope.tail_mc_error(np.ones(1000)) == 0.0
+
+
+def test_non_finite_bootstrap_resamples_are_counted_in_a_note(chain):  # noqa: F811
+    _, ds = chain
+    res = run_pipeline(ds, table_policy(PI_B), bootstrap=40)
+    assert all(e["ci_mc_error"] is not None and e["ci_mc_error"] >= 0 for n, e in res["estimates"].items()
+               if n in ("IS", "WIS"))
+    assert not any("bootstrap resamples were not finite" in n for n in res["notes"])
