@@ -49,7 +49,7 @@ PRESETS = {
 # included. Ours: the small preset timed from a fresh clone, two runs at a time (benchmark/README.md: 41 min).
 # d3rlpy's: ours times the ours/d3rlpy steps/s ratio of the first side-by-side queue (IQL Box 1.43, CQL
 # discrete 2.09, BCQ Box 1.45, BCQ discrete 1.65; Box CQL: 832 s per 5k steps, timed alone), close to the
-# ratios benchmark/speed_pairs.sh measures (README "Speed").
+# ratios benchmark/speed_pairs.sh measures (docs/benchmark.md, "Speed").
 # Used only to start the longest runs first (so the last ones to finish are short) and to print an estimate of
 # the wall time before starting.
 SECONDS_PER_1K_STEPS = {("iql", True): 10, ("iql", False): 10, ("cql", True): 178, ("cql", False): 5,
