@@ -157,6 +157,7 @@ def test_weighted_estimators_are_consistent_their_error_shrinks_with_data():
         assert errors[2000][name] < 0.1 * abs(V[0, 0]), (name, errors)
 
 
+@pytest.mark.estimators
 def test_on_policy_weights_reduce_every_estimator_to_the_average_return():
     # equal weights, unequal lengths: with the carried-weight padding, every IS-type estimate is the mean return
     rng = np.random.default_rng(3)
@@ -178,6 +179,7 @@ def _random_arrays(seed: int, n: int = 7, horizon: int = 5):
     return r, lr, q, v, mask
 
 
+@pytest.mark.estimators
 def test_dr_recursive_form_equals_the_unrolled_form():
     r, lr, q, v, mask = _random_arrays(4)
     gamma = 0.8
@@ -191,6 +193,7 @@ def test_dr_recursive_form_equals_the_unrolled_form():
     assert ope.dr_estimate(r, lr, q, v, mask, gamma) == pytest.approx(total / len(r))
 
 
+@pytest.mark.estimators
 def test_wpdis_and_wdr_match_loop_references_with_carried_weights():
     r, lr, q, v, mask = _random_arrays(5)
     gamma, n, horizon = 0.8, len(r), r.shape[1]
@@ -206,6 +209,7 @@ def test_wpdis_and_wdr_match_loop_references_with_carried_weights():
     assert ope.wdr_estimate(r, lr, q, v, mask, gamma) == pytest.approx(wdr)
 
 
+@pytest.mark.estimators
 def test_bootstrap_counts_equal_resampling_whole_episodes():
     r, lr, q, v, mask = _random_arrays(6, n=9)
     idx = np.random.default_rng(0).integers(0, 9, 9)
@@ -220,6 +224,7 @@ def test_bootstrap_counts_equal_resampling_whole_episodes():
     assert ope.bootstrap_counts(5, 10, np.random.default_rng(0)).sum(1).tolist() == [5] * 10
 
 
+@pytest.mark.estimators
 def test_weights_stay_finite_in_log_space_over_long_horizons():
     # 2000 steps of log-ratio +-0.5: raw products reach e^1000; the self-normalised estimators must not overflow
     rng = np.random.default_rng(7)
@@ -235,6 +240,7 @@ def test_weights_stay_finite_in_log_space_over_long_horizons():
 # ---------------------------------------------------------------------------------------------------------
 # (3) DR with a perfect Q on a deterministic problem: exact, zero variance
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.estimators
 def test_dr_and_wdr_with_a_perfect_q_are_exact_with_zero_variance():
     gamma = 0.9
     P = transitions(1.0)  # deterministic transitions and rewards, a fixed start state
@@ -369,6 +375,7 @@ def test_rows_out_of_episode_order_are_a_clear_error(chain):
         ope.split_episodes(shuffled)
 
 
+@pytest.mark.estimators
 def test_truncated_normal_is_a_density_on_the_box_and_sampling_matches_it():
     loc, scale = torch.tensor([[1.5]]), torch.tensor([[1.0]])
     low, high = torch.tensor([-2.0]), torch.tensor([2.0])
@@ -381,6 +388,7 @@ def test_truncated_normal_is_a_density_on_the_box_and_sampling_matches_it():
     assert x.mean().item() == pytest.approx(torch.trapezoid(dens * grid[:, 0], grid[:, 0]).item(), abs=0.02)
 
 
+@pytest.mark.estimators
 def test_dope_metrics_helpers():
     assert ope.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert ope.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -405,6 +413,7 @@ def _toy():
     return rewards, log_ratios, q_sa, v_s, mask
 
 
+@pytest.mark.estimators
 def test_is_wis_pdis_wpdis_give_the_hand_computed_values_on_a_two_episode_example():
     r, lr, _, _, mask = _toy()
     # IS: mean of w_{0:H-1} G = (2 * 3 + 1 * 3.5) / 2 = 4.75
@@ -420,6 +429,7 @@ def test_is_wis_pdis_wpdis_give_the_hand_computed_values_on_a_two_episode_exampl
     assert ope.wis_estimate(r, lr, mask, 0.5, np.array([2.0, 1.0])) == pytest.approx(15.5 / 5)
 
 
+@pytest.mark.estimators
 def test_dr_and_wdr_give_the_hand_computed_values_on_a_two_episode_example():
     r, lr, q, v, mask = _toy()
     # DR backwards, V^(t) = V̂_t + rho_t (r_t + 0.5 V^(t+1) - Q̂_t). Episode 0: t=2: 2 + 2*(4 - 1) = 8;
@@ -434,6 +444,7 @@ def test_dr_and_wdr_give_the_hand_computed_values_on_a_two_episode_example():
     assert ope.wdr_estimate(r, lr, q, v, mask, 0.5) == pytest.approx(2.7)
 
 
+@pytest.mark.estimators
 def test_self_normalised_estimators_ignore_a_common_huge_log_weight_without_overflow():
     # adding 800 to every episode's first log-ratio multiplies all weights by e^800 (inf in float64 unless shifted):
     # the self-normalised estimators must give exactly the values of the unshifted toy
@@ -448,6 +459,7 @@ def test_self_normalised_estimators_ignore_a_common_huge_log_weight_without_over
     assert ope.wis_estimate(r, small, mask, 0.5) == pytest.approx(9.5 / 3)
 
 
+@pytest.mark.estimators
 def test_ess_is_kish_formula_and_per_decision_ess_averages_it_with_discounts():
     # w = 1, 2, 3: (1 + 2 + 3)^2 / (1 + 4 + 9) = 36 / 14, whatever common factor the weights share
     assert ope.effective_sample_size(np.log([1.0, 2.0, 3.0])) == pytest.approx(36 / 14)
@@ -460,6 +472,7 @@ def test_ess_is_kish_formula_and_per_decision_ess_averages_it_with_discounts():
     assert ope.per_decision_ess(lr, mask, 0.5) == pytest.approx((25 / 17 + 1.0 + 0.45) / 1.75)
 
 
+@pytest.mark.estimators
 def test_bootstrap_counts_are_uniform_multinomial_draws_of_n_episodes():
     counts = ope.bootstrap_counts(4, 2000, np.random.default_rng(0))
     assert counts.shape == (2000, 4) and counts.dtype == np.float64
@@ -472,6 +485,7 @@ def test_bootstrap_counts_are_uniform_multinomial_draws_of_n_episodes():
     assert ope.bootstrap_counts(0, 10, np.random.default_rng(0)) is None
 
 
+@pytest.mark.estimators
 def test_percentile_ci_returns_the_2_5_and_97_5_percentiles_of_the_finite_values():
     # 0, 1, ..., 100: the q-th percentile (linear interpolation) is q itself
     assert ope.percentile_ci(np.arange(101.0)) == pytest.approx([2.5, 97.5])
@@ -491,6 +505,7 @@ def _phi(z: float) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
+@pytest.mark.estimators
 def test_box_mass_and_truncated_normal_log_prob_match_the_closed_form():
     loc, scale = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.5], dtype=torch.float64)
     low, high = torch.tensor([-1.0, -2.0], dtype=torch.float64), torch.tensor([3.0, 0.0], dtype=torch.float64)
@@ -510,6 +525,7 @@ def test_box_mass_and_truncated_normal_log_prob_match_the_closed_form():
     np.testing.assert_allclose(batch.numpy(), [expected, at_loc], rtol=1e-12)
 
 
+@pytest.mark.estimators
 def test_spearman_ranks_with_average_ties_and_regret_edge_cases():
     # x = 1, 1, 2, 3, 3, 3 has average ranks 0.5, 0.5, 2, 4, 4, 4; y = 2, 1, 4, 3, 6, 5 ranks 1, 0, 3, 2, 5, 4
     expected = np.corrcoef([0.5, 0.5, 2, 4, 4, 4], [1, 0, 3, 2, 5, 4])[0, 1]

@@ -1,7 +1,7 @@
 """Mutation testing of the ALGO LOGIC: make one small, plausible bug at a time and check that a test catches it.
 
     python tools/mutate.py iql.py tests/test_iql.py                      # every mutant of iql.py's ALGO LOGIC
-    python tools/mutate.py ope.py tests/test_ope.py --functions is_estimates,wis_estimates
+    python tools/mutate.py ope.py tests/test_ope.py --marker estimators --functions is_estimate,wis_estimate
     python tools/mutate.py cql.py tests/test_cql.py --jobs 2 --out mutants-cql.txt
 
 What is mutated: the top-level functions and classes between the file's first `# ALGO LOGIC` comment and its
@@ -12,7 +12,8 @@ or exactly the names given with --functions. Docstrings and comments are never t
   constant    a number n -> n + 1 (floats: 0 <-> 1, else doubled), True <-> False
   name        obs <-> next_obs, q1 <-> q2, a net <-> its target, actions <-> pi-style swaps listed in SWAPS
   statement   a bare call statement (opt.step(), loss.backward(), zero_grad, lerp_, sched.step()) deleted
-The suite runs in a scratch copy of the project (the working tree is never modified) with `-m "not slow" -x`; a
+The suite runs in a scratch copy of the project (the working tree is never modified) with `-x` and `-m` --marker
+(default "not slow"); a
 mutant is killed when the tests fail or time out. Equivalent mutants (same behaviour) survive by nature: list
 them, with why, in docs/testing.md.
 """
@@ -191,9 +192,9 @@ def scratch_copy(dest: Path) -> None:
             shutil.copy2(item, dest / item.name)
 
 
-def run_tests(workdir: Path, tests: list[str], timeout: int) -> str:
+def run_tests(workdir: Path, tests: list[str], timeout: int, marker: str) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", "not slow", "-p", "no:cacheprovider", *tests]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-m", marker, "-p", "no:cacheprovider", *tests]
     try:
         proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -210,6 +211,7 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=120, help="seconds before a mutant's test run counts as killed")
     p.add_argument("--out", help="also write the report to this file")
     p.add_argument("--limit", type=int, default=0, help="test only the first N mutants (0: all)")
+    p.add_argument("--marker", default="not slow", help="pytest -m expression selecting the tests to run")
     args = p.parse_args()
 
     source = (ROOT / args.file).read_text()
@@ -220,7 +222,7 @@ def main() -> None:
     scratch = [Path(tempfile.mkdtemp(prefix=f"mutate{j}-")) for j in range(args.jobs)]
     for d in scratch:
         scratch_copy(d)
-    baseline = run_tests(scratch[0], args.tests, args.timeout)
+    baseline = run_tests(scratch[0], args.tests, args.timeout, args.marker)
     if baseline != "survived":
         raise SystemExit(f"mutate.py: the tests fail without any mutation ({baseline}); fix them first")
     print(f"{args.file}: {len(todo)} mutants, tests {' '.join(args.tests)}", flush=True)
@@ -231,7 +233,7 @@ def main() -> None:
         target = scratch[job] / args.file
         for m in batch:
             target.write_text("".join(m.apply(lines)))
-            status = run_tests(scratch[job], args.tests, args.timeout)
+            status = run_tests(scratch[job], args.tests, args.timeout, args.marker)
             results.append((m, status))
             done = len(results)
             eta = (time.time() - t0) / done * (len(todo) - done)
