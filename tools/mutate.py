@@ -8,13 +8,12 @@ What is mutated: the top-level functions and classes between the file's first `#
 `if __name__ == "__main__":` block, except `diagnostics` and `load_policy` (logging and loading, not the algorithm);
 or exactly the names given with --functions. Docstrings and comments are never touched. One mutant = one of:
   operator    + <-> -, * <-> /, ** -> *, < <-> >, <= <-> >=, == <-> !=, unary minus removed
-  function    min <-> max, mean -> sum, logsumexp -> amax, .detach() removed, where's branches swapped
+  function    min <-> max, mean -> sum, logsumexp -> amax, argmax -> argmin, .detach() removed
   constant    a number n -> n + 1 (floats: 0 <-> 1, else doubled), True <-> False
   name        obs <-> next_obs, q1 <-> q2, a net <-> its target, actions <-> pi-style swaps listed in SWAPS
   statement   a bare call statement (opt.step(), loss.backward(), zero_grad, lerp_, sched.step()) deleted
-The suite runs in a scratch copy of the project (the working tree is never modified) with `-x` and `-m` --marker
-(default "not slow"); a
-mutant is killed when the tests fail or time out. Equivalent mutants (same behaviour) survive by nature: list
+The suite runs in a scratch copy of the project (the working tree is never modified) with `-x -m MARKER` (default
+"not slow"); a mutant is killed when the tests fail or time out. Equivalent mutants (same behaviour) survive by nature: list
 them, with why, in docs/testing.md.
 """
 
