@@ -248,7 +248,7 @@ def update_box(batch, step, *, q1, q2, q1_target, q2_target, actor, log_alpha, l
         alpha_prime_loss.backward()
         alpha_prime_opt.step()
         cql_loss = (alpha_prime.detach() * (args.cql_alpha * gaps - args.cql_target_action_gap)).sum()
-        logs.update(alpha_prime_loss=alpha_prime_loss, alpha_prime=alpha_prime.detach())
+        logs.update(alpha_prime_loss=alpha_prime_loss.detach(), alpha_prime=alpha_prime.detach())
     else:
         cql_loss = (args.cql_alpha * gaps).sum()
     q_loss = td_loss + cql_loss if conservative else td_loss  # alpha 0: plain (offline) SAC critics

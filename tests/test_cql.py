@@ -1,5 +1,7 @@
-"""cql.py: the conservative term against hand-computed values, --cql-alpha 0 as plain SAC / DQN, and end-to-end
-runs (train, save, reload) on a Box and a Discrete dataset. The dataset cache comes from conftest.py."""
+"""cql.py: known answers for the ALGO LOGIC (networks with set weights, log-densities against torch's own
+tanh-transformed Normal, the conservative term, proposals replayed from a seed, one plain-SGD step of each update
+against the equations written out from the reference card or by hand), and end-to-end runs (train, save, reload)
+on a Box and a Discrete dataset (slow). The dataset cache comes from conftest.py."""
 
 import copy
 import math
@@ -11,6 +13,28 @@ import torch.nn.functional as F
 from tests.conftest import run_script
 
 import cql
+
+
+class SGD:
+    """Plain SGD, p <- p - lr * p.grad (params whose grad is None are skipped), with the optimiser interface the
+    updates call. The same arithmetic as torch.optim.SGD without momentum, written out so each parameter change is
+    exactly -lr * gradient, and without torch.optim's first-use import of torch._dynamo (seconds per test process)."""
+
+    def __init__(self, params, lr: float):
+        self.params, self.lr = list(params), lr
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            if p.grad is not None:
+                p -= self.lr * p.grad
 
 
 def test_discrete_cql_gap_is_logsumexp_minus_data_q():
@@ -86,11 +110,13 @@ def test_box_cql_alpha_zero_is_the_plain_sac_critic_update():
     log_alpha, log_alpha_prime = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
     b = batch(3, discrete=False)
     before = [p.detach().clone() for p in list(q1.parameters()) + list(q2.parameters())]
-    q_opt = torch.optim.SGD(list(q1.parameters()) + list(q2.parameters()), lr=1.0)  # delta = -gradient
+    q_opt = SGD(list(q1.parameters()) + list(q2.parameters()), lr=1.0)  # delta = -gradient
     torch.manual_seed(1)
-    logs = cql.update_box(b, 1, q1, q2, q1_t, q2_t, actor, log_alpha, log_alpha_prime, q_opt,
-                          torch.optim.Adam(actor.parameters()), torch.optim.Adam([log_alpha]),
-                          torch.optim.Adam([log_alpha_prime]), args)
+    logs = cql.update_box(b, 1, q1=q1, q2=q2, q1_target=q1_t, q2_target=q2_t, actor=actor, log_alpha=log_alpha,
+                          log_alpha_prime=log_alpha_prime, q_opt=q_opt,
+                          actor_opt=SGD(actor.parameters(), lr=0.01),
+                          alpha_opt=SGD([log_alpha], lr=0.01),
+                          alpha_prime_opt=SGD([log_alpha_prime], lr=0.01), args=args)
 
     # the same random draws in the same order: a ~ pi(s) for the actor, then a' ~ pi(s') for the TD target
     obs, actions, rewards, next_obs, terminals = b
@@ -107,9 +133,11 @@ def test_box_cql_alpha_zero_is_the_plain_sac_critic_update():
     assert all(torch.allclose(d, -g, atol=1e-6) for d, g in zip(delta, grads))
     # between logging steps alpha 0 skips the conservative term altogether (SAC's cost, not CQL's)
     args.log_every = 1000
-    logs = cql.update_box(b, 2, q1, q2, q1_t, q2_t, actor, log_alpha, log_alpha_prime, q_opt,
-                          torch.optim.Adam(actor.parameters()), torch.optim.Adam([log_alpha]),
-                          torch.optim.Adam([log_alpha_prime]), args)
+    logs = cql.update_box(b, 2, q1=q1, q2=q2, q1_target=q1_t, q2_target=q2_t, actor=actor, log_alpha=log_alpha,
+                          log_alpha_prime=log_alpha_prime, q_opt=q_opt,
+                          actor_opt=SGD(actor.parameters(), lr=0.01),
+                          alpha_opt=SGD([log_alpha], lr=0.01),
+                          alpha_prime_opt=SGD([log_alpha_prime], lr=0.01), args=args)
     assert "cql_gap" not in logs and logs["cql_loss"].item() == 0.0
 
 
@@ -121,7 +149,8 @@ def test_discrete_cql_alpha_zero_is_the_plain_double_dqn_update():
     ref, ref_t = copy.deepcopy(qnet), copy.deepcopy(qnet_t)  # the update moves its target by Polyak
     b = batch(4, discrete=True)
     before = [p.detach().clone() for p in qnet.parameters()]
-    logs = cql.update_discrete(b, 1, qnet, qnet_t, torch.optim.SGD(qnet.parameters(), lr=1.0), args)
+    logs = cql.update_discrete(b, 1, qnet=qnet, qnet_target=qnet_t, q_opt=SGD(qnet.parameters(), lr=1.0),
+                               args=args)
 
     obs, actions, rewards, next_obs, terminals = b
     with torch.no_grad():
@@ -138,7 +167,7 @@ def test_discrete_cql_term_lowers_unseen_actions_and_raises_the_data_action():
     qnet = cql.DiscreteQNetwork(4, 3, args)
     obs, actions = torch.randn(32, 4), torch.zeros(32, dtype=torch.long)
     before = qnet(obs).detach()
-    opt = torch.optim.SGD(qnet.parameters(), lr=0.1)
+    opt = SGD(qnet.parameters(), lr=0.1)
     for _ in range(20):
         opt.zero_grad()
         cql.cql_gap_discrete(qnet(obs), actions).backward()
@@ -147,6 +176,400 @@ def test_discrete_cql_term_lowers_unseen_actions_and_raises_the_data_action():
     assert (after[:, 0] - before[:, 0]).mean() > 0 and (after[:, 1:] - before[:, 1:]).mean() < 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Networks. With n_layers=0 every mlp is one nn.Linear, so each output is a hand computation from set weights.
+def linear_args(**overrides) -> cql.Args:
+    return cql.Args(hidden_dim=4, n_layers=0, **overrides)
+
+
+def set_linear(net: torch.nn.Module, weight, bias) -> torch.nn.Module:
+    (layer,) = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
+        layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
+    return net
+
+
+def test_q_network_scores_state_action_pairs_and_n_actions_per_state():
+    # Q(s, a) = s0 + 2 s1 + 10 a0 - 10 a1 + 0.5
+    q = set_linear(cql.QNetwork(2, 2, linear_args()), [[1.0, 2.0, 10.0, -10.0]], [0.5])
+    obs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # state 1, a = (0.1, 0): 1 + 1 + 0.5 = 2.5; state 2, a = (0, 0.2): 2 - 2 + 0.5 = 0.5
+    out = q(obs, torch.tensor([[0.1, 0.0], [0.0, 0.2]]))
+    assert out.shape == (2,) and torch.allclose(out, torch.tensor([2.5, 0.5]))
+    # N = 3 actions per state, (B, N, d) -> (B, N), each scored at its own state (Q(s, 0) = 1.5 and 2.5):
+    # a = (0, 0), (0.1, 0), (0, 0.1) -> +0, +1, -1
+    a3 = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1]]).expand(2, 3, 2)
+    out3 = q(obs, a3)
+    assert out3.shape == (2, 3) and torch.allclose(out3, torch.tensor([[1.5, 2.5, 0.5], [2.5, 3.5, 1.5]]))
+
+
+def test_discrete_q_network_scores_every_action_and_acts_greedily():
+    # Q(s, .) = W s + b with W = [[1, 0], [0, 1], [-1, -1]], b = [0, 0, 0.5]
+    qnet = set_linear(cql.DiscreteQNetwork(2, 3, linear_args()), [[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]],
+                      [0.0, 0.0, 0.5])
+    obs = torch.tensor([[2.0, 1.0], [0.0, 3.0], [-1.0, -1.0], [3.0, 0.0]])
+    # rows: [2, 1, -2.5], [0, 3, -2.5], [-1, -1, 2.5], [3, 0, -2.5] -> greedy actions 0, 1, 2, 0
+    assert torch.allclose(qnet(obs), torch.tensor([[2.0, 1.0, -2.5], [0.0, 3.0, -2.5], [-1.0, -1.0, 2.5],
+                                                   [3.0, 0.0, -2.5]]))
+    assert qnet.act(obs).tolist() == [0, 1, 2, 0]
+    assert qnet.act(torch.stack([obs, obs.flip(0)])).tolist() == [[0, 1, 2, 0], [0, 2, 1, 0]]  # any batch shape
+    # discrete_q reads Q(s, a) off the head: a = (1, 1, 0, 2) -> 1, 3, -1, -2.5
+    assert cql.discrete_q(qnet, obs, torch.tensor([1, 1, 0, 2])).tolist() == [1.0, 3.0, -1.0, -2.5]
+
+
+def test_twin_min_q_takes_the_smaller_critic_state_by_state():
+    # Q1(s, a) = s0 and Q2(s, a) = s1: state (1, 2) -> min 1 (Q1); state (3, -1) -> min -1 (Q2)
+    q1 = set_linear(cql.QNetwork(2, 1, linear_args()), [[1.0, 0.0, 0.0]], [0.0])
+    q2 = set_linear(cql.QNetwork(2, 1, linear_args()), [[0.0, 1.0, 0.0]], [0.0])
+    assert cql.twin_min_q(q1, q2, torch.tensor([[1.0, 2.0], [3.0, -1.0]]), torch.zeros(2, 1)).tolist() == [1.0, -1.0]
+
+
+def actor_with_head(mean: list[float], log_std: list[float], obs_dim: int = 2) -> cql.TanhGaussianActor:
+    """A linear actor with zero weights: its head outputs (mean, log std) = the bias, whatever the state."""
+    return set_linear(cql.TanhGaussianActor(obs_dim, len(mean), linear_args()), torch.zeros(2 * len(mean), obs_dim),
+                      mean + log_std)
+
+
+def tanh_gaussian(mean: torch.Tensor, std: torch.Tensor) -> torch.distributions.Distribution:
+    """torch's own tanh-squashed Normal (exact Jacobian), independent of cql.py's change of variables."""
+    base = torch.distributions.Normal(mean, std)
+    return torch.distributions.Independent(torch.distributions.TransformedDistribution(
+        base, [torch.distributions.TanhTransform(cache_size=1)]), 1)
+
+
+def test_actor_head_is_mean_then_log_std_clamped_to_the_authors_range_and_acts_with_tanh_mean():
+    actor = actor_with_head([0.5, -1.0, 0.0], [0.3, 3.0, -7.0])
+    dist = actor.dist(torch.zeros(4, 2))
+    assert torch.allclose(dist.mean, torch.tensor([0.5, -1.0, 0.0]).expand(4, 3))
+    # log std clamped to [-5, 2]: 0.3 stays, 3 -> 2, -7 -> -5
+    assert torch.allclose(dist.stddev, torch.tensor([0.3, 2.0, -5.0]).exp().expand(4, 3))
+    # deterministic action tanh(mean) = (0.4621, -0.7616, 0), for any batch shape
+    expected = torch.tensor([0.462117, -0.761594, 0.0])
+    assert torch.allclose(actor.act(torch.zeros(5, 2)), expected.expand(5, 3), atol=1e-6)
+    assert torch.allclose(actor.act(torch.zeros(2, 5, 2)), expected.expand(2, 5, 3), atol=1e-6)
+
+
+def test_actor_samples_are_reparameterised_tanh_gaussian_draws_with_their_torch_log_density():
+    mean, log_std = [0.5, -1.0, 0.2], [0.3, -0.5, 0.0]
+    actor, obs = actor_with_head(mean, log_std), torch.zeros(4, 2)
+    ref = tanh_gaussian(torch.tensor(mean).expand(4, 3), torch.tensor(log_std).exp().expand(4, 3))
+    torch.manual_seed(5)
+    a, logp = actor.sample(obs)
+    torch.manual_seed(5)
+    a_ref = ref.rsample()  # the same normal draws, squashed by torch's TanhTransform
+    assert a.requires_grad and torch.allclose(a, a_ref, atol=1e-6)
+    assert logp.shape == (4,) and torch.allclose(logp, ref.log_prob(a_ref), atol=1e-4)
+    # n = 5 actions per state: (B, n, d) and (B, n)
+    ref_n = tanh_gaussian(torch.tensor(mean).expand(4, 5, 3), torch.tensor(log_std).exp().expand(4, 5, 3))
+    torch.manual_seed(6)
+    a, logp = actor.sample(obs, 5)
+    torch.manual_seed(6)
+    a_ref = ref_n.rsample()
+    assert a.shape == (4, 5, 3) and torch.allclose(a, a_ref, atol=1e-6)
+    assert logp.shape == (4, 5) and torch.allclose(logp, ref_n.log_prob(a_ref), atol=1e-4)
+
+
+def test_actor_log_prob_of_given_actions_matches_torch_tanh_transformed_gaussian():
+    torch.manual_seed(0)
+    actor = cql.TanhGaussianActor(3, 3, cql.Args(hidden_dim=8, n_layers=1))
+    obs = torch.randn(6, 3)
+    actions = torch.rand(6, 3) * 1.6 - 0.8  # inside the box
+    mean, log_std = actor.net(obs).chunk(2, -1)
+    ref = tanh_gaussian(mean, log_std.clamp(-5.0, 2.0).exp())
+    assert torch.allclose(actor.log_prob(obs, actions), ref.log_prob(actions), atol=1e-4)
+
+
+def test_squashed_log_prob_keeps_rlkits_epsilon_inside_the_jacobian():
+    # at a = 1 exactly: log N(u) - log(1 - 1 + 1e-6) = log N(u) + 13.8155 (rlkit's 1e-6 keeps it finite)
+    dist = torch.distributions.Normal(torch.zeros(1, 1), torch.ones(1, 1))
+    u, a = torch.tensor([[0.3]]), torch.tensor([[1.0]])
+    lp = cql.TanhGaussianActor.squashed_log_prob(dist, u, a)
+    assert lp.item() == pytest.approx(-0.5 * 0.09 - 0.5 * math.log(2 * math.pi) - math.log(1e-6), abs=1e-3)
+
+
+def test_actor_log_prob_on_the_box_edge_clamps_to_one_minus_1e6():
+    # N(0.5, 1), float64. a = +-1 is clamped to +-(1 - 1e-6): u = +-atanh(1 - 1e-6) = +-0.5 log((2 - 1e-6) / 1e-6)
+    # = +-7.254329, and 1 - a^2 + 1e-6 = 2e-6 - 1e-12 + 1e-6; log pi = log N(u; 0.5, 1) - log(3e-6 - 1e-12)
+    actor = actor_with_head([0.5], [0.0], obs_dim=1).double()
+    u = 0.5 * math.log((2 - 1e-6) / 1e-6)
+    jac = math.log(3e-6 - 1e-12)
+    expected = [-0.5 * (s * u - 0.5) ** 2 - 0.5 * math.log(2 * math.pi) - jac for s in (1, -1)]
+    lp = actor.log_prob(torch.zeros(2, 1, dtype=torch.float64), torch.tensor([[1.0], [-1.0]], dtype=torch.float64))
+    assert lp.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conservative term, Box proposals
+def test_box_gap_is_a_mean_over_states():
+    # state 1: logsumexp(0 - 0, 0 - 0) - 0 = log 2; state 2: logsumexp(1 - 0, 1 - log 2) - 3 = log(e + e/2) - 3
+    q_prop = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    log_density = torch.tensor([[0.0, 0.0], [0.0, math.log(2.0)]])
+    expected = (math.log(2.0) + math.log(1.5 * math.e) - 3.0) / 2  # (0.693147 - 1.594535) / 2 = -0.450694
+    assert cql.cql_gap_box(q_prop, log_density, torch.tensor([0.0, 3.0])).item() == pytest.approx(expected, abs=1e-5)
+
+
+class StateActor(torch.nn.Module):
+    """Deterministic stand-in policy: at state s every sample is tanh(s[:2]) with log pi = sum(s); draws nothing."""
+
+    act_dim = 2
+
+    def sample(self, obs, n=None):
+        a, logp = torch.tanh(obs[:, :2]), obs.sum(-1)
+        if n is None:
+            return a, logp
+        return a[:, None].expand(-1, n, -1), logp[:, None].expand(-1, n)
+
+
+def test_box_proposals_are_seeded_uniform_draws_then_policy_at_s_then_policy_at_next_s():
+    obs = torch.tensor([[0.1, 0.2, 0.3], [0.4, -0.5, 0.6]])
+    next_obs = torch.tensor([[-0.7, 0.8, 0.0], [0.9, 0.1, -0.2]])
+    n = 4
+    torch.manual_seed(3)
+    actions, log_density = cql.cql_proposals(obs, next_obs, StateActor(), n)
+    torch.manual_seed(3)
+    uniform = 2 * torch.rand(2, n, 2) - 1  # U(-1, 1)^2 from the same draws
+    assert torch.allclose(actions[:, :n], uniform)
+    assert torch.allclose(actions[:, n:2 * n], torch.tanh(obs[:, None, :2]).expand(-1, n, -1))
+    assert torch.allclose(actions[:, 2 * n:], torch.tanh(next_obs[:, None, :2]).expand(-1, n, -1))
+    # log mu: uniform density 1/4 -> log 0.25 = -1.386294; log pi(a|s) = sum(s) = 0.6, 0.5; at s': 0.1, 0.8
+    expected = torch.tensor([[-1.386294] * n + [0.6] * n + [0.1] * n, [-1.386294] * n + [0.5] * n + [0.8] * n])
+    assert torch.allclose(log_density, expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Box update: one step with plain SGD against CQL(H)-SAC written out independently from the reference card (section
+# 4.2), with torch's tanh-transformed Normal for every log pi and the draws replayed from the same seed in the
+# documented order (a ~ pi(s) for temperature and actor, a' ~ pi(s') for the target, then the 3N proposals).
+LR = dict(q=0.1, actor=0.05, alpha=0.2, alpha_prime=0.3)
+
+
+def box_nets(seed: int = 0, obs_dim: int = 3, act_dim: int = 2) -> dict:
+    torch.manual_seed(seed)
+    args = cql.Args(hidden_dim=8, n_layers=1)
+    return dict(q1=cql.QNetwork(obs_dim, act_dim, args), q2=cql.QNetwork(obs_dim, act_dim, args),
+                q1_target=cql.QNetwork(obs_dim, act_dim, args),  # targets differ from the online critics
+                q2_target=cql.QNetwork(obs_dim, act_dim, args), actor=cql.TanhGaussianActor(obs_dim, act_dim, args),
+                log_alpha=torch.tensor(0.3, requires_grad=True),  # alpha = 1.35, so alpha * x != x / alpha
+                log_alpha_prime=torch.tensor(-0.4, requires_grad=True))  # alpha' = 0.67, inside the clamp [0, 1e6]
+
+
+def run_update_box(nets: dict, b, step: int, args: cql.Args, seed: int = 11):
+    nets = copy.deepcopy(nets)
+    params = [p for k, v in nets.items() for p in (v.parameters() if isinstance(v, torch.nn.Module) else [v])]
+    for p in params:  # stale gradients (as an earlier backward would leave): each step must clear, not add to them
+        p.grad = torch.full_like(p, 7.0)
+    opts = dict(q_opt=SGD(list(nets["q1"].parameters()) + list(nets["q2"].parameters()), lr=LR["q"]),
+                actor_opt=SGD(nets["actor"].parameters(), lr=LR["actor"]),
+                alpha_opt=SGD([nets["log_alpha"]], lr=LR["alpha"]),
+                alpha_prime_opt=SGD([nets["log_alpha_prime"]], lr=LR["alpha_prime"]))
+    torch.manual_seed(seed)
+    logs = cql.update_box(b, step, **nets, **opts, args=args)
+    return nets, logs
+
+
+def policy_draw(actor, obs, n=None):
+    """a ~ pi(.|s) and log pi(a|s) from torch's TanhTransform on the actor's raw head (n: n draws per state)."""
+    if n is not None:
+        obs = obs[:, None].expand(-1, n, -1)
+    mean, log_std = actor.net(obs).chunk(2, -1)
+    dist = tanh_gaussian(mean, log_std.clamp(-5.0, 2.0).exp())
+    a = dist.rsample()
+    return a, dist.log_prob(a)
+
+
+def policy_log_prob(actor, obs, actions):
+    mean, log_std = actor.net(obs).chunk(2, -1)
+    return tanh_gaussian(mean, log_std.clamp(-5.0, 2.0).exp()).log_prob(actions)
+
+
+def q_many(q, obs, actions):
+    """Q(s, a_i) for (B, M, d) actions, through the 2-D path only."""
+    b, m, d = actions.shape
+    return q(obs[:, None].expand(-1, m, -1).reshape(b * m, -1), actions.reshape(b * m, d)).view(b, m)
+
+
+def reference_box_step(nets: dict, b, step: int, args: cql.Args, seed: int = 11):
+    """The expected networks and logs after one CQL(H)-SAC step with SGD, from the reference card's equations."""
+    n = copy.deepcopy(nets)
+    q1, q2, q1_t, q2_t, actor = n["q1"], n["q2"], n["q1_target"], n["q2_target"], n["actor"]
+    obs, actions, rewards, next_obs, terminals = b
+    batch_size, d, big_n = obs.shape[0], actor.act_dim, args.cql_n_actions
+    torch.manual_seed(seed)
+    a_pi, logp_pi = policy_draw(actor, obs)
+    # temperature first: loss -log_alpha (log pi - d), so d loss / d log_alpha = -(mean log pi - d); SGD step
+    log_alpha0 = n["log_alpha"].detach()
+    log_alpha = log_alpha0 + LR["alpha"] * (logp_pi.detach().mean() - d)
+    alpha = log_alpha.exp()
+    if step <= args.bc_steps:  # behaviour cloning while step <= bc_steps
+        actor_loss = (alpha * logp_pi - policy_log_prob(actor, obs, actions)).mean()
+    else:
+        actor_loss = (alpha * logp_pi - torch.minimum(q1(obs, a_pi), q2(obs, a_pi))).mean()
+    actor_grads = torch.autograd.grad(actor_loss, list(actor.parameters()))  # pre-update critics
+    with torch.no_grad():
+        if args.cql_max_target_backup:  # min over the twin targets of each one's max over N draws at s'
+            a_next, _ = policy_draw(actor, next_obs, big_n)
+            v = torch.minimum(q_many(q1_t, next_obs, a_next).amax(1), q_many(q2_t, next_obs, a_next).amax(1))
+        else:
+            a_next, logp_next = policy_draw(actor, next_obs)
+            v = torch.minimum(q1_t(next_obs, a_next), q2_t(next_obs, a_next))
+            if args.backup_entropy:
+                v = v - alpha * logp_next
+        y = rewards + args.discount * (1 - terminals) * v
+    conservative = args.cql_alpha > 0
+    measured = conservative or step % args.log_every == 0 or step == args.total_steps
+    with torch.no_grad():  # proposals: N uniform (density 2^-d), N from pi(s), N from pi(s'), all scored at s
+        a_unif = 2 * torch.rand(batch_size, big_n, d) - 1
+        a_cur, logp_cur = policy_draw(actor, obs, big_n)
+        a_nxt, logp_nxt = policy_draw(actor, next_obs, big_n)
+        props = torch.cat([a_unif, a_cur, a_nxt], 1)
+        log_mu = torch.cat([torch.full((batch_size, big_n), -d * math.log(2.0)), logp_cur, logp_nxt], 1)
+    td, gaps = [], []
+    for q in (q1, q2):
+        q_data = q(obs, actions)
+        td.append(((q_data - y) ** 2).mean())
+        gaps.append((torch.logsumexp(q_many(q, obs, props) - log_mu, 1) - q_data).mean() if measured
+                    else torch.zeros(()))
+    expected = dict(td_loss=td[0] + td[1], actor_loss=actor_loss, alpha=alpha, log_pi=logp_pi.mean(),
+                    alpha_loss=-(log_alpha0 * (logp_pi - d)).mean())
+    log_alpha_prime = n["log_alpha_prime"].detach()
+    if args.cql_lagrange:  # dual ascent: loss -0.5 alpha' sum(slack), d / d log alpha' = -0.5 alpha' sum(slack)
+        alpha_prime = log_alpha_prime.exp().clamp(max=1e6)
+        slack = sum(args.cql_alpha * g.detach() - args.cql_target_action_gap for g in gaps)
+        expected.update(alpha_prime=alpha_prime, alpha_prime_loss=-0.5 * alpha_prime * slack)
+        log_alpha_prime = log_alpha_prime + LR["alpha_prime"] * 0.5 * alpha_prime * slack
+        cql_loss = alpha_prime * sum(args.cql_alpha * g - args.cql_target_action_gap for g in gaps)
+    else:
+        cql_loss = args.cql_alpha * (gaps[0] + gaps[1])
+    q_loss = expected["td_loss"] + cql_loss if conservative else expected["td_loss"]
+    expected.update(cql_loss=cql_loss, q_loss=q_loss)
+    if measured:
+        expected["cql_gap"] = (gaps[0] + gaps[1]) / 2
+    q_params = list(q1.parameters()) + list(q2.parameters())
+    q_grads = torch.autograd.grad(q_loss, q_params)
+    with torch.no_grad():
+        for p, g in zip(q_params, q_grads):
+            p -= LR["q"] * g
+        for p, g in zip(actor.parameters(), actor_grads):
+            p -= LR["actor"] * g
+        for net, target in ((q1, q1_t), (q2, q2_t)):  # Polyak: target + tau (new online - target)
+            for p, tp in zip(net.parameters(), target.parameters()):
+                tp += args.tau * (p - tp)
+    n.update(log_alpha=log_alpha, log_alpha_prime=log_alpha_prime)
+    return n, {k: v.detach() for k, v in expected.items()}
+
+
+def box_batch(size: int = 16, obs_dim: int = 3, act_dim: int = 2):
+    g = torch.Generator().manual_seed(0)
+    terminals = torch.zeros(size)
+    terminals[::3] = 1.0  # some terminal transitions, some not
+    return (torch.randn(size, obs_dim, generator=g), torch.rand(size, act_dim, generator=g) * 1.8 - 0.9,
+            torch.randn(size, generator=g), torch.randn(size, obs_dim, generator=g), terminals)
+
+
+BOX_CASES = {  # name: (flags, step)
+    "cql": (dict(cql_alpha=0.5), 1),
+    "lagrange": (dict(cql_alpha=0.5, cql_lagrange=True, cql_target_action_gap=0.3), 1),
+    "bc_last_step": (dict(cql_alpha=0.5, bc_steps=3), 3),
+    "first_step_after_bc": (dict(cql_alpha=0.5, bc_steps=3), 4),
+    "max_target_backup": (dict(cql_alpha=0.5, cql_max_target_backup=True), 1),
+    "backup_entropy": (dict(cql_alpha=0.5, backup_entropy=True), 1),
+    "alpha0_logging_step": (dict(cql_alpha=0.0, log_every=1), 1),
+    "alpha0_between_logging": (dict(cql_alpha=0.0, log_every=1000), 2),
+    "alpha0_lagrange_between_logging": (dict(cql_alpha=0.0, log_every=1000, cql_lagrange=True), 2),
+}
+
+
+@pytest.mark.parametrize("case", list(BOX_CASES))
+def test_box_update_matches_cql_sac_written_out_by_hand(case: str):
+    flags, step = BOX_CASES[case]
+    args = cql.Args(hidden_dim=8, n_layers=1, cql_n_actions=3, discount=0.9, tau=0.25, **flags)
+    nets, b = box_nets(), box_batch()
+    got, logs = run_update_box(nets, b, step, args)
+    want, want_logs = reference_box_step(nets, b, step, args)
+    assert set(logs) == set(want_logs)
+    for k, v in logs.items():
+        assert not v.requires_grad, f"{k} holds an autograd graph"
+        assert torch.allclose(v, want_logs[k], rtol=1e-4, atol=1e-4), (k, v, want_logs[k])
+    for name, value in got.items():
+        params = list(value.parameters()) if isinstance(value, torch.nn.Module) else [value]
+        want_params = list(want[name].parameters()) if isinstance(value, torch.nn.Module) else [want[name]]
+        for p, w in zip(params, want_params):
+            assert torch.allclose(p.detach(), w.detach(), rtol=1e-4, atol=1e-5), name
+        # every network moved: critics, actor, temperature, targets (and alpha' with the Lagrange form)
+        before = list(nets[name].parameters()) if isinstance(value, torch.nn.Module) else [nets[name]]
+        moved = any(not torch.equal(p.detach(), q.detach()) for p, q in zip(params, before))
+        assert moved == (name != "log_alpha_prime" or args.cql_lagrange), name
+
+
+def test_box_temperature_steps_first_and_the_actor_loss_uses_the_new_alpha():
+    # SGD on -log_alpha (log pi - d): log_alpha' = 0.3 + lr (mean log pi - d), and alpha = exp(log_alpha')
+    args = cql.Args(hidden_dim=8, n_layers=1, cql_n_actions=3, cql_alpha=0.5)
+    _, logs = run_update_box(box_nets(), box_batch(), 1, args)
+    assert logs["alpha"].item() == pytest.approx(math.exp(0.3 + LR["alpha"] * (logs["log_pi"].item() - 2)), rel=1e-5)
+    assert logs["alpha_loss"].item() == pytest.approx(-0.3 * (logs["log_pi"].item() - 2), rel=1e-5)
+
+
+def test_box_lagrange_multiplier_is_capped_at_1e6():
+    # alpha' = exp(15) = 3.3e6 is clamped to 1e6:
+    # cql_loss = 1e6 * sum_i (0.5 gap_i - 0.3) = 1e6 (0.5 * 2 mean gap - 0.6)
+    args = cql.Args(hidden_dim=8, n_layers=1, cql_n_actions=3, cql_alpha=0.5, cql_lagrange=True,
+                    cql_target_action_gap=0.3)
+    nets = box_nets()
+    nets["log_alpha_prime"] = torch.tensor(15.0, requires_grad=True)
+    got, logs = run_update_box(nets, box_batch(), 1, args)
+    assert logs["alpha_prime"].item() == 1e6
+    assert logs["cql_loss"].item() == pytest.approx(1e6 * (logs["cql_gap"].item() - 0.6), rel=1e-5)
+    assert got["log_alpha_prime"].item() == 15.0  # no gradient through the clamp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discrete update
+def test_discrete_update_by_hand_double_dqn_target_huber_td_cql_term_and_polyak():
+    # Q(s, .) = b (zero weights): online b = (1, 3, 2), target b = (5, -1, 4). obs = 0, so only the biases move.
+    args = cql.Args(hidden_dim=4, n_layers=0, cql_alpha=0.5, discount=0.9, tau=0.5)
+    qnet = set_linear(cql.DiscreteQNetwork(2, 3, args), torch.zeros(3, 2), [1.0, 3.0, 2.0])
+    qnet_t = set_linear(cql.DiscreteQNetwork(2, 3, args), torch.zeros(3, 2), [5.0, -1.0, 4.0])
+    b = (torch.zeros(2, 2), torch.tensor([0, 2]), torch.tensor([1.7, 0.5]), torch.ones(2, 2), torch.tensor([0.0, 1.0]))
+    for p in qnet.parameters():
+        p.grad = torch.full_like(p, 7.0)  # a stale gradient must not leak into the step
+    logs = cql.update_discrete(b, 1, qnet=qnet, qnet_target=qnet_t, q_opt=SGD(qnet.parameters(), lr=0.1),
+                               args=args)
+    # double DQN: the online net picks a' = argmax (1, 3, 2) = 1, the target scores it: -1 (plain DQN would take 5)
+    # y = (1.7 + 0.9 * 1 * -1, 0.5 + 0) = (0.8, 0.5); Q(s, a) = (b0, b2) = (1, 2); errors (0.2, 1.5)
+    # Huber: (0.5 * 0.2^2, 1.5 - 0.5) = (0.02, 1.0) -> td 0.51
+    # gap: logsumexp(1, 3, 2) = 3.407606 -> mean(3.407606 - 1, 3.407606 - 2) = 1.907606; cql 0.5 * gap = 0.953803
+    assert logs["td_loss"].item() == pytest.approx(0.51, abs=1e-5)
+    assert logs["cql_gap"].item() == pytest.approx(1.907606, abs=1e-5)
+    assert logs["cql_loss"].item() == pytest.approx(0.953803, abs=1e-5)
+    assert logs["q_loss"].item() == pytest.approx(1.463803, abs=1e-5)
+    assert all(not v.requires_grad for v in logs.values())
+    # d/db: Huber (0.2 / 2, 0, 1 / 2) = (0.1, 0, 0.5); cql 0.5 (softmax(b) - mean one-hot) with
+    # softmax = (0.090031, 0.665241, 0.244728), one-hot mean (0.5, 0, 0.5) -> (-0.204985, 0.332620, -0.127636)
+    # total (-0.104985, 0.332620, 0.372364); b - 0.1 grad = (1.010498, 2.966738, 1.962764); weights stay 0
+    layer, target_layer = qnet.net[0], qnet_t.net[0]
+    assert torch.allclose(layer.bias, torch.tensor([1.010498, 2.966738, 1.962764]), atol=1e-5)
+    assert torch.equal(layer.weight, torch.zeros(3, 2))
+    # Polyak with tau 0.5: (5, -1, 4) + 0.5 (new b - (5, -1, 4)) = (3.005249, 0.983369, 2.981382)
+    assert torch.allclose(target_layer.bias, torch.tensor([3.005249, 0.983369, 2.981382]), atol=1e-5)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_discrete_hard_target_update_copies_exactly_every_n_steps(every: int):
+    torch.manual_seed(0)
+    args = cql.Args(hidden_dim=8, n_layers=1, cql_alpha=0.5, target_update_every=every)
+    qnet, qnet_t = cql.DiscreteQNetwork(4, 3, args), cql.DiscreteQNetwork(4, 3, args)
+    opt = SGD(qnet.parameters(), lr=0.1)
+    b = batch(4, discrete=True)
+    for step in range(1, 4):
+        old_target = copy.deepcopy(qnet_t.state_dict())
+        cql.update_discrete(b, step, qnet=qnet, qnet_target=qnet_t, q_opt=opt, args=args)
+        copied = step % every == 0
+        for k, v in qnet_t.state_dict().items():  # a copy of the updated online net, or left exactly as it was
+            assert torch.equal(v, qnet.state_dict()[k] if copied else old_target[k]), (step, k)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset, discrete", [("pendulum-medium", False), ("cartpole-medium", True)])
 def test_train_save_and_reload(tmp_path: Path, dataset: str, discrete: bool):
     # small networks and batches keep the Box run (3N = 30 extra actions per state) fast on a CPU
