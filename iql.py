@@ -67,6 +67,10 @@ class Args:
     """width of the hidden layers of every network"""
     n_layers: int = 2
     """hidden layers of every network"""
+    n_critics: int = 2
+    """N, the Q networks of the ensemble (2: the authors' twin Q); the V target takes their minimum (SAC-N)"""
+    q_lcb: float = 0.0
+    """k > 0: the V target is mean - k * std over the N target Qs (a lower confidence bound) instead of their minimum"""
     cosine_lr: bool = True
     """decay the actor's learning rate to 0 with a cosine schedule over --total-steps (authors' code)"""
     deterministic_actor: bool = False
@@ -82,24 +86,42 @@ class Args:
 
 # Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)
 RANGES = {**COMMON_RANGES, "learning_rate": "(0, inf)", "expectile": "(0, 1)", "beta": "[0, inf)",
-          "max_weight": "(0, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "actor_dropout": "[0, 1)"}
+          "max_weight": "(0, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "actor_dropout": "[0, 1)",
+          "n_critics": "[1, inf)", "q_lcb": "[0, inf)"}
 DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
-# ALGO LOGIC: networks. Twin Q and a state-value V; the actor depends on the action space.
-class QNetwork(nn.Module):
-    """Box: Q(s, a) -> scalar. Discrete: Q(s, .) -> one value per action."""
+# ALGO LOGIC: networks. N critics (twin Q by default) and a state-value V; the actor depends on the action space.
+class QEnsemble(nn.Module):
+    """N critics Q_1..Q_N in one module (--n-critics). Layer j holds the N members' weights stacked, (N, in, out),
+    applied in one batched matmul: 10 critics cost far less than five times 2. The members start as N separate
+    `mlp`s would (the same random draws in the same order as the twin networks). Box: Q(s, a). Discrete: the
+    Q(s, .) head read at the given action. Returns (N, B)."""
 
     def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, args: Args):
         super().__init__()
         self.discrete = n_actions is not None
         in_dim, out_dim = (obs_dim, n_actions) if self.discrete else (obs_dim + act_dim, 1)
-        self.net = mlp(in_dim, out_dim, [args.hidden_dim] * args.n_layers)
+        members = [[m for m in mlp(in_dim, out_dim, [args.hidden_dim] * args.n_layers) if isinstance(m, nn.Linear)]
+                   for _ in range(args.n_critics)]
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([m[j].weight.T for m in members]).detach())
+                                        for j in range(len(members[0])))
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([m[j].bias[None] for m in members]).detach())
+                                       for j in range(len(members[0])))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in) -> (N, B, out): each member's MLP (Linear, ReLU, ..., Linear) on the same input."""
+        h = x.expand(len(self.weights[0]), *x.shape)
+        for j, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b, h, w)  # (N, B, in) @ (N, in, out) + (N, 1, out): N Linear layers at once
+            h = F.relu(h) if j < len(self.weights) - 1 else h
+        return h
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        if self.discrete:  # the value of the given action, read from the Q(s, .) head
-            return self.net(obs).gather(1, action[:, None]).squeeze(1)
-        return self.net(torch.cat([obs, action], 1)).squeeze(1)
+        if self.discrete:  # the value of the given action, read from each member's Q(s, .) head
+            q = self.heads(obs)
+            return q.gather(2, action[None, :, None].expand(len(q), -1, 1)).squeeze(2)
+        return self.heads(torch.cat([obs, action], 1)).squeeze(2)
 
 
 class GaussianActor(nn.Module):
@@ -168,12 +190,19 @@ def awr_weights(adv: torch.Tensor, beta: float, max_weight: float) -> torch.Tens
     return torch.exp(beta * adv).clamp(max=max_weight)
 
 
-def update(batch, *, q1, q2, q1_target, q2_target, vf, actor, q_opt, v_opt, actor_opt, actor_sched, args: Args):
+def pessimistic(q: torch.Tensor, lcb: float) -> torch.Tensor:
+    """(N, B) -> (B): the minimum over the N critics (SAC-N; N = 2 is the twin-min), or for lcb = k > 0 the lower
+    confidence bound mean - k * std (population std, so with N = 2 and k = 1 it is the minimum again)."""
+    return q.mean(0) - lcb * q.std(0, correction=0) if lcb > 0 else q.min(0).values
+
+
+def update(batch, *, critics, critics_target, vf, actor, q_opt, v_opt, actor_opt, actor_sched, args: Args):
     """One IQL step in the authors' order: V, then the actor (with the new V), then Q (to the new V), then Polyak."""
     obs, actions, rewards, next_obs, terminals = batch
-    # (1) V(s) -> the expectile of the target twin-min Q over dataset actions (Eq. 5). No OOD action is queried.
+    # (1) V(s) -> the expectile of the target Qs' minimum (or --q-lcb bound) over dataset actions (Eq. 5). No OOD
+    # action is queried.
     with torch.no_grad():
-        target_q = torch.min(q1_target(obs, actions), q2_target(obs, actions))
+        target_q = pessimistic(critics_target(obs, actions), args.q_lcb)
     v = vf(obs).squeeze(1)
     v_loss = expectile_loss(target_q - v, args.expectile)
     v_opt.zero_grad(set_to_none=True)
@@ -193,36 +222,37 @@ def update(batch, *, q1, q2, q1_target, q2_target, vf, actor, q_opt, v_opt, acto
     # (3) Q(s, a) -> r + gamma * (1 - terminal) * V(s') (Eq. 6): the max over actions is implicit in V's expectile
     with torch.no_grad():
         target_v = rewards + args.discount * (1.0 - terminals) * vf(next_obs).squeeze(1)
-    q1_data, q2_data = q1(obs, actions), q2(obs, actions)
-    q_loss = F.mse_loss(q1_data, target_v) + F.mse_loss(q2_data, target_v)  # the sum of both MSEs, as the authors
+    q_data = critics(obs, actions)  # (N, B)
+    q_loss = ((q_data - target_v) ** 2).mean(1).sum()  # the sum of the N MSEs, as the authors' two
     q_opt.zero_grad(set_to_none=True)
     q_loss.backward()
     q_opt.step()
 
     # (4) Polyak averaging of the target Q networks
     with torch.no_grad():
-        for net, target in ((q1, q1_target), (q2, q2_target)):
-            for p, tp in zip(net.parameters(), target.parameters()):
-                tp.lerp_(p, args.tau)
+        for p, tp in zip(critics.parameters(), critics_target.parameters()):
+            tp.lerp_(p, args.tau)
     return dict(v_loss=v_loss, actor_loss=actor_loss, q_loss=q_loss, adv=adv.mean(), weights=weights.mean(),
                 v=v.mean())
 
 
-def q_pi(obs: torch.Tensor, q1, q2, actor) -> torch.Tensor:
-    """min(Q1, Q2)(s, pi(s)) at the evaluation action pi(s): the policy's own estimate of its value."""
-    pi = actor.act(obs)
-    return torch.min(q1(obs, pi), q2(obs, pi))
+def q_pi(obs: torch.Tensor, critics: QEnsemble, actor, lcb: float) -> torch.Tensor:
+    """The critics' pessimistic value (as the V target) at the evaluation action pi(s): the policy's own estimate."""
+    return pessimistic(critics(obs, actor.act(obs)), lcb)
 
 
 @torch.no_grad()
-def diagnostics(batch, q1, q2, actor, discrete: bool) -> dict[str, torch.Tensor]:
-    """Mean Q on dataset actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), and how far pi strays from the data.
+def diagnostics(batch, critics, actor, args: Args, discrete: bool) -> dict[str, torch.Tensor]:
+    """Mean Q on dataset actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), how far pi strays from the data, and the
+    critics' spread (std over the N) on data actions and on the policy's: the epistemic gap that grows off the data.
     Call under common.isolated(actor): no dropout, no draw from the training random stream."""
     obs, actions = batch[0], batch[1]
     pi = actor.act(obs)
-    q_data = torch.min(q1(obs, actions), q2(obs, actions))
+    q_all_data, q_all_pi = critics(obs, actions), critics(obs, pi)
+    q_data = pessimistic(q_all_data, args.q_lcb)
     stray = (pi != actions).float().mean() if discrete else ((pi - actions) ** 2).sum(-1).mean()
-    return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_pi(obs, q1, q2, actor) - q_data).mean(),
+    return dict(q_data=q_data.mean(), q_pi_minus_q_data=(pessimistic(q_all_pi, args.q_lcb) - q_data).mean(),
+                q_std_data=q_all_data.std(0, correction=0).mean(), q_std_pi=q_all_pi.std(0, correction=0).mean(),
                 **{"action_mismatch" if discrete else "action_mse": stray})
 
 
@@ -276,13 +306,12 @@ if __name__ == "__main__":
     run_name, writer = make_run(args, "iql.py")
 
     # ALGO LOGIC: networks and optimisers. Target Qs start as exact copies; V has no target network.
-    q1, q2 = (QNetwork(obs_dim, act_dim, n_actions, args).to(device) for _ in range(2))
-    q1_target, q2_target = (QNetwork(obs_dim, act_dim, n_actions, args).to(device) for _ in range(2))
-    q1_target.load_state_dict(q1.state_dict())
-    q2_target.load_state_dict(q2.state_dict())
+    critics = QEnsemble(obs_dim, act_dim, n_actions, args).to(device)
+    critics_target = QEnsemble(obs_dim, act_dim, n_actions, args).to(device)  # fresh draws, as the twin targets were
+    critics_target.load_state_dict(critics.state_dict())
     vf = mlp(obs_dim, 1, [args.hidden_dim] * args.n_layers).to(device)
     actor = make_actor(obs_dim, act_dim, n_actions, args).to(device)
-    q_opt = torch.optim.Adam(list(q1.parameters()) + list(q2.parameters()), lr=args.learning_rate)
+    q_opt = torch.optim.Adam(critics.parameters(), lr=args.learning_rate)
     v_opt = torch.optim.Adam(vf.parameters(), lr=args.learning_rate)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
     actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, args.total_steps) if args.cosine_lr
@@ -296,7 +325,7 @@ if __name__ == "__main__":
     def save_model(path: str) -> str:
         """Weights, config and normalisation constants, loadable with torch.load(path, weights_only=True)."""
         extra = {} if discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
-        torch.save(dict(algo="iql", args=asdict(args), actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
+        torch.save(dict(algo="iql", args=asdict(args), actor=actor.state_dict(), critics=critics.state_dict(),
                         vf=vf.state_dict(), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
                         act_dim=act_dim, n_actions=n_actions, **extra), path)
         print(f"saved {path}", flush=True)
@@ -306,7 +335,7 @@ if __name__ == "__main__":
     progress = Progress("iql.py", args.total_steps)
     for step in range(1, args.total_steps + 1):
         batch = rb.sample(args.batch_size)
-        logs = update(batch, q1=q1, q2=q2, q1_target=q1_target, q2_target=q2_target, vf=vf, actor=actor, q_opt=q_opt,
+        logs = update(batch, critics=critics, critics_target=critics_target, vf=vf, actor=actor, q_opt=q_opt,
                       v_opt=v_opt, actor_opt=actor_opt, actor_sched=actor_sched, args=args)
 
         # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
@@ -316,12 +345,12 @@ if __name__ == "__main__":
             t0 = time.time()
             with isolated(actor):
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
-                q_start = q_pi(rb.normalize(ev.start_obs), q1, q2, actor).mean().item()
+                q_start = q_pi(rb.normalize(ev.start_obs), critics, actor, args.q_lcb).mean().item()
             log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0)
 
         if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
             with isolated(actor):
-                logs.update(diagnostics(batch, q1, q2, actor, discrete))
+                logs.update(diagnostics(batch, critics, actor, args, discrete))
             for k, v in logs.items():
                 if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
                     raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "

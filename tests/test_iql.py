@@ -31,20 +31,23 @@ def _constant(net: torch.nn.Module, value: float) -> torch.nn.Module:
     return net
 
 
-def _setup(discrete: bool, q_targets=(1.0, 3.0), v=0.0):
-    args = iql.Args(learning_rate=0.0, total_steps=10)  # lr 0: the update computes losses but moves nothing
+def _setup(discrete: bool, q_targets=(1.0, 3.0), v=0.0, **kw):
+    args = iql.Args(learning_rate=0.0, total_steps=10, n_critics=len(q_targets), **kw)  # lr 0: nothing moves
     obs_dim, act_dim, n = 3, 2, (4 if discrete else None)
-    q1, q2 = (_constant(iql.QNetwork(obs_dim, act_dim, n, args), 0.0) for _ in range(2))
-    q1_t, q2_t = (_constant(iql.QNetwork(obs_dim, act_dim, n, args), c) for c in q_targets)
+    critics = _constant(iql.QEnsemble(obs_dim, act_dim, n, args), 0.0)
+    critics_t = _constant(iql.QEnsemble(obs_dim, act_dim, n, args), 0.0)
+    with torch.no_grad():
+        for i, c in enumerate(q_targets):  # member i of the target ensemble outputs c everywhere
+            critics_t.biases[-1][i].fill_(c)
     vf = _constant(iql.mlp(obs_dim, 1, [8]), v)
     actor = _constant(iql.make_actor(obs_dim, act_dim, n, args), 0.0)  # uniform categorical / N(0, 1)
-    q_opt = torch.optim.Adam([*q1.parameters(), *q2.parameters()], lr=0.0)
+    q_opt = torch.optim.Adam(critics.parameters(), lr=0.0)
     v_opt, actor_opt = torch.optim.Adam(vf.parameters(), lr=0.0), torch.optim.Adam(actor.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda _: 1.0)
     actions = torch.tensor([1, 3]) if discrete else torch.zeros(2, act_dim)
     batch = (torch.zeros(2, obs_dim), actions, torch.tensor([1.0, 1.0]), torch.zeros(2, obs_dim),
              torch.tensor([0.0, 1.0]))
-    return batch, dict(q1=q1, q2=q2, q1_target=q1_t, q2_target=q2_t, vf=vf, actor=actor, q_opt=q_opt, v_opt=v_opt,
+    return batch, dict(critics=critics, critics_target=critics_t, vf=vf, actor=actor, q_opt=q_opt, v_opt=v_opt,
                        actor_opt=actor_opt, actor_sched=sched, args=args)
 
 
@@ -73,11 +76,11 @@ def test_awr_actor_loss_is_the_weighted_negative_log_likelihood():
 
 def test_polyak_moves_targets_by_tau():
     batch, nets = _setup(False, q_targets=(1.0, 1.0))
-    q1, q1_t = nets["q1"], nets["q1_target"]
     with torch.no_grad():
-        list(q1.parameters())[-1].fill_(3.0)
+        nets["critics"].biases[-1][0].fill_(3.0)
     iql.update(batch, **nets)
-    assert list(q1_t.parameters())[-1].item() == pytest.approx(1.0 + 0.005 * (3.0 - 1.0))
+    assert nets["critics_target"].biases[-1][0].item() == pytest.approx(1.0 + 0.005 * (3.0 - 1.0))
+    assert nets["critics_target"].biases[-1][1].item() == pytest.approx(1.0 + 0.005 * (0.0 - 1.0))
 
 
 def test_expectile_weight_switches_at_zero_not_at_one():
@@ -96,20 +99,96 @@ def _linear(layer: torch.nn.Linear, weight, bias) -> None:
 LINEAR = dict(n_layers=0)
 
 
-def test_box_q_is_a_scalar_per_transition_from_state_and_action():
-    q = iql.QNetwork(2, 1, None, iql.Args(**LINEAR))
-    _linear(q.net[0], [[1.0, 2.0, 3.0]], [0.5])
-    # Q = 1 s1 + 2 s2 + 3 a + 0.5: [1 + 0 + 1.5 + 0.5, 0 + 2 - 3 + 0.5] = [3, -0.5]
+class Member:
+    """Member i of a QEnsemble with n_layers = 0 seen as the nn.Linear it replaces: weight (out, in), bias (out,)
+    (views into the stacked parameters, so writing them sets the member)."""
+
+    def __init__(self, ensemble: "iql.QEnsemble", i: int):
+        self.ensemble, self.i = ensemble, i
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.ensemble.weights[0][self.i].T
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.ensemble.biases[0][self.i, 0]
+
+
+def _twin(obs_dim: int, act_dim: int, n_actions, args) -> tuple:
+    """A two-member QEnsemble and views of its members (Q1, Q2)."""
+    ens = iql.QEnsemble(obs_dim, act_dim, n_actions, args)
+    return ens, Member(ens, 0), Member(ens, 1)
+
+
+def test_box_q_is_a_scalar_per_transition_from_state_and_action_for_each_member():
+    q, q1, q2 = _twin(2, 1, None, iql.Args(**LINEAR))
+    _linear(q1, [[1.0, 2.0, 3.0]], [0.5])
+    _linear(q2, [[0.0, 0.0, -1.0]], [0.0])
+    # Q1 = 1 s1 + 2 s2 + 3 a + 0.5: [1 + 0 + 1.5 + 0.5, 0 + 2 - 3 + 0.5] = [3, -0.5]; Q2 = -a: [-0.5, 1]
     out = q(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.5], [-1.0]]))
-    assert out.shape == (2,) and out.tolist() == pytest.approx([3.0, -0.5])
+    torch.testing.assert_close(out, torch.tensor([[3.0, -0.5], [-0.5, 1.0]]))
 
 
-def test_discrete_q_reads_the_data_actions_head():
-    q = iql.QNetwork(2, 1, 3, iql.Args(**LINEAR))
-    _linear(q.net[0], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [0.0, 10.0, 20.0])
-    # Q(s, .) = [s1, s2 + 10, s1 + s2 + 20]; s = (1, 2): [1, 12, 23], action 1 -> 12; s = (3, 4): [3, 14, 27] -> 3
+def test_discrete_q_reads_the_data_actions_head_of_each_member():
+    q, q1, q2 = _twin(2, 1, 3, iql.Args(**LINEAR))
+    _linear(q1, [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [0.0, 10.0, 20.0])
+    _linear(q2, [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], [7.0, 8.0, 9.0])
+    # Q1(s, .) = [s1, s2 + 10, s1 + s2 + 20]; s = (1, 2): [1, 12, 23], action 1 -> 12; s = (3, 4): [3, 14, 27] -> 3
     out = q(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([1, 0]))
-    assert out.shape == (2,) and out.tolist() == pytest.approx([12.0, 3.0])
+    torch.testing.assert_close(out, torch.tensor([[12.0, 3.0], [8.0, 7.0]]))
+
+
+@pytest.mark.parametrize("n_actions", [None, 3])
+def test_ensemble_members_start_and_compute_as_separate_mlps(n_actions):
+    args = iql.Args(n_critics=3, hidden_dim=16, n_layers=2)
+    in_dim, out_dim = (4, n_actions) if n_actions else (4 + 2, 1)
+    torch.manual_seed(0)
+    separate = [iql.mlp(in_dim, out_dim, [16, 16]) for _ in range(3)]  # the same draws, in the same order
+    torch.manual_seed(0)
+    ens = iql.QEnsemble(4, 2, n_actions, args)
+    obs = torch.randn(5, 4)
+    action = torch.tensor([0, 2, 1, 1, 0]) if n_actions else torch.rand(5, 2) * 2 - 1
+    x = obs if n_actions else torch.cat([obs, action], 1)
+    expected = torch.stack([m(x).gather(1, action[:, None])[:, 0] if n_actions else m(x)[:, 0] for m in separate])
+    torch.testing.assert_close(ens(obs, action), expected, rtol=1e-5, atol=1e-6)  # batched matmul rounding only
+
+
+def test_pessimistic_is_the_minimum_or_mean_minus_k_population_std():
+    q = torch.tensor([[1.0, 4.0], [3.0, 0.0], [2.0, 2.0]])  # N = 3 critics, B = 2
+    assert iql.pessimistic(q, 0.0).tolist() == [1.0, 0.0]
+    # mean (2, 2); population std sqrt(2/3) and sqrt(8/3)
+    expected = [2.0 - 0.5 * math.sqrt(2 / 3), 2.0 - 0.5 * math.sqrt(8 / 3)]
+    assert iql.pessimistic(q, 0.5).tolist() == pytest.approx(expected)
+    twin = torch.tensor([[1.0, 5.0], [3.0, -1.0]])
+    assert iql.pessimistic(twin, 1.0).tolist() == pytest.approx([1.0, -1.0])  # N = 2, k = 1: the minimum again
+
+
+def test_v_target_is_the_lower_confidence_bound_with_q_lcb():
+    batch, nets = _setup(False, q_targets=(1.0, 3.0, 5.0), v=0.0, q_lcb=0.5)
+    logs = iql.update(batch, **nets)
+    # mean 3, population std sqrt(8/3): u = 3 - 0.5 sqrt(8/3) - 0 > 0, weight tau
+    assert logs["v_loss"].item() == pytest.approx(0.7 * (3 - 0.5 * math.sqrt(8 / 3)) ** 2, rel=1e-6)
+
+
+def test_q_loss_sums_the_mse_of_every_member():
+    batch, nets = _setup(True, q_targets=(0.0,) * 10, v=5.0)  # ten critics, all outputting 0
+    logs = iql.update(batch, **nets)
+    # targets [1 + 0.99 * 5, 1]; each member's MSE is (5.95^2 + 1) / 2; ten of them
+    assert logs["q_loss"].item() == pytest.approx(10 * (5.95**2 + 1.0) / 2, rel=1e-5)
+
+
+def test_diagnostics_report_the_critics_spread_on_data_and_policy_actions():
+    args = iql.Args(**LINEAR)
+    q, q1, q2 = _twin(1, 1, 3, args)
+    _linear(q1, [[0.0], [0.0], [0.0]], [1.0, 5.0, 2.0])
+    _linear(q2, [[0.0], [0.0], [0.0]], [3.0, 5.0, 0.0])
+    actor = iql.CategoricalActor(1, 3, args)
+    _linear(actor.net[0], [[0.0], [0.0], [0.0]], [0.0, 1.0, 0.0])  # always action 1
+    d = iql.diagnostics((torch.zeros(2, 1), torch.tensor([0, 2])), q, actor, args, discrete=True)
+    # data actions 0 and 2: |1 - 3| / 2 = 1 and |2 - 0| / 2 = 1; the policy's action 1: both say 5, spread 0
+    assert d["q_std_data"].item() == pytest.approx(1.0) and d["q_std_pi"].item() == pytest.approx(0.0)
+    assert d["q_data"].item() == pytest.approx((1.0 + 0.0) / 2) and d["q_pi_minus_q_data"].item() == 4.5
 
 
 def test_gaussian_actor_log_prob_is_a_diagonal_normal_around_tanh_mean_with_clamped_log_std():
@@ -147,24 +226,26 @@ def test_categorical_actor_log_prob_is_log_softmax_and_it_acts_greedily_per_stat
 
 def test_q_pi_is_the_twin_min_at_the_actors_evaluation_action_box():
     args = iql.Args(**LINEAR)
-    q1, q2, actor = iql.QNetwork(1, 1, None, args), iql.QNetwork(1, 1, None, args), iql.GaussianActor(1, 1, args)
-    _linear(q1.net[0], [[0.0, 1.0]], [0.0])  # Q1(s, a) = a
-    _linear(q2.net[0], [[0.0, -1.0]], [0.0])  # Q2(s, a) = -a
+    q, q1, q2 = _twin(1, 1, None, args)
+    actor = iql.GaussianActor(1, 1, args)
+    _linear(q1, [[0.0, 1.0]], [0.0])  # Q1(s, a) = a
+    _linear(q2, [[0.0, -1.0]], [0.0])  # Q2(s, a) = -a
     _linear(actor.net[0], [[1.0]], [0.0])  # pi(s) = tanh(s)
     obs = torch.tensor([[math.atanh(0.5)], [math.atanh(-0.25)]])
     # pi = [0.5, -0.25]: Q1 = [0.5, -0.25], Q2 = [-0.5, 0.25]; min = [-0.5, -0.25] (Q2 then Q1 is the smaller)
-    assert iql.q_pi(obs, q1, q2, actor).tolist() == pytest.approx([-0.5, -0.25], abs=1e-6)
+    assert iql.q_pi(obs, q, actor, 0.0).tolist() == pytest.approx([-0.5, -0.25], abs=1e-6)
 
 
 def test_q_pi_is_the_twin_min_at_the_actors_evaluation_action_discrete():
     args = iql.Args(**LINEAR)
-    q1, q2, actor = iql.QNetwork(1, 1, 3, args), iql.QNetwork(1, 1, 3, args), iql.CategoricalActor(1, 3, args)
-    _linear(q1.net[0], [[0.0], [0.0], [0.0]], [1.0, 5.0, 2.0])  # Q1(s, .) = [1, 5, 2]
-    _linear(q2.net[0], [[0.0], [0.0], [0.0]], [4.0, 3.0, 0.0])  # Q2(s, .) = [4, 3, 0]
+    q, q1, q2 = _twin(1, 1, 3, args)
+    actor = iql.CategoricalActor(1, 3, args)
+    _linear(q1, [[0.0], [0.0], [0.0]], [1.0, 5.0, 2.0])  # Q1(s, .) = [1, 5, 2]
+    _linear(q2, [[0.0], [0.0], [0.0]], [4.0, 3.0, 0.0])  # Q2(s, .) = [4, 3, 0]
     _linear(actor.net[0], [[1.0], [-1.0], [0.0]], [0.0, 0.0, 0.0])  # logits [s, -s, 0]
     obs = torch.tensor([[1.0], [-1.0], [0.0]])
     # pi = [0, 1, 0] (s = 0: tie -> first): min(Q1, Q2) at those actions = [min(1, 4), min(5, 3), min(1, 4)]
-    assert iql.q_pi(obs, q1, q2, actor).tolist() == pytest.approx([1.0, 3.0, 1.0])
+    assert iql.q_pi(obs, q, actor, 0.0).tolist() == pytest.approx([1.0, 3.0, 1.0])
 
 
 # One full IQL step on linear networks with plain SGD, checked against gradients derived by hand (no autograd).
@@ -174,16 +255,17 @@ BOX_ARGS = dict(LINEAR, discount=0.99, tau=0.25, expectile=0.7, beta=2.0, max_we
 
 def _box_step_setup():
     args = iql.Args(**BOX_ARGS)
-    q1, q2, q1_t, q2_t = (iql.QNetwork(2, 1, None, args) for _ in range(4))
-    _linear(q1.net[0], [[0.5, 0.5, 0.0]], [0.0])  # Q(s, a) = w . (s1, s2, a) + b
-    _linear(q2.net[0], [[0.0, 0.0, 2.0]], [1.0])
-    _linear(q1_t.net[0], [[1.0, 0.0, 1.0]], [0.0])
-    _linear(q2_t.net[0], [[0.0, 1.0, 0.0]], [0.5])
+    critics, q1, q2 = _twin(2, 1, None, args)
+    critics_t, q1_t, q2_t = _twin(2, 1, None, args)
+    _linear(q1, [[0.5, 0.5, 0.0]], [0.0])  # Q(s, a) = w . (s1, s2, a) + b
+    _linear(q2, [[0.0, 0.0, 2.0]], [1.0])
+    _linear(q1_t, [[1.0, 0.0, 1.0]], [0.0])
+    _linear(q2_t, [[0.0, 1.0, 0.0]], [0.5])
     vf = iql.mlp(2, 1, [])
     _linear(vf[0], [[1.0, -1.0]], [0.25])
     actor = iql.GaussianActor(2, 1, args)
     _linear(actor.net[0], [[0.0, 0.0]], [0.0])  # mean tanh(0) = 0, log_std 0: N(0, 1) in every state
-    q_opt = torch.optim.SGD([*q1.parameters(), *q2.parameters()], lr=LR_Q)
+    q_opt = torch.optim.SGD(critics.parameters(), lr=LR_Q)
     v_opt = torch.optim.SGD(vf.parameters(), lr=LR_V)
     actor_opt = torch.optim.SGD(actor.parameters(), lr=LR_ACTOR)
     sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda k: 0.5**k)  # halves the actor's lr per step
@@ -191,17 +273,18 @@ def _box_step_setup():
     actions = torch.tensor([[0.5], [-0.5]])
     rewards, next_obs, terminals = torch.tensor([1.0, 2.0]), torch.tensor([[0.0, 2.0], [1.0, 1.0]]), torch.tensor(
         [0.0, 1.0])
-    nets = dict(q1=q1, q2=q2, q1_target=q1_t, q2_target=q2_t, vf=vf, actor=actor, q_opt=q_opt, v_opt=v_opt,
+    nets = dict(critics=critics, critics_target=critics_t, vf=vf, actor=actor, q_opt=q_opt, v_opt=v_opt,
                 actor_opt=actor_opt, actor_sched=sched, args=args)
-    return (obs, actions, rewards, next_obs, terminals), nets
+    views = dict(q1=q1, q2=q2, q1_target=q1_t, q2_target=q2_t)
+    return (obs, actions, rewards, next_obs, terminals), nets, views
 
 
 def _box_step_by_hand():
     """The expected parameters and logs after one step, from Sec. 6.2 of the reference with hand-derived gradients
     of the linear networks (B = 2; every loss is a batch mean)."""
-    (s, a, r, s2, d), n = _box_step_setup()
-    w = {k: n[k].net[0].weight.detach()[0].clone() for k in ("q1", "q2", "q1_target", "q2_target")}
-    b = {k: n[k].net[0].bias.detach()[0].clone() for k in ("q1", "q2", "q1_target", "q2_target")}
+    (s, a, r, s2, d), n, views = _box_step_setup()
+    w = {k: views[k].weight.detach()[0].clone() for k in ("q1", "q2", "q1_target", "q2_target")}
+    b = {k: views[k].bias.detach()[0].clone() for k in ("q1", "q2", "q1_target", "q2_target")}
     sa = torch.cat([s, a], 1)
     # (1) V: target min(Qt1, Qt2)(s, a) = min([1.5, -0.5], [0.5, 1.5]) = [0.5, -0.5]; V(s) = [1.25, -0.75]
     target_q = torch.minimum(sa @ w["q1_target"] + b["q1_target"], sa @ w["q2_target"] + b["q2_target"])
@@ -258,14 +341,14 @@ def _params(net):
 @pytest.mark.parametrize("stale_grads", [False, True], ids=["clean", "stale-grads"])
 def test_one_box_step_moves_every_network_by_hand_derived_sgd(box_step_expected, stale_grads):
     expected, _ = box_step_expected
-    batch, nets = _box_step_setup()
+    batch, nets, views = _box_step_setup()
     if stale_grads:  # gradients left over from elsewhere must be cleared before each backward, not accumulated
-        for key in ("q1", "q2", "vf", "actor"):
+        for key in ("critics", "vf", "actor"):
             for p in nets[key].parameters():
                 p.grad = torch.full_like(p, 100.0)
     iql.update(batch, **nets)
     for key in ("q1", "q2", "q1_target", "q2_target"):
-        layer = nets[key].net[0]
+        layer = views[key]
         torch.testing.assert_close(layer.weight.detach()[0], expected[key][0], msg=key)
         torch.testing.assert_close(layer.bias.detach()[0], expected[key][1], msg=key)
     torch.testing.assert_close(nets["vf"][0].weight.detach()[0], expected["vf"][0])
@@ -278,7 +361,7 @@ def test_one_box_step_moves_every_network_by_hand_derived_sgd(box_step_expected,
 
 def test_one_box_step_returns_the_hand_computed_losses_and_batch_means(box_step_expected):
     _, expected = box_step_expected
-    batch, nets = _box_step_setup()
+    batch, nets, _ = _box_step_setup()
     logs = iql.update(batch, **nets)
     assert set(logs) == set(expected)
     for key, value in expected.items():
@@ -286,54 +369,58 @@ def test_one_box_step_returns_the_hand_computed_losses_and_batch_means(box_step_
 
 
 def test_one_step_advances_the_actor_schedule_once_after_its_optimiser_step():
-    batch, nets = _box_step_setup()
+    batch, nets, _ = _box_step_setup()
     iql.update(batch, **nets)
     # LambdaLR(0.5^k): the step just taken used LR_ACTOR (checked above), the next one uses LR_ACTOR / 2
     assert nets["actor_opt"].param_groups[0]["lr"] == pytest.approx(LR_ACTOR / 2)
 
 
 def test_with_zero_learning_rates_only_the_targets_move_by_polyak_towards_their_own_twin():
-    batch, nets = _box_step_setup()
+    batch, nets, views = _box_step_setup()
     for key in ("q_opt", "v_opt", "actor_opt"):  # lr 0: only Polyak can still move anything
         for group in nets[key].param_groups:
             group["lr"] = 0.0
-    before = {k: _params(nets[k]) for k in ("q1", "q2", "q1_target", "q2_target", "vf", "actor")}
+    before = {k: _params(nets[k]) for k in ("critics", "critics_target", "vf", "actor")}
+    twins = {k: (views[k].weight.detach().clone(), views[k].bias.detach().clone())
+             for k in ("q1", "q2", "q1_target", "q2_target")}
     iql.update(batch, **nets)
-    for k in ("q1", "q2", "vf", "actor"):
+    for k in ("critics", "vf", "actor"):
         for p, p0 in zip(nets[k].parameters(), before[k]):
             torch.testing.assert_close(p.detach(), p0, msg=k)
     # targets: t + 0.25 (online - t), each towards its own twin (q1 and q2 differ)
     for k in ("q1", "q2"):
-        for p, p0, online in zip(nets[k + "_target"].parameters(), before[k + "_target"], before[k]):
-            torch.testing.assert_close(p.detach(), p0 + 0.25 * (online - p0), msg=k)
+        (w0, b0), (w_online, b_online) = twins[k + "_target"], twins[k]
+        torch.testing.assert_close(views[k + "_target"].weight.detach(), w0 + 0.25 * (w_online - w0), msg=k)
+        torch.testing.assert_close(views[k + "_target"].bias.detach(), b0 + 0.25 * (b_online - b0), msg=k)
 
 
 def test_one_discrete_step_moves_only_the_data_actions_q_entries_and_the_policy_towards_weighted_data():
     args = iql.Args(**LINEAR, discount=0.5, tau=0.5, expectile=0.7, beta=1.0)
-    q1, q2, q1_t, q2_t = (iql.QNetwork(1, 1, 3, args) for _ in range(4))
+    critics, q1, q2 = _twin(1, 1, 3, args)
+    critics_t, q1_t, q2_t = _twin(1, 1, 3, args)
     for q in (q1, q2):
-        _linear(q.net[0], [[0.0], [0.0], [0.0]], [0.0, 0.0, 0.0])
-    _linear(q1_t.net[0], [[0.0], [0.0], [0.0]], [1.0, 2.0, 9.0])  # Q1t(s, .) = [1, 2, 9]
-    _linear(q2_t.net[0], [[0.0], [0.0], [0.0]], [3.0, 1.0, 9.0])  # Q2t(s, .) = [3, 1, 9]
+        _linear(q, [[0.0], [0.0], [0.0]], [0.0, 0.0, 0.0])
+    _linear(q1_t, [[0.0], [0.0], [0.0]], [1.0, 2.0, 9.0])  # Q1t(s, .) = [1, 2, 9]
+    _linear(q2_t, [[0.0], [0.0], [0.0]], [3.0, 1.0, 9.0])  # Q2t(s, .) = [3, 1, 9]
     vf = iql.mlp(1, 1, [])
     _linear(vf[0], [[1.0]], [0.0])  # V(s) = s
     actor = iql.CategoricalActor(1, 3, args)
     _linear(actor.net[0], [[0.0], [0.0], [0.0]], [0.0, 0.0, 0.0])  # uniform policy
-    opts = [torch.optim.SGD(p, lr=lr) for p, lr in (([*q1.parameters(), *q2.parameters()], 0.5),
+    opts = [torch.optim.SGD(p, lr=lr) for p, lr in ((critics.parameters(), 0.5),
                                                    (vf.parameters(), 0.0), (actor.parameters(), 1.0))]
     sched = torch.optim.lr_scheduler.LambdaLR(opts[2], lambda _: 1.0)
     obs, actions = torch.tensor([[0.0], [0.0]]), torch.tensor([0, 1])
     batch = (obs, actions, torch.tensor([1.0, 0.0]), torch.tensor([[2.0], [4.0]]), torch.tensor([0.0, 0.0]))
-    logs = iql.update(batch, q1=q1, q2=q2, q1_target=q1_t, q2_target=q2_t, vf=vf, actor=actor, q_opt=opts[0],
+    logs = iql.update(batch, critics=critics, critics_target=critics_t, vf=vf, actor=actor, q_opt=opts[0],
                       v_opt=opts[1], actor_opt=opts[2], actor_sched=sched, args=args)
     # V target: the data action's min(Q1t, Q2t): a = 0 -> min(1, 3) = 1, a = 1 -> min(2, 1) = 1 (never the 9s)
     assert logs["v_loss"].item() == pytest.approx(0.7 * 1.0)
     # Q target y = r + 0.5 V(s') = [1 + 1, 0 + 2] = [2, 2]; dL/dQ1 = 2 (0 - 2) / 2 = -2 per transition, only
     # on the data action's head: bias of Q1 moves by -0.5 * -2 = +1 on heads 0 and 1, head 2 is untouched
-    assert q1.net[0].bias.tolist() == pytest.approx([1.0, 1.0, 0.0])
-    assert q2.net[0].bias.tolist() == pytest.approx([1.0, 1.0, 0.0])
+    assert q1.bias.tolist() == pytest.approx([1.0, 1.0, 0.0])
+    assert q2.bias.tolist() == pytest.approx([1.0, 1.0, 0.0])
     # targets: halfway (tau 0.5) towards the new online heads
-    assert q1_t.net[0].bias.tolist() == pytest.approx([1.0, 1.5, 4.5])
+    assert q1_t.bias.tolist() == pytest.approx([1.0, 1.5, 4.5])
     # actor: adv = 1 - V(0) = 1, weights e^1; d(-mean w log softmax[a])/d logits_i = -w (onehot(a_i) - 1/3) / 2
     # summed over the two transitions: -(e / 2) (1/3, 1/3, -2/3); SGD with lr 1 moves the bias by (e / 6, e / 6, -e / 3)
     e = math.e
@@ -349,7 +436,7 @@ def test_smoke_train_save_and_reload(tmp_path, dataset, extra):
              "--log-every", "100", "--batch-size", "64", "--save-model", "--checkpoint-every", "100",
              "--device", "cpu", *extra]
     out = run_script("iql.py", *flags, cwd=tmp_path)
-    assert "step      200/200" in out and "eval return" in out
+    assert "step      200/200" in out and "eval normalized" in out
     saved = list((tmp_path / "runs").glob("*/iql.pt"))
     assert len(saved) == 1
     assert sorted(p.name for p in saved[0].parent.glob("iql_step*.pt")) == ["iql_step100.pt", "iql_step200.pt"]
@@ -372,7 +459,8 @@ def test_tensorboard_has_the_contract_tags(tmp_path):
     tags = set(acc.Tags()["scalars"])
     for tag in ("eval/return", "eval/normalized_score", "charts/SPS", "losses/q_loss", "losses/v_loss",
                 "losses/actor_loss", "diagnostics/q_data", "diagnostics/q_pi_minus_q_data",
-                "diagnostics/action_mismatch"):
+                "diagnostics/action_mismatch", "diagnostics/q_std_data", "diagnostics/q_std_pi", "eval/q_start",
+                "eval/discounted_return"):
         assert tag in tags, tag
 
 

@@ -13,8 +13,8 @@ or exactly the names given with --functions. Docstrings and comments are never t
   name        obs <-> next_obs, q1 <-> q2, a net <-> its target, actions <-> pi-style swaps listed in SWAPS
   statement   a bare call statement (opt.step(), loss.backward(), zero_grad, lerp_, sched.step()) deleted
 The suite runs in a scratch copy of the project (the working tree is never modified) with `-x -m MARKER` (default
-"not slow"); a mutant is killed when the tests fail or time out. Equivalent mutants (same behaviour) survive by nature: list
-them, with why, in docs/testing.md.
+"not slow"); a mutant is killed when the tests fail or time out. Equivalent mutants (same behaviour) survive by
+nature: list them, with why, in docs/testing.md.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ NAMES = {"min": ["max"], "max": ["min"], "amin": ["amax"], "amax": ["amin"], "me
          "True": ["False"], "False": ["True"], "argmax": ["argmin"], "minimum": ["maximum"], "maximum": ["minimum"]}
 SWAPS = [("obs", "next_obs"), ("q1", "q2"), ("q1_target", "q1"), ("q2_target", "q2"), ("qnet_target", "qnet"),
          ("actor_target", "actor"), ("critic_target", "critic"), ("rewards", "terminals"), ("q_target", "q"),
-         ("actions", "pi"), ("logp_pi", "logp_next"), ("q1_data", "q2_data"), ("v", "target_q")]
+         ("actions", "pi"), ("logp_pi", "logp_next"), ("q1_data", "q2_data"), ("v", "target_q"),
+         ("critics_target", "critics")]
 DELETABLE = ("step", "backward", "zero_grad", "lerp_", "load_state_dict", "copy_", "update")
 
 
