@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
-                    load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device, report_user_errors,
-                    set_seed)
+from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, UserError, check_ranges, dataset_dims, evaluate,
+                    isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device,
+                    report_user_errors, set_seed)
 
 
 @dataclass
@@ -68,6 +68,12 @@ class Args:
     """width of the hidden layers of every network"""
     n_layers: int = 3
     """hidden layers of every network (the authors use 3 for the actor and the critics)"""
+    n_critics: int = 2
+    """Box: N, the Q networks of the ensemble (2: the authors' twin Q); TD target and actor take their minimum
+    (SAC-N)"""
+    q_lcb: float = 0.0
+    """Box: k > 0: TD target and actor use mean - k * std over the N critics (a lower confidence bound) instead of
+    their minimum"""
     cql_n_actions: int = 10
     """Box: N, the actions drawn from each of the 3 proposals (uniform, pi(.|s), pi(.|s')) per state (App. F)"""
     backup_entropy: bool = False
@@ -93,22 +99,40 @@ class Args:
 # Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)
 RANGES = {**COMMON_RANGES, "cql_alpha": "[0, inf)", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)",
           "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "cql_n_actions": "[1, inf)", "bc_steps": "[0, inf)",
-          "target_update_every": "[0, inf)"}
+          "target_update_every": "[0, inf)", "n_critics": "[1, inf)", "q_lcb": "[0, inf)"}
 DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
-# ALGO LOGIC: networks. Box: twin Q(s, a) and a tanh-Gaussian actor (SAC). Discrete: one Q(s, .) network.
-class QNetwork(nn.Module):
-    """Box: Q(s, a) -> scalar. An action batch (B, N, d) holds N actions per state: obs is broadcast, out (B, N)."""
+# ALGO LOGIC: networks. Box: N critics Q(s, a) (twin Q by default) and a tanh-Gaussian actor (SAC). Discrete: one
+# Q(s, .) network.
+class QEnsemble(nn.Module):
+    """Box: N critics Q_1..Q_N(s, a) in one module (--n-critics). Layer j holds the N members' weights stacked,
+    (N, in, out), applied in one batched matmul: 10 critics cost far less than five times 2. The members start as N
+    separate `mlp`s would (the same random draws in the same order as the twin networks). Returns (N, B); an action
+    batch (B, n, d) holds n actions per state: obs is broadcast, out (N, B, n)."""
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args):
         super().__init__()
-        self.net = mlp(obs_dim + act_dim, 1, [args.hidden_dim] * args.n_layers)
+        members = [[m for m in mlp(obs_dim + act_dim, 1, [args.hidden_dim] * args.n_layers) if isinstance(m, nn.Linear)]
+                   for _ in range(args.n_critics)]
+        self.weights = nn.ParameterList(nn.Parameter(torch.stack([m[j].weight.T for m in members]).detach())
+                                        for j in range(len(members[0])))
+        self.biases = nn.ParameterList(nn.Parameter(torch.stack([m[j].bias[None] for m in members]).detach())
+                                       for j in range(len(members[0])))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in) -> (N, B, out): each member's MLP (Linear, ReLU, ..., Linear) on the same input."""
+        h = x.expand(len(self.weights[0]), *x.shape)
+        for j, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(b, h, w)  # (N, B, in) @ (N, in, out) + (N, 1, out): N Linear layers at once
+            h = F.relu(h) if j < len(self.weights) - 1 else h
+        return h
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        if action.dim() == 3:
-            obs = obs[:, None].expand(-1, action.shape[1], -1)
-        return self.net(torch.cat([obs, action], -1)).squeeze(-1)
+        if action.dim() == 3:  # n actions per state: score the B * n pairs, then (N, B, n)
+            x = torch.cat([obs[:, None].expand(-1, action.shape[1], -1), action], -1)
+            return self.heads(x.flatten(0, 1)).view(-1, *action.shape[:2])
+        return self.heads(torch.cat([obs, action], 1)).squeeze(2)
 
 
 class DiscreteQNetwork(nn.Module):
@@ -183,11 +207,18 @@ def cql_proposals(obs: torch.Tensor, next_obs: torch.Tensor, actor: TanhGaussian
 
 def cql_gap_box(q_proposals: torch.Tensor, log_density: torch.Tensor, q_data: torch.Tensor) -> torch.Tensor:
     """Box: logsumexp_i [Q(s, a_i) - log mu(a_i)] over the 3N proposals estimates log int exp Q(s, a) da up to
-    the constant log 3N (dropped, as the authors: no gradient), minus Q(s, a_data); mean over states."""
-    return (torch.logsumexp(q_proposals - log_density, 1) - q_data).mean()
+    the constant log 3N (dropped, as the authors: no gradient), minus Q(s, a_data); mean over states. With the
+    critics' leading axis, (N, B, 3N) and (N, B): one gap per critic, (N,)."""
+    return (torch.logsumexp(q_proposals - log_density, -1) - q_data).mean(-1)
 
 
-def update_box(batch, step, *, q1, q2, q1_target, q2_target, actor, log_alpha, log_alpha_prime, q_opt, actor_opt,
+def pessimistic(q: torch.Tensor, lcb: float) -> torch.Tensor:
+    """(N, ...) -> (...): the minimum over the N critics (SAC-N; N = 2 is the twin-min), or for lcb = k > 0 the lower
+    confidence bound mean - k * std (population std, so with N = 2 and k = 1 it is the minimum again)."""
+    return q.mean(0) - lcb * q.std(0, correction=0) if lcb > 0 else q.min(0).values
+
+
+def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_alpha_prime, q_opt, actor_opt,
                alpha_opt, alpha_prime_opt, args: Args):
     """One CQL(H)-SAC step in the authors' order: temperature, then critics, then the actor, then Polyak. The
     actor's loss is taken before the critic step, so actor and critics both see the pre-update networks."""
@@ -200,45 +231,46 @@ def update_box(batch, step, *, q1, q2, q1_target, q2_target, actor, log_alpha, l
     alpha_opt.step()
     alpha = log_alpha.exp().detach()
 
-    # (2) Actor loss: SAC's alpha log pi - min Q; during the first --bc-steps, behaviour cloning alpha log pi - log
-    # pi(a_data|s) instead (the authors' policy_eval_start). Its gradient is taken now, its step after the critics.
+    # (2) Actor loss: SAC's alpha log pi - min Q (over the N critics, or the --q-lcb bound); during the first
+    # --bc-steps, behaviour cloning alpha log pi - log pi(a_data|s) instead (the authors' policy_eval_start). Its
+    # gradient is taken now, its step after the critics.
     if step <= args.bc_steps:
         actor_loss = (alpha * logp_pi - actor.log_prob(obs, actions)).mean()
     else:
-        actor_loss = (alpha * logp_pi - torch.min(q1(obs, a_pi), q2(obs, a_pi))).mean()
+        actor_loss = (alpha * logp_pi - pessimistic(critics(obs, a_pi), args.q_lcb)).mean()
     actor_opt.zero_grad(set_to_none=True)
     actor_loss.backward()
 
-    # (3) TD target with a' ~ pi(.|s') from the current actor and the *minimum* of the twin targets. The authors
-    # drop the entropy term (their "deterministic backup": Eqs. 3-4 use the plain Bellman backup); see --backup-entropy
+    # (3) TD target with a' ~ pi(.|s') from the current actor and the *minimum* of the N target critics (or the
+    # --q-lcb bound). The authors drop the entropy term (their "deterministic backup": Eqs. 3-4 use the plain Bellman
+    # backup); see --backup-entropy
     with torch.no_grad():
         if args.cql_max_target_backup:  # min over critics of each critic's max over N sampled actions
             a_next, _ = actor.sample(next_obs, args.cql_n_actions)
-            q_next = torch.min(q1_target(next_obs, a_next).max(1).values, q2_target(next_obs, a_next).max(1).values)
+            q_next = pessimistic(critics_target(next_obs, a_next).max(2).values, args.q_lcb)
         else:
             a_next, logp_next = actor.sample(next_obs)
-            q_next = torch.min(q1_target(next_obs, a_next), q2_target(next_obs, a_next))
+            q_next = pessimistic(critics_target(next_obs, a_next), args.q_lcb)
             if args.backup_entropy:
                 q_next = q_next - alpha * logp_next
         target = rewards + args.discount * (1.0 - terminals) * q_next
 
-    # (4) Critics: TD (MSE, no 1/2, as the authors) plus the conservative term, for each critic separately. With
-    # --cql-alpha 0 (plain SAC critics) the term, 95% of the compute, is only measured on logging steps, no gradient,
-    # with proposals from a forked random stream so that logging never changes what training draws
+    # (4) Critics: TD (MSE, no 1/2, as the authors) plus the conservative term, for each critic separately, the same
+    # proposals for all. With --cql-alpha 0 (plain SAC critics) the term, 95% of the compute, is only measured on
+    # logging steps, no gradient, with proposals from a forked random stream so that logging never changes what
+    # training draws
     conservative = args.cql_alpha > 0
     measure = conservative or step % args.log_every == 0 or step == args.total_steps
     if measure:
         with torch.random.fork_rng(enabled=not conservative):
             prop_actions, prop_log_density = cql_proposals(obs, next_obs, actor, args.cql_n_actions)
-    td_losses, gaps = [], []
-    for q in (q1, q2):
-        q_data = q(obs, actions)
-        td_losses.append(F.mse_loss(q_data, target))
-        if measure:
-            with torch.set_grad_enabled(conservative):
-                gaps.append(cql_gap_box(q(obs, prop_actions), prop_log_density, q_data))
-    td_loss = td_losses[0] + td_losses[1]
-    gaps = torch.stack(gaps) if measure else torch.zeros(2, device=obs.device)  # zeros: alpha 0, not measured
+    q_data = critics(obs, actions)  # (N, B)
+    td_loss = ((q_data - target) ** 2).mean(1).sum()  # the sum of the N MSEs, as the authors' two
+    if measure:
+        with torch.set_grad_enabled(conservative):
+            gaps = cql_gap_box(critics(obs, prop_actions), prop_log_density, q_data)  # (N,), one per critic
+    else:
+        gaps = torch.zeros(len(q_data), device=obs.device)  # zeros: alpha 0, not measured
     logs = dict(cql_gap=gaps.mean().detach()) if measure else {}
     if args.cql_lagrange:  # App. F: min_Q max_{alpha' >= 0} alpha' (alpha * gap - tau), alpha' by gradient ascent
         alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
@@ -259,9 +291,8 @@ def update_box(batch, step, *, q1, q2, q1_target, q2_target, actor, log_alpha, l
 
     # (5) Polyak averaging of the target critics, every step
     with torch.no_grad():
-        for net, target_net in ((q1, q1_target), (q2, q2_target)):
-            for p, tp in zip(net.parameters(), target_net.parameters()):
-                tp.lerp_(p, args.tau)
+        for p, tp in zip(critics.parameters(), critics_target.parameters()):
+            tp.lerp_(p, args.tau)
     return dict(q_loss=q_loss.detach(), td_loss=td_loss.detach(), cql_loss=cql_loss.detach(),
                 actor_loss=actor_loss.detach(), alpha_loss=alpha_loss.detach(), alpha=alpha,
                 log_pi=logp_pi.mean().detach(), **logs)
@@ -298,9 +329,16 @@ def update_discrete(batch, step, *, qnet, qnet_target, q_opt, args: Args):
                 cql_gap=gap.detach())
 
 
-def twin_min_q(q1: QNetwork, q2: QNetwork, obs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Box: min(Q1, Q2)(s, a), the value the actor maximises and the diagnostics report."""
-    return torch.min(q1(obs, a), q2(obs, a))
+def pessimistic_q(critics: QEnsemble, obs: torch.Tensor, a: torch.Tensor, lcb: float) -> torch.Tensor:
+    """Box: min_i Q_i(s, a) over the N critics (or the --q-lcb bound), the value the actor maximises and the
+    diagnostics report."""
+    return pessimistic(critics(obs, a), lcb)
+
+
+def check_critic_flags(args: Args, discrete: bool) -> None:
+    """--n-critics and --q-lcb shape Box CQL's critics; Discrete CQL has one double-DQN network, so refuse them."""
+    if discrete and (args.n_critics != 2 or args.q_lcb > 0):
+        raise UserError("--n-critics/--q-lcb apply to Box CQL; discrete CQL has one double-DQN Q network")
 
 
 def discrete_q(qnet: DiscreteQNetwork, obs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -309,14 +347,18 @@ def discrete_q(qnet: DiscreteQNetwork, obs: torch.Tensor, a: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def diagnostics(batch, q_value, greedy, discrete: bool) -> dict[str, torch.Tensor]:
+def diagnostics(batch, q_value, greedy, discrete: bool, critics: QEnsemble | None = None) -> dict[str, torch.Tensor]:
     """Mean Q on dataset actions, the gap Q(s, pi(s)) - Q(s, a_data) and how far pi strays from the data.
-    `q_value(obs, a)` is the twin minimum (Box) or Q(s, a) (Discrete); `greedy(obs)` the evaluation action."""
+    `q_value(obs, a)` is the critics' minimum or --q-lcb bound (Box) or Q(s, a) (Discrete); `greedy(obs)` the
+    evaluation action. Box (`critics`): also the critics' spread (std over the N) on data actions and on pi's: the
+    epistemic gap that grows off the data."""
     obs, actions = batch[0], batch[1]
     pi = greedy(obs)
     q_data = q_value(obs, actions)
     stray = (pi != actions).float().mean() if discrete else ((pi - actions) ** 2).sum(-1).mean()
-    return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_value(obs, pi) - q_data).mean(),
+    spread = {} if critics is None else dict(q_std_data=critics(obs, actions).std(0, correction=0).mean(),
+                                             q_std_pi=critics(obs, pi).std(0, correction=0).mean())
+    return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_value(obs, pi) - q_data).mean(), **spread,
                 **{"action_mismatch" if discrete else "action_mse": stray})
 
 
@@ -365,6 +407,7 @@ if __name__ == "__main__":
     check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
     discrete = ds.discrete
     obs_dim, act_dim, n_actions = dataset_dims(ds)
+    check_critic_flags(args, discrete)
     if args.cql_alpha is None:  # one flag, two defaults: 5.0 for Box (authors' Gym runs), 1.0 for Discrete
         args.cql_alpha = 1.0 if discrete else 5.0
     rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias)
@@ -376,21 +419,21 @@ if __name__ == "__main__":
         qnet_target = copy.deepcopy(qnet)
         q_opt = torch.optim.Adam(qnet.parameters(), lr=args.critic_lr)
         update = partial(update_discrete, qnet=qnet, qnet_target=qnet_target, q_opt=q_opt, args=args)
-        q_value, greedy = partial(discrete_q, qnet), qnet.act
+        q_value, greedy, critics = partial(discrete_q, qnet), qnet.act, None
     else:
-        q1, q2 = (QNetwork(obs_dim, act_dim, args).to(device) for _ in range(2))
-        q1_target, q2_target = copy.deepcopy(q1), copy.deepcopy(q2)
+        critics = QEnsemble(obs_dim, act_dim, args).to(device)
+        critics_target = copy.deepcopy(critics)  # draws nothing (as the twin targets did): the actor's init is kept
         actor = TanhGaussianActor(obs_dim, act_dim, args).to(device)
         log_alpha = torch.zeros((), device=device, requires_grad=True)  # SAC temperature, alpha = exp(0) = 1
         log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # Lagrange multiplier, alpha' = 1
-        q_opt = torch.optim.Adam(list(q1.parameters()) + list(q2.parameters()), lr=args.critic_lr)
+        q_opt = torch.optim.Adam(critics.parameters(), lr=args.critic_lr)
         actor_opt = torch.optim.Adam(actor.parameters(), lr=args.actor_lr)
         alpha_opt = torch.optim.Adam([log_alpha], lr=args.actor_lr)
         alpha_prime_opt = torch.optim.Adam([log_alpha_prime], lr=args.critic_lr)
-        update = partial(update_box, q1=q1, q2=q2, q1_target=q1_target, q2_target=q2_target, actor=actor,
+        update = partial(update_box, critics=critics, critics_target=critics_target, actor=actor,
                          log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, q_opt=q_opt, actor_opt=actor_opt,
                          alpha_opt=alpha_opt, alpha_prime_opt=alpha_prime_opt, args=args)
-        q_value, greedy = partial(twin_min_q, q1, q2), actor.act
+        q_value, greedy = partial(pessimistic_q, critics, lcb=args.q_lcb), actor.act
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: tanh(mean) mapped back to the environment's box (Box) or argmax Q (Discrete)."""
@@ -401,9 +444,9 @@ if __name__ == "__main__":
         if discrete:
             nets = dict(qnet=qnet.state_dict(), qnet_target=qnet_target.state_dict())
         else:
-            nets = dict(actor=actor.state_dict(), q1=q1.state_dict(), q2=q2.state_dict(),
-                        q1_target=q1_target.state_dict(), q2_target=q2_target.state_dict(),
-                        log_alpha=log_alpha.detach(), log_alpha_prime=log_alpha_prime.detach(),
+            nets = dict(actor=actor.state_dict(), critics=critics.state_dict(),
+                        critics_target=critics_target.state_dict(), log_alpha=log_alpha.detach(),
+                        log_alpha_prime=log_alpha_prime.detach(),
                         action_center=rb.action_center, action_half=rb.action_half)
         torch.save(dict(algo="cql", args=asdict(args), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
                         act_dim=act_dim, n_actions=n_actions, **nets), path)
@@ -429,7 +472,7 @@ if __name__ == "__main__":
 
         if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
             with isolated():
-                logs.update(diagnostics(batch, q_value, greedy, discrete))
+                logs.update(diagnostics(batch, q_value, greedy, discrete, critics))
             for k, v in logs.items():
                 if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
                     raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "

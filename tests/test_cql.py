@@ -5,6 +5,10 @@ on a Box and a Discrete dataset (slow). The dataset cache comes from conftest.py
 
 import copy
 import math
+import os
+import subprocess
+import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -103,16 +107,16 @@ def sgd_step_delta(net: torch.nn.Module, before: list[torch.Tensor]) -> list[tor
 def test_box_cql_alpha_zero_is_the_plain_sac_critic_update():
     torch.manual_seed(0)
     args = cql.Args(cql_alpha=0.0, hidden_dim=16, n_layers=2, log_every=1)  # step 1 logs: the gap is measured
-    q1, q2 = cql.QNetwork(3, 2, args), cql.QNetwork(3, 2, args)
-    q1_t, q2_t, actor = copy.deepcopy(q1), copy.deepcopy(q2), cql.TanhGaussianActor(3, 2, args)
-    ref_q1, ref_q2, ref_actor = copy.deepcopy(q1), copy.deepcopy(q2), copy.deepcopy(actor)
-    ref_q1_t, ref_q2_t = copy.deepcopy(q1_t), copy.deepcopy(q2_t)  # the update moves its targets by Polyak
+    critics = cql.QEnsemble(3, 2, args)
+    critics_t, actor = copy.deepcopy(critics), cql.TanhGaussianActor(3, 2, args)
+    (ref_q1, ref_q2), ref_actor = separate(critics), copy.deepcopy(actor)
+    ref_q1_t, ref_q2_t = separate(critics_t)  # copies: the update moves its targets by Polyak
     log_alpha, log_alpha_prime = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
     b = batch(3, discrete=False)
-    before = [p.detach().clone() for p in list(q1.parameters()) + list(q2.parameters())]
-    q_opt = SGD(list(q1.parameters()) + list(q2.parameters()), lr=1.0)  # delta = -gradient
+    before = copy.deepcopy(critics)
+    q_opt = SGD(critics.parameters(), lr=1.0)  # delta = -gradient
     torch.manual_seed(1)
-    logs = cql.update_box(b, 1, q1=q1, q2=q2, q1_target=q1_t, q2_target=q2_t, actor=actor, log_alpha=log_alpha,
+    logs = cql.update_box(b, 1, critics=critics, critics_target=critics_t, actor=actor, log_alpha=log_alpha,
                           log_alpha_prime=log_alpha_prime, q_opt=q_opt,
                           actor_opt=SGD(actor.parameters(), lr=0.01),
                           alpha_opt=SGD([log_alpha], lr=0.01),
@@ -128,12 +132,12 @@ def test_box_cql_alpha_zero_is_the_plain_sac_critic_update():
     td = F.mse_loss(ref_q1(obs, actions), y) + F.mse_loss(ref_q2(obs, actions), y)
     td.backward()
     assert logs["q_loss"].item() == td.item() and logs["cql_gap"].item() > 0
-    delta = sgd_step_delta(q1, before[:len(before) // 2]) + sgd_step_delta(q2, before[len(before) // 2:])
+    delta = [p - q for i in range(2) for p, q in zip(member_params(critics, i), member_params(before, i))]
     grads = [p.grad for p in list(ref_q1.parameters()) + list(ref_q2.parameters())]
-    assert all(torch.allclose(d, -g, atol=1e-6) for d, g in zip(delta, grads))
+    assert len(delta) == len(grads) == 12 and all(torch.allclose(d, -g, atol=1e-6) for d, g in zip(delta, grads))
     # between logging steps alpha 0 skips the conservative term altogether (SAC's cost, not CQL's)
     args.log_every = 1000
-    logs = cql.update_box(b, 2, q1=q1, q2=q2, q1_target=q1_t, q2_target=q2_t, actor=actor, log_alpha=log_alpha,
+    logs = cql.update_box(b, 2, critics=critics, critics_target=critics_t, actor=actor, log_alpha=log_alpha,
                           log_alpha_prime=log_alpha_prime, q_opt=q_opt,
                           actor_opt=SGD(actor.parameters(), lr=0.01),
                           alpha_opt=SGD([log_alpha], lr=0.01),
@@ -182,26 +186,107 @@ def linear_args(**overrides) -> cql.Args:
     return cql.Args(hidden_dim=4, n_layers=0, **overrides)
 
 
-def set_linear(net: torch.nn.Module, weight, bias) -> torch.nn.Module:
-    (layer,) = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+def set_linear(net, weight, bias):
+    """Set the only nn.Linear of `net`, or a QEnsemble's Member (views into the stacked parameters)."""
+    (layer,) = [net] if isinstance(net, Member) else [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
     with torch.no_grad():
         layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
         layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
     return net
 
 
-def test_q_network_scores_state_action_pairs_and_n_actions_per_state():
-    # Q(s, a) = s0 + 2 s1 + 10 a0 - 10 a1 + 0.5
-    q = set_linear(cql.QNetwork(2, 2, linear_args()), [[1.0, 2.0, 10.0, -10.0]], [0.5])
+class Member:
+    """Member i of a QEnsemble with n_layers = 0 seen as the nn.Linear it replaces: weight (out, in), bias (out,)
+    (views into the stacked parameters, so writing them sets the member)."""
+
+    def __init__(self, ensemble: cql.QEnsemble, i: int):
+        self.ensemble, self.i = ensemble, i
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.ensemble.weights[0][self.i].T
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.ensemble.biases[0][self.i, 0]
+
+
+def linear_ensemble(obs_dim: int, act_dim: int, members: list, **overrides) -> cql.QEnsemble:
+    """A QEnsemble of one-Linear members Q_i(s, a) = w_i . [s, a] + b_i, members = [(w_1, b_1), ...]."""
+    ens = cql.QEnsemble(obs_dim, act_dim, linear_args(n_critics=len(members), **overrides))
+    for i, (w, b) in enumerate(members):
+        set_linear(Member(ens, i), [w], [b])
+    return ens
+
+
+class SeparateQ(torch.nn.Module):
+    """Member i of a QEnsemble as the separate mlp it replaces (nn.Linear layers holding copies of its weights):
+    Q_i(s, a) = mlp_i([s, a]). The reference of the update tests, independent of the batched matmul."""
+
+    def __init__(self, ens: cql.QEnsemble, i: int):
+        super().__init__()
+        layers = []
+        for w, b in zip(ens.weights, ens.biases):
+            layer = torch.nn.Linear(w.shape[1], w.shape[2])
+            with torch.no_grad():
+                layer.weight.copy_(w[i].T)
+                layer.bias.copy_(b[i, 0])
+            layers += [layer, torch.nn.ReLU()]
+        self.net = torch.nn.Sequential(*layers[:-1])
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, action], -1)).squeeze(-1)
+
+
+def separate(ens: cql.QEnsemble) -> list[SeparateQ]:
+    return [SeparateQ(ens, i) for i in range(len(ens.weights[0]))]
+
+
+def member_params(ens: cql.QEnsemble, i: int) -> list[torch.Tensor]:
+    """Member i's parameters in nn.Linear layout and SeparateQ's order: weight (out, in), bias (out,) per layer."""
+    return [t.detach() for w, b in zip(ens.weights, ens.biases) for t in (w[i].T, b[i, 0])]
+
+
+def stacked(ens: cql.QEnsemble, members: list[SeparateQ]) -> cql.QEnsemble:
+    """A copy of `ens` holding the separate members' weights (the inverse of `separate`)."""
+    ens = copy.deepcopy(ens)
+    with torch.no_grad():
+        for i, m in enumerate(members):
+            for j, layer in enumerate(x for x in m.net if isinstance(x, torch.nn.Linear)):
+                ens.weights[j][i].copy_(layer.weight.T)
+                ens.biases[j][i, 0].copy_(layer.bias)
+    return ens
+
+
+def test_q_ensemble_scores_state_action_pairs_and_n_actions_per_state_for_each_member():
+    # Q1(s, a) = s0 + 2 s1 + 10 a0 - 10 a1 + 0.5; Q2(s, a) = -s0 + a0 (a second member, scored separately)
+    q = linear_ensemble(2, 2, [([1.0, 2.0, 10.0, -10.0], 0.5), ([-1.0, 0.0, 1.0, 0.0], 0.0)])
     obs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    # state 1, a = (0.1, 0): 1 + 1 + 0.5 = 2.5; state 2, a = (0, 0.2): 2 - 2 + 0.5 = 0.5
+    # Q1: state 1, a = (0.1, 0): 1 + 1 + 0.5 = 2.5; state 2, a = (0, 0.2): 2 - 2 + 0.5 = 0.5. Q2: -1 + 0.1, 0 + 0
     out = q(obs, torch.tensor([[0.1, 0.0], [0.0, 0.2]]))
-    assert out.shape == (2,) and torch.allclose(out, torch.tensor([2.5, 0.5]))
-    # N = 3 actions per state, (B, N, d) -> (B, N), each scored at its own state (Q(s, 0) = 1.5 and 2.5):
-    # a = (0, 0), (0.1, 0), (0, 0.1) -> +0, +1, -1
+    assert out.shape == (2, 2) and torch.allclose(out, torch.tensor([[2.5, 0.5], [-0.9, 0.0]]))
+    # n = 3 actions per state, (B, n, d) -> (N, B, n), each scored at its own state (Q1(s, 0) = 1.5 and 2.5):
+    # a = (0, 0), (0.1, 0), (0, 0.1) -> Q1 +0, +1, -1; Q2(s, 0) = -1 and 0, then +0, +0.1, +0
     a3 = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1]]).expand(2, 3, 2)
     out3 = q(obs, a3)
-    assert out3.shape == (2, 3) and torch.allclose(out3, torch.tensor([[1.5, 2.5, 0.5], [2.5, 3.5, 1.5]]))
+    assert out3.shape == (2, 2, 3)
+    assert torch.allclose(out3, torch.tensor([[[1.5, 2.5, 0.5], [2.5, 3.5, 1.5]],
+                                              [[-1.0, -0.9, -1.0], [0.0, 0.1, 0.0]]]))
+
+
+def test_ensemble_members_start_and_compute_as_separate_mlps():
+    args = cql.Args(n_critics=3, hidden_dim=16, n_layers=2)
+    torch.manual_seed(0)
+    separate_mlps = [cql.mlp(4 + 2, 1, [16, 16]) for _ in range(3)]  # the same draws, in the same order
+    torch.manual_seed(0)
+    ens = cql.QEnsemble(4, 2, args)
+    obs, action = torch.randn(5, 4), torch.rand(5, 2) * 2 - 1
+    expected = torch.stack([m(torch.cat([obs, action], 1))[:, 0] for m in separate_mlps])
+    torch.testing.assert_close(ens(obs, action), expected, rtol=1e-5, atol=1e-6)  # batched matmul rounding only
+    a3 = torch.rand(5, 7, 2) * 2 - 1  # 7 actions per state: (N, B, 7)
+    expected3 = torch.stack([m(torch.cat([obs[:, None].expand(-1, 7, -1), a3], -1))[..., 0] for m in separate_mlps])
+    torch.testing.assert_close(ens(obs, a3), expected3, rtol=1e-5, atol=1e-6)
+    assert len(list(ens.parameters())) == 6 and ens.weights[0].shape == (3, 6, 16)  # 3 layers, each stacked
 
 
 def test_discrete_q_network_scores_every_action_and_acts_greedily():
@@ -218,11 +303,58 @@ def test_discrete_q_network_scores_every_action_and_acts_greedily():
     assert cql.discrete_q(qnet, obs, torch.tensor([1, 1, 0, 2])).tolist() == [1.0, 3.0, -1.0, -2.5]
 
 
-def test_twin_min_q_takes_the_smaller_critic_state_by_state():
+def test_pessimistic_q_takes_the_smaller_critic_state_by_state():
     # Q1(s, a) = s0 and Q2(s, a) = s1: state (1, 2) -> min 1 (Q1); state (3, -1) -> min -1 (Q2)
-    q1 = set_linear(cql.QNetwork(2, 1, linear_args()), [[1.0, 0.0, 0.0]], [0.0])
-    q2 = set_linear(cql.QNetwork(2, 1, linear_args()), [[0.0, 1.0, 0.0]], [0.0])
-    assert cql.twin_min_q(q1, q2, torch.tensor([[1.0, 2.0], [3.0, -1.0]]), torch.zeros(2, 1)).tolist() == [1.0, -1.0]
+    q = linear_ensemble(2, 1, [([1.0, 0.0, 0.0], 0.0), ([0.0, 1.0, 0.0], 0.0)])
+    obs = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    assert cql.pessimistic_q(q, obs, torch.zeros(2, 1), 0.0).tolist() == [1.0, -1.0]
+    # lcb 0.5: mean (1.5, 1), population std (0.5, 2) -> (1.25, 0)
+    assert cql.pessimistic_q(q, obs, torch.zeros(2, 1), 0.5).tolist() == [1.25, 0.0]
+
+
+def test_pessimistic_is_the_minimum_or_mean_minus_k_population_std():
+    q = torch.tensor([[1.0, 4.0], [3.0, 0.0], [2.0, 2.0]])  # N = 3 critics, B = 2
+    assert cql.pessimistic(q, 0.0).tolist() == [1.0, 0.0]
+    # mean (2, 2); population std sqrt(2/3) and sqrt(8/3)
+    expected = [2.0 - 0.5 * math.sqrt(2 / 3), 2.0 - 0.5 * math.sqrt(8 / 3)]
+    assert cql.pessimistic(q, 0.5).tolist() == pytest.approx(expected)
+    twin = torch.tensor([[1.0, 5.0], [3.0, -1.0]])
+    assert cql.pessimistic(twin, 1.0).tolist() == pytest.approx([1.0, -1.0])  # N = 2, k = 1: the minimum again
+    # (N, B, n) -> (B, n): the reduction is over the critics only
+    assert cql.pessimistic(torch.tensor([[[1.0, 2.0]], [[0.0, 3.0]]]), 0.0).tolist() == [[0.0, 2.0]]
+
+
+def test_box_gap_gives_one_gap_per_critic_with_shared_proposals():
+    # N = 2 critics, one state, two proposals with log mu = (0, log 2), the same for both critics.
+    # critic 1: Q = (1, 1), data 3: log(e + e/2) - 3 = -1.594535; critic 2: Q = (0, 0), data 0: log(1 + 1/2) = 0.405465
+    q_prop = torch.tensor([[[1.0, 1.0]], [[0.0, 0.0]]])
+    log_density = torch.tensor([[0.0, math.log(2.0)]])
+    gaps = cql.cql_gap_box(q_prop, log_density, torch.tensor([[3.0], [0.0]]))
+    assert gaps.shape == (2,)
+    assert gaps.tolist() == pytest.approx([math.log(1.5 * math.e) - 3.0, math.log(1.5)], abs=1e-6)
+
+
+@pytest.mark.parametrize("discrete, flags, raises", [
+    (True, dict(), False), (True, dict(n_critics=3), True), (True, dict(n_critics=1), True),
+    (True, dict(q_lcb=0.5), True), (False, dict(n_critics=3, q_lcb=0.5), False)])
+def test_critic_flags_are_box_only(discrete: bool, flags: dict, raises: bool):
+    args = cql.Args(**flags)
+    if raises:
+        with pytest.raises(cql.UserError, match="apply to Box CQL; discrete CQL has one double-DQN Q network"):
+            cql.check_critic_flags(args, discrete)
+    else:
+        cql.check_critic_flags(args, discrete)
+
+
+def test_diagnostics_report_the_critics_spread_on_data_and_policy_actions():
+    # Q1 = a, Q2 = -a (one action dim): at a_data = 0.5 the population std is 0.5; at pi(s) = 0.2 it is 0.2
+    q = linear_ensemble(1, 1, [([0.0, 1.0], 0.0), ([0.0, -1.0], 0.0)])
+    b = (torch.zeros(3, 1), torch.full((3, 1), 0.5))
+    greedy = lambda obs: torch.full((len(obs), 1), 0.2)  # noqa: E731
+    logs = cql.diagnostics(b, partial(cql.pessimistic_q, q, lcb=0.0), greedy, False, q)
+    assert logs["q_std_data"].item() == pytest.approx(0.5) and logs["q_std_pi"].item() == pytest.approx(0.2)
+    assert logs["q_data"].item() == pytest.approx(-0.5) and logs["q_pi_minus_q_data"].item() == pytest.approx(0.3)
+    assert "q_std_data" not in cql.diagnostics(b, partial(cql.pessimistic_q, q, lcb=0.0), greedy, False)
 
 
 def actor_with_head(mean: list[float], log_std: list[float], obs_dim: int = 2) -> cql.TanhGaussianActor:
@@ -347,9 +479,9 @@ LR = dict(q=0.1, actor=0.05, alpha=0.2, alpha_prime=0.3)
 def box_nets(seed: int = 0, obs_dim: int = 3, act_dim: int = 2) -> dict:
     torch.manual_seed(seed)
     args = cql.Args(hidden_dim=8, n_layers=1)
-    return dict(q1=cql.QNetwork(obs_dim, act_dim, args), q2=cql.QNetwork(obs_dim, act_dim, args),
-                q1_target=cql.QNetwork(obs_dim, act_dim, args),  # targets differ from the online critics
-                q2_target=cql.QNetwork(obs_dim, act_dim, args), actor=cql.TanhGaussianActor(obs_dim, act_dim, args),
+    return dict(critics=cql.QEnsemble(obs_dim, act_dim, args),  # two members, the twin critics
+                critics_target=cql.QEnsemble(obs_dim, act_dim, args),  # targets differ from the online critics
+                actor=cql.TanhGaussianActor(obs_dim, act_dim, args),
                 log_alpha=torch.tensor(0.3, requires_grad=True),  # alpha = 1.35, so alpha * x != x / alpha
                 log_alpha_prime=torch.tensor(-0.4, requires_grad=True))  # alpha' = 0.67, inside the clamp [0, 1e6]
 
@@ -359,7 +491,7 @@ def run_update_box(nets: dict, b, step: int, args: cql.Args, seed: int = 11):
     params = [p for k, v in nets.items() for p in (v.parameters() if isinstance(v, torch.nn.Module) else [v])]
     for p in params:  # stale gradients (as an earlier backward would leave): each step must clear, not add to them
         p.grad = torch.full_like(p, 7.0)
-    opts = dict(q_opt=SGD(list(nets["q1"].parameters()) + list(nets["q2"].parameters()), lr=LR["q"]),
+    opts = dict(q_opt=SGD(nets["critics"].parameters(), lr=LR["q"]),
                 actor_opt=SGD(nets["actor"].parameters(), lr=LR["actor"]),
                 alpha_opt=SGD([nets["log_alpha"]], lr=LR["alpha"]),
                 alpha_prime_opt=SGD([nets["log_alpha_prime"]], lr=LR["alpha_prime"]))
@@ -392,7 +524,7 @@ def q_many(q, obs, actions):
 def reference_box_step(nets: dict, b, step: int, args: cql.Args, seed: int = 11):
     """The expected networks and logs after one CQL(H)-SAC step with SGD, from the reference card's equations."""
     n = copy.deepcopy(nets)
-    q1, q2, q1_t, q2_t, actor = n["q1"], n["q2"], n["q1_target"], n["q2_target"], n["actor"]
+    (q1, q2), (q1_t, q2_t), actor = separate(n["critics"]), separate(n["critics_target"]), n["actor"]
     obs, actions, rewards, next_obs, terminals = b
     batch_size, d, big_n = obs.shape[0], actor.act_dim, args.cql_n_actions
     torch.manual_seed(seed)
@@ -455,7 +587,8 @@ def reference_box_step(nets: dict, b, step: int, args: cql.Args, seed: int = 11)
         for net, target in ((q1, q1_t), (q2, q2_t)):  # Polyak: target + tau (new online - target)
             for p, tp in zip(net.parameters(), target.parameters()):
                 tp += args.tau * (p - tp)
-    n.update(log_alpha=log_alpha, log_alpha_prime=log_alpha_prime)
+    n.update(log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, critics=stacked(n["critics"], [q1, q2]),
+             critics_target=stacked(n["critics_target"], [q1_t, q2_t]))
     return n, {k: v.detach() for k, v in expected.items()}
 
 
@@ -524,6 +657,96 @@ def test_box_lagrange_multiplier_is_capped_at_1e6():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Critic ensembles (--n-critics, --q-lcb): one step with hand-set linear members and a stand-in policy that draws
+# nothing, so every number below is a hand computation.
+class FixedActor(torch.nn.Module):
+    """Box stand-in policy, act_dim 1, no random draws: a ~ pi(.|s) is 0.5; n draws per state are (-0.5, 0.5, ...);
+    log pi = 0 (through a parameter, so the actor's loss has a gradient)."""
+
+    act_dim = 1
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def sample(self, obs, n=None):
+        if n is None:
+            return torch.full((len(obs), 1), 0.5), self.w * torch.zeros(len(obs))
+        a = torch.tensor([-0.5, 0.5]).repeat(n)[:n]
+        return a[None, :, None].expand(len(obs), -1, -1), self.w * torch.zeros(len(obs), n)
+
+
+def fixed_batch():
+    """Two transitions at s = s' = 0 with a_data = 0, rewards (1, 2); the second is terminal."""
+    return torch.zeros(2, 1), torch.zeros(2, 1), torch.tensor([1.0, 2.0]), torch.zeros(2, 1), torch.tensor([0.0, 1.0])
+
+
+def one_box_step(critics, critics_target, step: int, args: cql.Args, seed: int = 0) -> dict:
+    actor = FixedActor()
+    log_alpha, log_alpha_prime = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
+    torch.manual_seed(seed)
+    return cql.update_box(fixed_batch(), step, critics=critics, critics_target=critics_target, actor=actor,
+                          log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, q_opt=SGD(critics.parameters(), 0.1),
+                          actor_opt=SGD(actor.parameters(), 0.1), alpha_opt=SGD([log_alpha], 0.1),
+                          alpha_prime_opt=SGD([log_alpha_prime], 0.1), args=args)
+
+
+@pytest.mark.parametrize("q_lcb, max_backup, v", [
+    (0.0, False, -0.5),  # Q_i(s', 0.5) = (0.5, -0.5, 0): min -0.5
+    (1.0, False, -math.sqrt(1 / 6)),  # mean 0, population std sqrt(1/6): -0.408248
+    (0.0, True, 0.0),  # each critic's max over a' in (-0.5, 0.5): (0.5, 0.5, 0), min 0 (the max of the min is -0.5)
+    (1.0, True, 1 / 3 - math.sqrt(1 / 18)),  # mean 1/3, population std sqrt(1/18): 0.097631
+])
+def test_td_target_is_the_minimum_or_lcb_of_three_target_critics(q_lcb: float, max_backup: bool, v: float):
+    args = linear_args(n_critics=3, cql_alpha=0.0, log_every=1000, discount=0.5, cql_n_actions=2, q_lcb=q_lcb,
+                       cql_max_target_backup=max_backup)
+    critics = linear_ensemble(1, 1, [([0.0, 0.0], 0.0)] * 3)  # online Q = 0: the TD loss is N mean(y^2)
+    target = linear_ensemble(1, 1, [([0.0, 1.0], 0.0), ([0.0, -1.0], 0.0), ([0.0, 2.0], -1.0)])  # c_i a' + b_i
+    logs = one_box_step(critics, target, 2, args)
+    # y = (1 + 0.5 v, 2) (the second transition is terminal); three members: 3 (y_1^2 + y_2^2) / 2
+    assert logs["td_loss"].item() == pytest.approx(3 * ((1 + 0.5 * v) ** 2 + 4) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("q_lcb, actor_loss", [(0.0, -0.5), (1.0, -(1.5 - math.sqrt(7 / 6)))])
+def test_td_loss_sums_the_members_mses_each_member_steps_on_its_own_and_the_actor_takes_the_pessimistic_q(
+        q_lcb: float, actor_loss: float):
+    args = linear_args(n_critics=3, cql_alpha=0.0, log_every=1000, discount=0.5, tau=0.5, q_lcb=q_lcb)
+    critics = linear_ensemble(1, 1, [([0.0, 0.0], 0.5), ([0.0, 0.0], 1.0), ([0.0, 0.0], 3.0)])  # Q_i = b_i
+    target = linear_ensemble(1, 1, [([0.0, 0.0], 2.0)] * 3)  # min and any lcb: 2
+    logs = one_box_step(critics, target, 2, args)
+    # y = (1 + 0.5 * 2, 2) = (2, 2); MSEs (1.5^2, 1^2, 1^2), summed: 4.25
+    assert logs["td_loss"].item() == pytest.approx(4.25) and logs["q_loss"].item() == pytest.approx(4.25)
+    # the actor maximises the online critics' min (0.5) or lcb (mean 1.5, population std sqrt(7/6)); log pi = 0
+    assert logs["actor_loss"].item() == pytest.approx(actor_loss, rel=1e-6)
+    # each bias steps on its own MSE: d/db_i = 2 (b_i - 2) = (-3, -2, 2) -> (0.8, 1.2, 2.8); the weights stay 0
+    assert torch.allclose(critics.biases[0][:, 0, 0], torch.tensor([0.8, 1.2, 2.8]))
+    assert torch.equal(critics.weights[0], torch.zeros(3, 2, 1))
+    # Polyak over the whole ensemble, tau 0.5: 2 + 0.5 (b' - 2) = (1.4, 1.6, 2.4)
+    assert torch.allclose(target.biases[0][:, 0, 0], torch.tensor([1.4, 1.6, 2.4]))
+
+
+def test_conservative_gap_is_per_member_on_the_same_proposals():
+    args = linear_args(n_critics=3, cql_alpha=1.0, cql_n_actions=2, discount=0.5)
+    c = torch.tensor([0.0, 1.0, 2.0])
+    critics = linear_ensemble(1, 1, [([0.0, ci], 0.0) for ci in c.tolist()])  # Q_i(s, a) = c_i a
+    logs = one_box_step(critics, copy.deepcopy(critics), 1, args, seed=4)
+    torch.manual_seed(4)  # FixedActor draws nothing: the 2 uniform proposals per state are the update's first draws
+    policy = torch.tensor([-0.5, 0.5]).expand(2, 2)
+    props = torch.cat([2 * torch.rand(2, 2, 1)[..., 0] - 1, policy, policy], 1)  # (B, 6): uniform, pi(s), pi(s')
+    log_mu = torch.cat([torch.full((2, 2), math.log(0.5)), torch.zeros(2, 4)], 1)  # uniform density 1/2, log pi 0
+    z = c[:, None, None] * props - log_mu  # (N, B, 6)
+    gaps = torch.logsumexp(z, -1).mean(-1)  # minus Q_i(s, a_data) = 0
+    assert gaps[0].item() == pytest.approx(math.log(8))  # c = 0: log(2 + 2 + 4 * 1)
+    assert logs["cql_gap"].item() == pytest.approx(gaps.mean().item(), rel=1e-6)
+    assert logs["cql_loss"].item() == pytest.approx(gaps.sum().item(), rel=1e-6)
+    # each member's own gap moves its c_i: d gap_i / d c_i = mean_s sum_j softmax_j(z_i) a_j (the TD gradient on c_i
+    # is 0 since a_data = 0); SGD 0.1
+    grad = (torch.softmax(z, -1) * props).sum(-1).mean(-1)
+    assert torch.allclose(critics.weights[0][:, 1, 0], c - 0.1 * grad, atol=1e-6)
+    assert len(set(grad.tolist())) == 3  # three different steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Discrete update
 def test_discrete_update_by_hand_double_dqn_target_huber_td_cql_term_and_polyak():
     # Q(s, .) = b (zero weights): online b = (1, 3, 2), target b = (5, -1, 4). obs = 0, so only the biases move.
@@ -576,7 +799,7 @@ def test_train_save_and_reload(tmp_path: Path, dataset: str, discrete: bool):
     out = run_script("cql.py", "--dataset", dataset, "--total-steps", "200", "--eval-every", "100",
                      "--eval-episodes", "1", "--log-every", "100", "--save-model", "--device", "cpu",
                      "--batch-size", "32", "--hidden-dim", "64", cwd=tmp_path)
-    assert "eval return" in out and "nan" not in out
+    assert "eval normalized" in out and "nan" not in out
     (path,) = tmp_path.glob("runs/*/cql.pt")
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["args"]["cql_alpha"] == (1.0 if discrete else 5.0)  # the default follows the action space
@@ -594,3 +817,20 @@ def test_train_save_and_reload(tmp_path: Path, dataset: str, discrete: bool):
     out = run_script("cql.py", "--dataset", dataset, "--load-model", str(path), "--eval-episodes", "1",
                      "--device", "cpu", cwd=tmp_path)
     assert "normalized" in out
+
+
+@pytest.mark.slow
+def test_box_ensemble_with_lcb_trains_saves_and_discrete_refuses_the_flags(tmp_path: Path):
+    out = run_script("cql.py", "--dataset", "pendulum-medium", "--total-steps", "20", "--eval-episodes", "0",
+                     "--log-every", "10", "--save-model", "--device", "cpu", "--batch-size", "16", "--hidden-dim",
+                     "16", "--n-critics", "3", "--q-lcb", "0.5", cwd=tmp_path)
+    assert "nan" not in out
+    (path,) = tmp_path.glob("runs/*/cql.pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["critics"]["weights.0"].shape[0] == 3 and ckpt["critics_target"]["weights.0"].shape[0] == 3
+    assert "q1" not in ckpt and cql.load_policy(str(path)).act(torch.zeros(2, ckpt["obs_dim"])).shape == (2, 1)
+    proc = subprocess.run([sys.executable, str(Path(cql.__file__)), "--dataset", "cartpole-medium", "--n-critics",
+                           "3", "--total-steps", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cql.py: error: --n-critics/--q-lcb apply to Box CQL" in proc.stderr
