@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
-                    load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device, report_user_errors,
-                    set_seed)
+from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, format_score,
+                    isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device,
+                    report_user_errors, set_seed)
 
 
 @dataclass
@@ -34,8 +34,9 @@ class Args:
     device: str = "auto"
     """`auto` picks CUDA when present, else CPU; or any torch device string (`cpu`, `cuda:1`)"""
     threads: int = 1
-    """CPU threads per process (torch.set_num_threads): 1 is fastest for these small networks and does not collapse
-    when other processes share the cores; run seeds as separate processes instead of raising it"""
+    """CPU threads per process (torch.set_num_threads). 1 stays fast when other processes share the cores; more is
+    up to 2x faster on an idle machine but loses 60-75% beside one busy process (docs/benchmark.md). Run seeds as
+    separate processes instead of raising it"""
     save_model: bool = False
     """if toggled, save weights and config to `runs/{run_name}/bcq.pt` (load with torch.load(weights_only=True))"""
     load_model: str | None = None
@@ -336,8 +337,8 @@ if __name__ == "__main__":
         saved = load_policy(args.load_model, device)
         ds = load_dataset(args.dataset or saved.checkpoint["args"]["dataset"])
         returns = evaluate(ds, saved.act, args.eval_episodes, args.seed + 100, device).returns
-        print(f"{args.load_model} on {ds.name}: return {returns.mean():.1f} +- {returns.std():.1f}, "
-              f"normalized {ds.normalized_score(returns.mean()):.1f} over {len(returns)} episodes")
+        print(f"{args.load_model} on {ds.name} over {len(returns)} episodes: "
+              f"{format_score(returns.mean(), ds.normalized_score(returns.mean()))}, return std {returns.std():.1f}")
         raise SystemExit
 
     args.dataset = args.dataset or DEFAULT_DATASET

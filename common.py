@@ -25,7 +25,7 @@ from datasets import BUILTIN_NAMES, Dataset, UserError, load_dataset
 __all__ = ["BUILTIN_NAMES", "Dataset", "UserError", "load_dataset", "Policy", "ReplayBuffer", "mlp", "evaluate",
            "Evaluation", "isolated", "set_seed", "pick_device", "make_run", "Progress", "dataset_dims",
            "return_range_scale", "report_user_errors", "check_ranges", "COMMON_RANGES", "load_checkpoint",
-           "log_evaluation"]
+           "log_evaluation", "format_score"]
 
 
 @dataclass

@@ -45,8 +45,8 @@ class Args:
     device: str = "auto"
     """`auto` picks CUDA when present, else CPU; or any torch device string"""
     threads: int = 1
-    """CPU threads (torch.set_num_threads): 1 is fastest for these small networks and does not collapse when other
-    processes share the cores"""
+    """CPU threads (torch.set_num_threads): 1 stays fast when other processes share the cores; more is faster only on
+    an idle machine (docs/benchmark.md)"""
     discount: float = 0.99
     """gamma of the discounted estimates (the undiscounted column always uses gamma = 1)"""
     bootstrap: int = 2000
