@@ -308,7 +308,9 @@ def save_npz(ds: Dataset, path: str | Path) -> None:
     if ds.behavior_log_probs is not None:
         arrays["behavior_log_probs"] = ds.behavior_log_probs
     meta = {k: np.asarray(v) for k, v in ds.metadata.items() if k != "env_kwargs" and v is not None}
-    tmp = path.with_suffix(".tmp.npz")  # write then rename: a killed run never leaves half a cache file
+    # write then rename: a killed run never leaves half a cache file, and two runs generating the same dataset at
+    # once (two seeds started together) each write their own temporary file; the rename is atomic
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez_compressed(tmp, **arrays, **meta, env_kwargs=np.asarray(repr(ds.env_kwargs)))
     os.replace(tmp, path)
 

@@ -327,3 +327,19 @@ def test_minari_reference_scores_own_then_d4rl_table_then_none(capsys):
     assert "D4RL's hopper returns" in capsys.readouterr().out
     assert D.minari_reference_scores("mujoco/pusher/medium-v0", {}) == (None, None)
     assert "no normalized score" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_two_processes_generating_the_same_dataset_at_once_both_succeed(tmp_path):
+    import os
+    import subprocess
+
+    # two seeds started together used to write the same temporary cache file and read back a corrupt one
+    env = dict(os.environ, OFFLINE_RL_DATA=str(tmp_path), OMP_NUM_THREADS="1")
+    code = "import datasets; print(len(datasets.load_dataset('lunarlander-continuous-expert')))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(D.__file__), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1
+    assert not list(tmp_path.glob("*.tmp.npz"))
