@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from common import (Dataset, Policy, UserError, action_bounds, dataset_dims, load_checkpoint, load_dataset, mlp,
-                    pick_device, report_user_errors, set_seed)
+from common import (Dataset, Policy, UserError, action_bounds, check_ranges, dataset_dims, load_checkpoint,
+                    load_dataset, mlp, pick_device, report_user_errors, set_seed)
 
 
 @dataclass
@@ -1272,8 +1272,17 @@ def device_data(ds: Dataset, device: torch.device) -> tuple[dict, dict]:
     return data, stats
 
 
+# Valid ranges of the numeric flags, checked first (a one-line error names the flag and its range)
+RANGES = {"discount": "[0, 1]", "bootstrap": "[0, inf)", "bc_steps": "[0, inf)", "bc_folds": "[1, inf)",
+          "weight_threshold": "(0, inf)", "fqe_steps": "[0, inf)", "fqe_tau": "(0, 1]", "learning_rate": "(0, inf)",
+          "batch_size": "[1, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "v_samples": "[1, inf)",
+          "mb_ensemble": "[1, inf)", "mb_steps": "[0, inf)", "rollouts": "[0, inf)", "threads": "[1, inf)",
+          "smoothing_width": "[0, inf)"}
+
+
 def main(args: Args) -> dict[str, dict]:
-    # TRY NOT TO MODIFY: seeding, device, data
+    # TRY NOT TO MODIFY: flag ranges, seeding, device, data
+    check_ranges(args, RANGES)
     t_start, seconds = time.time(), {}  # wall time of each phase, for the summary line
     torch.set_num_threads(args.threads)
     set_seed(args.seed)

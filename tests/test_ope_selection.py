@@ -187,3 +187,10 @@ def test_non_finite_bootstrap_resamples_are_counted_in_a_note(chain):  # noqa: F
     assert all(e["ci_mc_error"] is not None and e["ci_mc_error"] >= 0 for n, e in res["estimates"].items()
                if n in ("IS", "WIS"))
     assert not any("bootstrap resamples were not finite" in n for n in res["notes"])
+
+
+@pytest.mark.parametrize("flag,value", [("discount", 1.5), ("threads", 0), ("fqe_tau", 0.0), ("bc_folds", 0)])
+def test_out_of_range_flags_are_refused_before_any_work(flag, value):
+    args = ope.Args(policy=["does-not-exist.pt"], **{flag: value})  # the range check comes before reading files
+    with pytest.raises(ope.UserError, match=f"--{flag.replace('_', '-')} .* is out of range"):
+        ope.main(args)
