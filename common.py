@@ -25,7 +25,7 @@ from datasets import BUILTIN_NAMES, Dataset, UserError, load_dataset
 __all__ = ["BUILTIN_NAMES", "Dataset", "UserError", "load_dataset", "Policy", "ReplayBuffer", "mlp", "evaluate",
            "Evaluation", "isolated", "set_seed", "pick_device", "make_run", "Progress", "dataset_dims",
            "return_range_scale", "report_user_errors", "check_ranges", "COMMON_RANGES", "load_checkpoint",
-           "log_evaluation", "format_score"]
+           "log_evaluation", "format_score", "report_saved_policy"]
 
 
 @dataclass
@@ -177,6 +177,14 @@ def evaluate(ds: Dataset, policy: Callable[[torch.Tensor], torch.Tensor], n_epis
     env.close()
     start_obs = torch.as_tensor(np.asarray(starts), dtype=torch.float32, device=device).reshape(n_episodes, -1)
     return Evaluation(returns, discounted, start_obs)
+
+
+def report_saved_policy(path: str, policy: Policy, ds: Dataset, n_episodes: int, seed: int,
+                        device: torch.device) -> None:
+    """--load-model: evaluate a saved policy on `ds` and print its score in one line."""
+    returns = evaluate(ds, policy.act, n_episodes, seed, device).returns
+    print(f"{path} on {ds.name} over {len(returns)} episodes: "
+          f"{format_score(returns.mean(), ds.normalized_score(returns.mean()))}, return std {returns.std():.1f}")
 
 
 def set_seed(seed: int, torch_deterministic: bool = True) -> None:

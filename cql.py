@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import tyro
 
 from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, UserError, check_ranges, dataset_dims, evaluate,
-                    format_score, isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device,
-                    report_user_errors, set_seed)
+                    isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device,
+                    report_saved_policy, report_user_errors, set_seed)
 
 
 @dataclass
@@ -398,9 +398,7 @@ if __name__ == "__main__":
     if args.load_model:  # evaluate a saved policy on its own dataset (unless --dataset says otherwise) and exit
         saved = load_policy(args.load_model, device)
         ds = load_dataset(args.dataset or saved.checkpoint["args"]["dataset"])
-        returns = evaluate(ds, saved.act, args.eval_episodes, args.seed + 100, device).returns
-        print(f"{args.load_model} on {ds.name} over {len(returns)} episodes: "
-              f"{format_score(returns.mean(), ds.normalized_score(returns.mean()))}, return std {returns.std():.1f}")
+        report_saved_policy(args.load_model, saved, ds, args.eval_episodes, args.seed + 100, device)
         raise SystemExit
 
     args.dataset = args.dataset or DEFAULT_DATASET

@@ -33,3 +33,19 @@ def run_script(script: str, *flags: str, cwd: Path, timeout: int = 300) -> str:
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} {' '.join(flags)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+class Member:
+    """Member i of a QEnsemble with n_layers = 0 seen as the nn.Linear it replaces: weight (out, in), bias (out,)
+    (views into the stacked parameters, so writing them sets the member). Used by the IQL and CQL tests."""
+
+    def __init__(self, ensemble, i: int):
+        self.ensemble, self.i = ensemble, i
+
+    @property
+    def weight(self):
+        return self.ensemble.weights[0][self.i].T
+
+    @property
+    def bias(self):
+        return self.ensemble.biases[0][self.i, 0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import run_script
+from tests.conftest import Member, run_script
 
 import cql
 
@@ -193,22 +193,6 @@ def set_linear(net, weight, bias):
         layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
         layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
     return net
-
-
-class Member:
-    """Member i of a QEnsemble with n_layers = 0 seen as the nn.Linear it replaces: weight (out, in), bias (out,)
-    (views into the stacked parameters, so writing them sets the member)."""
-
-    def __init__(self, ensemble: cql.QEnsemble, i: int):
-        self.ensemble, self.i = ensemble, i
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.ensemble.weights[0][self.i].T
-
-    @property
-    def bias(self) -> torch.Tensor:
-        return self.ensemble.biases[0][self.i, 0]
 
 
 def linear_ensemble(obs_dim: int, act_dim: int, members: list, **overrides) -> cql.QEnsemble:

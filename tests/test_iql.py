@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import iql
-from tests.conftest import run_script
+from tests.conftest import Member, run_script
 
 
 def test_expectile_loss_weights_positive_errors_by_tau():
@@ -97,22 +97,6 @@ def _linear(layer: torch.nn.Linear, weight, bias) -> None:
 
 
 LINEAR = dict(n_layers=0)
-
-
-class Member:
-    """Member i of a QEnsemble with n_layers = 0 seen as the nn.Linear it replaces: weight (out, in), bias (out,)
-    (views into the stacked parameters, so writing them sets the member)."""
-
-    def __init__(self, ensemble: "iql.QEnsemble", i: int):
-        self.ensemble, self.i = ensemble, i
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.ensemble.weights[0][self.i].T
-
-    @property
-    def bias(self) -> torch.Tensor:
-        return self.ensemble.biases[0][self.i, 0]
 
 
 def _twin(obs_dim: int, act_dim: int, n_actions, args) -> tuple:
