@@ -61,7 +61,8 @@ class Args:
     expectile: float = 0.7
     """expectile tau of the V regression (Eq. 5): 0.5 is the mean, -> 1 approaches the max over data actions"""
     beta: float = 3.0
-    """inverse temperature of the advantage weights exp(beta * adv) (Eq. 7; the authors' flag `temperature`)"""
+    """inverse temperature of the advantage weights exp(beta * adv) (Eq. 7; the authors' flag `temperature`);
+    0 is behaviour cloning: every weight is 1, the actor maximises the likelihood of the data's actions"""
     max_weight: float = 100.0
     """clip of the advantage weights exp(beta * adv)"""
     hidden_dim: int = 256

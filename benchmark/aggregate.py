@@ -6,10 +6,13 @@ Writes `results.md` (final normalized score, mean +- std over seeds, and the bes
 labelled as such), the steps/second of each algorithm, and `curves.png` (one panel per dataset, one line per
 algorithm, a band of +- one std over seeds; d3rlpy's runs dashed in the colour of ours) into the folder. When
 the folder has d3rlpy runs (`run.py --with-d3rlpy`), results.md ends with a side-by-side table of scores and speeds.
+Also writes `scores.json`, every run's evaluation curve: with results.md, curves.png, config.json and done/ it is
+what gets committed (the TensorBoard logs in runs/ and logs/ are not).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -109,6 +112,10 @@ def main(folder: Path) -> None:
             "one torch thread per run, runs in parallel)\n\n" + "\n".join(speed) + "\n"
             + side_by_side(runs, groups, datasets, scores))
     (folder / "results.md").write_text(text)
+    # every run's evaluation curve, small enough to commit: the numbers behind the docs' tables without the logs
+    (folder / "scores.json").write_text(json.dumps(
+        [dict(algo=r["algo"], dataset=r["dataset"], seed=r["seed"], steps=r["steps"].tolist(),
+              score=[round(float(x), 2) for x in r["score"]]) for r in runs], indent=0))
     print(text)
     plot(groups, algos, datasets, scores, folder / "curves.png")
 

@@ -28,15 +28,24 @@ D3RLPY_NOT_AVAILABLE = 3  # d3rlpy_run.py's exit status when d3rlpy lacks the va
 
 # IQL's beta = 3 is the paper's MuJoCo value; the discrete LunarLander data needs 0.3 (docs/iql.md explains)
 DISCRETE_IQL_BETA = {"iql@discrete": ["--beta", "0.3"]}
+# Behaviour cloning is IQL with beta = 0: every advantage weight exp(0 * adv) is 1, so the actor loss is the
+# negative log-likelihood of the data's actions (docs/iql.md). Runs named "bc" are iql.py with these flags.
+ALIASES = {"bc": ("iql", ["--beta", "0"])}
 
 PRESETS = {
     # one seed of the eight core datasets, short runs: 41 minutes on 2 cores from a fresh clone (benchmark/README.md),
     # 70% of the run time Box CQL
-    "small": dict(algos=["iql", "cql", "bcq"], seeds=[1], total_steps=5000, eval_every=1000, eval_episodes=10,
+    "small": dict(algos=["bc", "iql", "cql", "bcq"], seeds=[1], total_steps=5000, eval_every=1000, eval_episodes=10,
                   extra=DISCRETE_IQL_BETA,
                   datasets=["lunarlander-medium", "lunarlander-medium-expert", "lunarlander-mixed",
                             "lunarlander-continuous-medium", "lunarlander-continuous-medium-expert",
                             "lunarlander-continuous-mixed", "pendulum-medium", "cartpole-medium"]),
+    # docs/choosing.md: which algorithm for which data, every data quality in both action spaces (Box CQL left
+    # out: 3 min per 1,000 steps on this CPU; docs/choosing.md says where its rows come from)
+    "choosing": dict(algos=["bc", "iql", "cql", "bcq"], seeds=[1, 2, 3], total_steps=10000, eval_every=2000,
+                     eval_episodes=10, extra=DISCRETE_IQL_BETA, skip=["cql@box"],
+                     datasets=[f"{env}-{q}" for env in ("lunarlander", "pendulum")
+                               for q in ("random", "medium", "expert", "medium-expert", "mixed")]),
     # the learning table of the docs: 3 seeds, every quality but random
     "full": dict(algos=["iql", "cql", "bcq"], seeds=[1, 2, 3], total_steps=100000, eval_every=5000,
                  eval_episodes=10, extra=DISCRETE_IQL_BETA,
@@ -52,7 +61,8 @@ PRESETS = {
 # ratios benchmark/speed_pairs.sh measures (docs/benchmark.md, "Speed").
 # Used only to start the longest runs first (so the last ones to finish are short) and to print an estimate of
 # the wall time before starting.
-SECONDS_PER_1K_STEPS = {("iql", True): 10, ("iql", False): 10, ("cql", True): 178, ("cql", False): 5,
+SECONDS_PER_1K_STEPS = {("iql", True): 10, ("iql", False): 10, ("bc", True): 10, ("bc", False): 10,
+                        ("cql", True): 178, ("cql", False): 5,
                         ("bcq", True): 42, ("bcq", False): 3, ("d3rlpy_iql", True): 14, ("d3rlpy_iql", False): 1,
                         ("d3rlpy_cql", True): 166, ("d3rlpy_cql", False): 11, ("d3rlpy_bcq", True): 61,
                         ("d3rlpy_bcq", False): 5}
@@ -105,6 +115,13 @@ def job_key(algo: str, dataset: str, seed: int) -> str:
     return f"{algo}__{dataset.replace('/', '-')}__{seed}"
 
 
+def job_list(cfg: dict) -> list[tuple[str, str, int]]:
+    """(algo, dataset, seed) of every run, less the "algo@box" / "algo@discrete" combinations in cfg["skip"]."""
+    skip = set(cfg.get("skip", []))
+    return [(algo, d, s) for d in cfg["datasets"] for algo in cfg["algos"] for s in cfg["seeds"]
+            if f"{algo}@{'box' if is_box(d) else 'discrete'}" not in skip]
+
+
 def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
     key = job_key(algo, dataset, seed)
     marker = out / "done" / f"{key}.json"
@@ -113,7 +130,8 @@ def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
     if algo.startswith("d3rlpy_"):  # the same run with d3rlpy, in its own virtual environment
         cmd = [cfg["d3rlpy_python"], str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", algo.removeprefix("d3rlpy_")]
     else:
-        cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--device", cfg["device"]]
+        script, alias_flags = ALIASES.get(algo, (algo, []))
+        cmd = [sys.executable, str(ROOT / f"{script}.py"), "--device", cfg["device"], *alias_flags]
     cmd += ["--dataset", dataset, "--seed", str(seed), "--total-steps", str(cfg["total_steps"]),
             "--eval-every", str(cfg["eval_every"]), "--eval-episodes", str(cfg["eval_episodes"]),
             "--exp-name", f"{algo}-{cfg['tag']}", *extra_flags(cfg["extra"], algo, dataset)]
@@ -167,7 +185,7 @@ def main() -> None:
         if not Path(a.d3rlpy_python).exists():
             raise SystemExit(f"--with-d3rlpy: {a.d3rlpy_python} not found; create the d3rlpy environment as "
                              "benchmark/requirements-d3rlpy.txt says, or pass --d3rlpy-python")
-        cfg["algos"] = [x for algo in cfg["algos"] for x in (algo, f"d3rlpy_{algo}")]
+        cfg["algos"] = [x for algo in cfg["algos"] for x in (algo, f"d3rlpy_{algo}") if x != "d3rlpy_bc"]
     cfg.update(tag=a.tag or a.preset, device=a.device, extra=dict(cfg.get("extra", {})),
                d3rlpy_python=a.d3rlpy_python)
     for e in a.extra:
@@ -177,7 +195,7 @@ def main() -> None:
     (out / "done").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
-    jobs = [(algo, d, s) for d in cfg["datasets"] for algo in cfg["algos"] for s in cfg["seeds"]]
+    jobs = job_list(cfg)
     todo = [j for j in jobs if not (out / "done" / f"{job_key(*j)}.json").exists()]
     for j in jobs:
         if j not in todo:

@@ -38,6 +38,8 @@ def test_runner_skips_finished_runs_and_aggregator_writes_the_table(tmp_path):
     table = (tmp_path / "t" / "results.md").read_text()
     assert "| cartpole-medium | 39.1 |" in table and "(n=1, 60 steps)" in table  # the data's own score, 1 seed
     assert (tmp_path / "t" / "curves.png").stat().st_size > 10_000
+    (run,) = json.loads((tmp_path / "t" / "scores.json").read_text())
+    assert run["algo"] == "iql" and run["steps"] == [30, 60] and len(run["score"]) == 2
 
 
 def test_extra_flags_can_target_one_action_space():
@@ -50,6 +52,16 @@ def test_extra_flags_can_target_one_action_space():
     assert extra_flags(extra, "cql", "pendulum-medium") == ["--cql-alpha", "10"]
     assert extra_flags(extra, "cql", "cartpole-medium") == [] and extra_flags(extra, "bcq", "pendulum-medium") == []
     assert extra_flags(PRESETS["small"]["extra"], "iql", "cartpole-medium") == ["--beta", "0.3"]
+
+
+def test_bc_runs_iql_with_beta_zero_and_presets_can_skip_an_action_space():
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from run import ALIASES, PRESETS, job_list
+
+    assert ALIASES["bc"] == ("iql", ["--beta", "0"])
+    jobs = job_list(dict(PRESETS["choosing"], seeds=[1], datasets=["pendulum-medium", "lunarlander-medium"]))
+    assert ("cql", "lunarlander-medium", 1) in jobs and ("cql", "pendulum-medium", 1) not in jobs
+    assert len(jobs) == 7 and ("bc", "pendulum-medium", 1) in jobs
 
 
 def test_longest_runs_start_first_and_the_wall_time_estimate_packs_them():

@@ -1,6 +1,7 @@
 """IQL: the loss math and actors on hand-computed cases, one full update step on linear networks with plain SGD
 checked against hand-derived gradients, and (slow) smoke runs of the script on Box and Discrete data."""
 
+import copy
 import math
 from pathlib import Path
 
@@ -72,6 +73,33 @@ def test_awr_actor_loss_is_the_weighted_negative_log_likelihood():
     logs = iql.update(batch, **nets)
     # zero actor weights: uniform over 4 actions, log pi = -log 4; adv = 1 so weight exp(3)
     assert logs["actor_loss"].item() == pytest.approx(math.exp(3.0) * math.log(4.0), rel=1e-5)
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_beta_zero_is_behaviour_cloning(discrete):
+    # --beta 0: every weight exp(0 * adv) is 1 whatever Q and V say, so the actor loss is the negative
+    # log-likelihood of the data actions and one actor step is exactly one behaviour-cloning step
+    torch.manual_seed(0)
+    batch, nets = _setup(discrete, q_targets=(2.0, -5.0), v=1.0, beta=0.0)
+    actor = nets["actor"]
+    for p in actor.parameters():  # a non-uniform policy, so the log-likelihood differs between the data actions
+        torch.nn.init.normal_(p, std=0.5)
+    obs = torch.randn_like(batch[0])
+    actions = batch[1] if discrete else torch.tensor([[0.3, -0.2], [-0.6, 0.1]])
+    batch = (obs, actions, *batch[2:])
+    bc_actor = copy.deepcopy(actor)
+    bc_opt = torch.optim.Adam(bc_actor.parameters(), lr=0.1)
+    nets["actor_opt"] = torch.optim.Adam(actor.parameters(), lr=0.1)
+    nets["actor_sched"] = torch.optim.lr_scheduler.LambdaLR(nets["actor_opt"], lambda _: 1.0)
+    nll = -bc_actor.log_prob(obs, actions).mean()
+    logs = iql.update(batch, **nets)
+    assert logs["weights"].item() == pytest.approx(1.0)
+    assert logs["actor_loss"].item() == pytest.approx(nll.item(), rel=1e-6)
+    bc_opt.zero_grad()
+    nll.backward()
+    bc_opt.step()
+    for p, q in zip(actor.parameters(), bc_actor.parameters()):
+        torch.testing.assert_close(p, q)
 
 
 def test_polyak_moves_targets_by_tau():
