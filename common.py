@@ -25,7 +25,7 @@ from datasets import BUILTIN_NAMES, Dataset, UserError, load_dataset
 __all__ = ["BUILTIN_NAMES", "Dataset", "UserError", "load_dataset", "Policy", "ReplayBuffer", "mlp", "evaluate",
            "Evaluation", "isolated", "set_seed", "pick_device", "make_run", "Progress", "dataset_dims",
            "return_range_scale", "report_user_errors", "check_ranges", "COMMON_RANGES", "load_checkpoint",
-           "log_evaluation", "format_score", "report_saved_policy"]
+           "log_evaluation", "format_score", "report_saved_policy", "OnlineCollector"]
 
 
 @dataclass
@@ -46,32 +46,45 @@ class ReplayBuffer:
 
     Box actions are stored rescaled to [-1, 1] (the range of a tanh policy); Discrete actions as int64.
 
-    With `normalize_obs`, observations are standardised by the dataset's mean/std (eps 1e-3, as CORL);
+    With `normalize_obs`, observations are standardised by the dataset mean/std (eps 1e-3, as CORL);
     `normalize(obs)` applies the same transform at evaluation time.
+
+    Offline-to-online: `capacity` rows are kept free after the dataset for transitions collected online (`add`); rows
+    [0, n_offline) are the dataset, [n_offline, size) the online data. With `returns_to_go` (Cal-QL) each row also
+    holds its Monte-Carlo return G, and an online episode is held back from sampling until it ends and G is known.
     """
 
     def __init__(self, ds: Dataset, device: torch.device, normalize_obs: bool = False, reward_scale: float = 1.0,
-                 reward_bias: float = 0.0):
+                 reward_bias: float = 0.0, capacity: int = 0):
         def t(x, dtype=torch.float32):
             return torch.as_tensor(np.asarray(x), dtype=dtype, device=device)
 
+        def with_room(x: torch.Tensor) -> torch.Tensor:  # the dataset's rows, then `capacity` empty ones
+            return torch.cat([x, x.new_zeros(capacity, *x.shape[1:])]) if capacity else x
+
         self.device, self.size = device, len(ds)
+        self.n_offline = self.ready = self.episode_start = self.size  # rows [0, ready) may be sampled
+        self.reward_scale, self.reward_bias, self.discrete = reward_scale, reward_bias, ds.discrete
         obs = ds.observations.astype(np.float64)
         self.obs_mean = t(obs.mean(0) if normalize_obs else np.zeros(obs.shape[1]))
         self.obs_std = t(obs.std(0) + 1e-3 if normalize_obs else np.ones(obs.shape[1]))
-        self.observations = self.normalize(t(ds.observations))
-        self.next_observations = self.normalize(t(ds.next_observations))
+        self.observations = with_room(self.normalize(t(ds.observations)))
+        self.next_observations = with_room(self.normalize(t(ds.next_observations)))
         if ds.discrete:
-            self.actions = t(ds.actions, torch.long)
+            self.actions = with_room(t(ds.actions, torch.long))
         else:  # Box actions are rescaled to [-1, 1] for the networks; `unscale_action` maps policy outputs back
             low, high = action_bounds(ds)
             self.action_center, self.action_half = t((high + low) / 2), t((high - low) / 2)
-            self.actions = (t(ds.actions) - self.action_center) / self.action_half
+            self.actions = with_room((t(ds.actions) - self.action_center) / self.action_half)
         self.rewards = t(ds.rewards) * reward_scale + reward_bias
         self.terminals = t(ds.terminals)  # only true terminals stop bootstrapping; timeouts do not
         if self.rewards.shape != (self.size,) or self.terminals.shape != (self.size,):  # (N, 1) would broadcast
             raise ValueError(f"rewards {tuple(self.rewards.shape)} and terminals {tuple(self.terminals.shape)} must "
                              f"be ({self.size},): load data with load_dataset, which validates it")
+        self.rewards, self.terminals = with_room(self.rewards), with_room(self.terminals)
+        self.mc_returns: torch.Tensor | None = None
+        self.discount = 1.0
+        self._episode_ends = ds.episode_ends()
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_mean) / self.obs_std
@@ -80,11 +93,103 @@ class ReplayBuffer:
         """[-1, 1] network actions -> the environment's action box."""
         return action * self.action_half + self.action_center
 
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
-        """(obs, actions, rewards, next_obs, terminals) for `batch_size` random rows, no host round-trip."""
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device)
-        return (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
-                self.terminals[idx])
+    def sample(self, batch_size: int, online_ratio: float = 0.0) -> tuple[torch.Tensor, ...]:
+        """(obs, actions, rewards, next_obs, terminals), and with `returns_to_go` the rows' G last, for `batch_size`
+        random rows, no host round-trip. online_ratio > 0: that share of the batch from the online rows and the
+        rest from the dataset (symmetric sampling, RLPD / Cal-QL); 0: uniform over every row."""
+        n_online = self._n_online(batch_size, online_ratio)
+        if n_online == 0:
+            idx = torch.randint(0, self.ready, (batch_size,), device=self.device)
+        else:
+            idx = torch.cat([torch.randint(0, self.n_offline, (batch_size - n_online,), device=self.device),
+                             torch.randint(self.n_offline, self.ready, (n_online,), device=self.device)])
+        batch = (self.observations[idx], self.actions[idx], self.rewards[idx], self.next_observations[idx],
+                 self.terminals[idx])
+        return batch if self.mc_returns is None else (*batch, self.mc_returns[idx])
+
+    def _n_online(self, batch_size: int, online_ratio: float) -> int:
+        return round(batch_size * online_ratio) if self.ready > self.n_offline else 0
+
+    def online_share(self, batch_size: int, online_ratio: float) -> float:
+        """The expected share of online rows in a batch `sample` draws now (for logging)."""
+        n_online = self._n_online(batch_size, online_ratio)
+        return n_online / batch_size if n_online > 0 else (self.ready - self.n_offline) / self.ready
+
+    def returns_to_go(self, discount: float) -> None:
+        """Cal-QL: G_t = r_t + gamma * (1 - terminal_t) * G_{t+1} within each episode of the dataset, on the scaled
+        rewards, with no bootstrap where an episode is cut by a time limit (the authors' rule); online episodes get
+        theirs in `end_episode`."""
+        self.discount, self.mc_returns = discount, torch.zeros_like(self.rewards)
+        starts = np.concatenate([[0], self._episode_ends[:-1] + 1])
+        for start, end in zip(starts, self._episode_ends):
+            self._fill_returns(int(start), int(end) + 1)
+
+    def _fill_returns(self, start: int, stop: int) -> None:
+        r, term = self.rewards[start:stop].cpu().double().numpy(), self.terminals[start:stop].cpu().double().numpy()
+        g, out = 0.0, np.zeros(stop - start)
+        for i in range(stop - start - 1, -1, -1):
+            g = r[i] + self.discount * (1.0 - term[i]) * g
+            out[i] = g
+        self.mc_returns[start:stop] = torch.as_tensor(out).to(self.mc_returns)
+
+    def add(self, obs: np.ndarray, action: torch.Tensor, reward: float, next_obs: np.ndarray, terminal: bool) -> None:
+        """One online transition: raw observations and reward as the environment gave them, the network's action
+        ([-1, 1] for Box, an index for Discrete); stored with the dataset's normalisation and reward transform."""
+        if self.size == len(self.rewards):
+            raise ValueError(f"the replay buffer is full ({self.size} rows): pass capacity= for the online steps")
+        i = self.size
+        self.observations[i] = self.normalize(torch.as_tensor(obs, dtype=torch.float32, device=self.device))
+        self.next_observations[i] = self.normalize(torch.as_tensor(next_obs, dtype=torch.float32, device=self.device))
+        self.actions[i] = action
+        self.rewards[i] = float(reward) * self.reward_scale + self.reward_bias
+        self.terminals[i] = float(terminal)
+        self.size += 1
+        if self.mc_returns is None:
+            self.ready = self.size
+
+    def end_episode(self) -> None:
+        """The online episode that just ended becomes sampleable; with `returns_to_go`, after its G is filled in."""
+        if self.mc_returns is not None:
+            self._fill_returns(self.episode_start, self.size)
+        self.ready = self.episode_start = self.size
+
+
+class OnlineCollector:
+    """Offline-to-online fine-tuning: steps the dataset's environment with the policy being trained, one transition
+    at a time into the replay buffer. The environment is seeded once (`seed`), so a run depends on the seed alone.
+    `explore(obs)` maps a batch of normalised observations to network actions; it draws from the training random
+    stream (the samples are part of training), with `modules` in eval mode (no dropout) while it acts."""
+
+    def __init__(self, ds: Dataset, rb: ReplayBuffer, seed: int):
+        if ds.env_id is None:
+            raise UserError(f"{ds.name}: no env_id in the dataset metadata, so there is no environment to fine-tune in")
+        self.env, self.rb = gym.make(ds.env_id, **ds.env_kwargs), rb
+        self.obs, _ = self.env.reset(seed=seed)
+        self.env.action_space.seed(seed)
+        self.env_steps, self.episode_return, self.episode_length = 0, 0.0, 0
+
+    def step(self, explore: Callable[[torch.Tensor], torch.Tensor], *modules: nn.Module) -> tuple[float, int] | None:
+        """One environment step; returns (return, length) of the episode when this step ends one, else None."""
+        with torch.no_grad():
+            for m in modules:
+                m.eval()
+            obs = torch.as_tensor(self.obs, dtype=torch.float32, device=self.rb.device)[None]
+            a = explore(self.rb.normalize(obs))[0]
+            for m in modules:
+                m.train()
+        env_action = int(a) if self.rb.discrete else self.rb.unscale_action(a).cpu().numpy()
+        next_obs, reward, terminated, truncated, _ = self.env.step(env_action)
+        self.rb.add(self.obs, a, reward, next_obs, terminated)
+        self.env_steps, self.episode_return, self.episode_length = (self.env_steps + 1, self.episode_return + reward,
+                                                                    self.episode_length + 1)
+        self.obs = next_obs
+        if not (terminated or truncated):
+            return None
+        self.rb.end_episode()
+        finished = (self.episode_return, self.episode_length)
+        self.obs, _ = self.env.reset()
+        self.episode_return, self.episode_length = 0.0, 0
+        return finished
 
 
 def action_bounds(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -274,13 +379,17 @@ def make_run(args, script: str) -> tuple[str, SummaryWriter]:
 
 
 def log_evaluation(writer: SummaryWriter, progress: Progress, ds: Dataset, step: int, ev: Evaluation,
-                   q_start: float, seconds: float) -> None:
+                   q_start: float, seconds: float, env_steps: int | None = None) -> None:
     """An evaluation to TensorBoard (eval/return, eval/normalized_score, eval/discounted_return, eval/q_start: the
-    policy's own Q at the start states, next to the discounted return it earned from them) and to the console."""
+    policy's own Q at the start states, next to the discounted return it earned from them) and to the console.
+    With an online phase (`env_steps`), the return and score also against environment steps (online/...)."""
     norm = ds.normalized_score(ev.returns.mean())
     for tag, value in (("return", ev.returns.mean()), ("normalized_score", norm),
                        ("discounted_return", ev.discounted_returns.mean()), ("q_start", q_start)):
         writer.add_scalar(f"eval/{tag}", value, step)
+    if env_steps is not None:
+        writer.add_scalar("online/return", ev.returns.mean(), env_steps)
+        writer.add_scalar("online/normalized_score", norm, env_steps)
     progress.eval(step, ev.returns.mean(), norm, seconds)
 
 

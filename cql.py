@@ -13,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, UserError, check_ranges, dataset_dims, evaluate,
-                    isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device,
-                    report_saved_policy, report_user_errors, set_seed)
+from common import (COMMON_RANGES, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
+                    dataset_dims, evaluate, isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp,
+                    pick_device, report_saved_policy, report_user_errors, set_seed)
 
 
 @dataclass
@@ -96,11 +96,29 @@ class Args:
     reward_bias: float = 0.0
     """see --reward-scale"""
 
+    # Offline-to-online fine-tuning (docs/finetune.md)
+    online_steps: int = 0
+    """after the --total-steps offline steps, this many environment steps in the dataset's environment with the
+    policy's sampled action (Box: tanh-Gaussian sample; Discrete: epsilon-greedy), each added to the replay buffer
+    and followed by --utd gradient steps; the conservative term stays on"""
+    utd: int = 1
+    """online: gradient steps per environment step (the update-to-data ratio)"""
+    online_ratio: float = 0.0
+    """online: share of each batch drawn from the online data, the rest from the dataset (symmetric sampling: 0.5
+    in RLPD / Cal-QL); 0 samples all rows uniformly. With --total-steps 0 and 1: online from scratch"""
+    online_epsilon: float = 0.05
+    """Discrete, online: probability of a uniformly random action instead of argmax Q (epsilon-greedy)"""
+    cal_ql: bool = False
+    """Cal-QL (Nakamoto et al. 2023): in the conservative term, Q on the policy's actions is floored by the
+    Monte-Carlo return G of the data's trajectory, max(Q, G), so pre-training leaves Q calibrated (not below the
+    behaviour policy's value); Discrete floors every action's Q in the logsumexp"""
+
 
 # Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)
 RANGES = {**COMMON_RANGES, "cql_alpha": "[0, inf)", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)",
           "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "cql_n_actions": "[1, inf)", "bc_steps": "[0, inf)",
-          "target_update_every": "[0, inf)", "n_critics": "[1, inf)", "q_lcb": "[0, inf)"}
+          "target_update_every": "[0, inf)", "n_critics": "[1, inf)", "q_lcb": "[0, inf)", "total_steps": "[0, inf)",
+          "online_steps": "[0, inf)", "utd": "[1, inf)", "online_ratio": "[0, 1]", "online_epsilon": "[0, 1]"}
 DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
@@ -187,10 +205,12 @@ class TanhGaussianActor(nn.Module):
 
 # ALGO LOGIC: the conservative term of CQL(H) (Eq. 4): alpha * E_s[logsumexp_a Q(s, a) - E_{a~D} Q(s, a)].
 # Minimising it pushes Q down where Q is large (the soft-max over all actions) and up on the data actions.
-def cql_gap_discrete(q_all: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """Exact for Discrete actions: logsumexp over every action of Q(s, .) minus Q(s, a_data), mean over states."""
+def cql_gap_discrete(q_all: torch.Tensor, actions: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact for Discrete actions: logsumexp over every action of Q(s, .) minus Q(s, a_data), mean over states.
+    `floor` (Cal-QL, G per state): logsumexp over max(Q(s, .), G) instead; Q(s, a_data) is not floored."""
     q_data = q_all.gather(1, actions[:, None]).squeeze(1)
-    return (torch.logsumexp(q_all, 1) - q_data).mean()
+    q_soft = q_all if floor is None else torch.maximum(q_all, floor[:, None])
+    return (torch.logsumexp(q_soft, 1) - q_data).mean()
 
 
 def cql_proposals(obs: torch.Tensor, next_obs: torch.Tensor, actor: TanhGaussianActor, n: int):
@@ -213,6 +233,15 @@ def cql_gap_box(q_proposals: torch.Tensor, log_density: torch.Tensor, q_data: to
     return (torch.logsumexp(q_proposals - log_density, -1) - q_data).mean(-1)
 
 
+def calibrate(q_proposals: torch.Tensor, mc_returns: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cal-QL (Nakamoto et al. 2023; the authors' JaxCQL): max(Q(s, a), G(s)) on the 2N proposals from pi(.|s) and
+    pi(.|s') (the last 2N), before the log-density correction; the N uniform ones are left as they are. Returns the
+    floored (critics, B, 3N) values and the share of the policy's Q-values that the floor lifted."""
+    q_uniform, q_policy = q_proposals[..., :n], q_proposals[..., n:]
+    floor = mc_returns[:, None].expand_as(q_policy)
+    return torch.cat([q_uniform, torch.maximum(q_policy, floor)], -1), (q_policy < floor).float().mean()
+
+
 def pessimistic(q: torch.Tensor, lcb: float) -> torch.Tensor:
     """(N, ...) -> (...): the minimum over the N critics (SAC-N; N = 2 is the twin-min), or for lcb = k > 0 the lower
     confidence bound mean - k * std (population std, so with N = 2 and k = 1 it is the minimum again)."""
@@ -223,7 +252,7 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
                alpha_opt, alpha_prime_opt, args: Args):
     """One CQL(H)-SAC step in the authors' order: temperature, then critics, then the actor, then Polyak. The
     actor's loss is taken before the critic step, so actor and critics both see the pre-update networks."""
-    obs, actions, rewards, next_obs, terminals = batch
+    obs, actions, rewards, next_obs, terminals = batch[:5]  # with --cal-ql, batch[5] is G, the MC return-to-go
     # (1) SAC temperature: drive the policy entropy towards the target -d (log_alpha starts at 0, i.e. alpha = 1)
     a_pi, logp_pi = actor.sample(obs)
     alpha_loss = -(log_alpha * (logp_pi.detach() - actor.act_dim)).mean()
@@ -261,7 +290,7 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
     # logging steps, no gradient, with proposals from a forked random stream so that logging never changes what
     # training draws
     conservative = args.cql_alpha > 0
-    measure = conservative or step % args.log_every == 0 or step == args.total_steps
+    measure = conservative or step % args.log_every == 0 or step == args.total_steps + args.online_steps * args.utd
     if measure:
         with torch.random.fork_rng(enabled=not conservative):
             prop_actions, prop_log_density = cql_proposals(obs, next_obs, actor, args.cql_n_actions)
@@ -269,10 +298,15 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
     td_loss = ((q_data - target) ** 2).mean(1).sum()  # the sum of the N MSEs, as the authors' two
     if measure:
         with torch.set_grad_enabled(conservative):
-            gaps = cql_gap_box(critics(obs, prop_actions), prop_log_density, q_data)  # (N,), one per critic
+            q_proposals = critics(obs, prop_actions)  # (N, B, 3n)
+            if args.cal_ql:  # Cal-QL: the policy's proposals floored by G (calibration)
+                q_proposals, bound_rate = calibrate(q_proposals, batch[5], args.cql_n_actions)
+            gaps = cql_gap_box(q_proposals, prop_log_density, q_data)  # (N,), one per critic
     else:
         gaps = torch.zeros(len(q_data), device=obs.device)  # zeros: alpha 0, not measured
     logs = dict(cql_gap=gaps.mean().detach()) if measure else {}
+    if measure and args.cal_ql:
+        logs.update(cal_ql_bound_rate=bound_rate.detach())
     if args.cql_lagrange:  # App. F: min_Q max_{alpha' >= 0} alpha' (alpha * gap - tau), alpha' by gradient ascent
         alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
         slack = (args.cql_alpha * gaps - args.cql_target_action_gap).detach()
@@ -301,7 +335,7 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
 
 def update_discrete(batch, step, *, qnet, qnet_target, q_opt, args: Args):
     """One CQL(H)-DQN step: Huber TD to a double-DQN target plus alpha * (logsumexp_a Q(s, a) - Q(s, a_data))."""
-    obs, actions, rewards, next_obs, terminals = batch
+    obs, actions, rewards, next_obs, terminals = batch[:5]  # with --cal-ql, batch[5] is G, the MC return-to-go
     # (1) Double DQN target: the online network picks a' = argmax Q(s', .), the target network scores it
     with torch.no_grad():
         a_next = qnet(next_obs).argmax(1, keepdim=True)
@@ -311,7 +345,7 @@ def update_discrete(batch, step, *, qnet, qnet_target, q_opt, args: Args):
     # (2) Huber TD loss on the data action plus the exact conservative term (Eq. 4)
     q_all = qnet(obs)
     td_loss = F.smooth_l1_loss(q_all.gather(1, actions[:, None]).squeeze(1), target)
-    gap = cql_gap_discrete(q_all, actions)
+    gap = cql_gap_discrete(q_all, actions, batch[5] if args.cal_ql else None)
     cql_loss = args.cql_alpha * gap
     q_loss = td_loss + cql_loss if args.cql_alpha > 0 else td_loss  # alpha 0: plain double DQN on fixed data
     q_opt.zero_grad(set_to_none=True)
@@ -363,6 +397,18 @@ def diagnostics(batch, q_value, greedy, discrete: bool, critics: QEnsemble | Non
                 **{"action_mismatch" if discrete else "action_mse": stray})
 
 
+def explore_box(actor: TanhGaussianActor, obs: torch.Tensor) -> torch.Tensor:
+    """Online, Box: the action that collects data, a tanh-Gaussian sample of pi(.|s)."""
+    return actor.sample(obs)[0]
+
+
+def explore_discrete(qnet: DiscreteQNetwork, epsilon: float, obs: torch.Tensor) -> torch.Tensor:
+    """Online, Discrete: epsilon-greedy on Q, a uniformly random action with probability epsilon."""
+    greedy = qnet.act(obs)
+    random_action = torch.randint(0, qnet.net[-1].out_features, greedy.shape, device=obs.device)
+    return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_action, greedy)
+
+
 def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
     """Rebuild the policy saved by --save-model, in environment units. Box: acts with tanh(mean); its distribution
     is the tanh-Gaussian mapped to the action box (for OPE). Discrete: argmax Q, deterministic (no distribution)."""
@@ -407,9 +453,13 @@ if __name__ == "__main__":
     discrete = ds.discrete
     obs_dim, act_dim, n_actions = dataset_dims(ds)
     check_critic_flags(args, discrete)
+    if args.online_steps == 0:
+        check_ranges(args, {"total_steps": "[1, inf)"})  # 0 offline steps only with an online phase
     if args.cql_alpha is None:  # one flag, two defaults: 5.0 for Box (authors' Gym runs), 1.0 for Discrete
         args.cql_alpha = 1.0 if discrete else 5.0
-    rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias)
+    rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias, capacity=args.online_steps)
+    if args.cal_ql:  # Cal-QL's floor G: discounted returns-to-go of each episode, on the transformed rewards
+        rb.returns_to_go(args.discount)
     run_name, writer = make_run(args, "cql.py")
 
     # ALGO LOGIC: networks and optimisers. Target networks start as exact copies of the online ones.
@@ -419,6 +469,7 @@ if __name__ == "__main__":
         q_opt = torch.optim.Adam(qnet.parameters(), lr=args.critic_lr)
         update = partial(update_discrete, qnet=qnet, qnet_target=qnet_target, q_opt=q_opt, args=args)
         q_value, greedy, critics = partial(discrete_q, qnet), qnet.act, None
+        explore, explorer = partial(explore_discrete, qnet, args.online_epsilon), qnet
     else:
         critics = QEnsemble(obs_dim, act_dim, args).to(device)
         critics_target = copy.deepcopy(critics)  # draws nothing (as the twin targets did): the actor's init is kept
@@ -433,6 +484,7 @@ if __name__ == "__main__":
                          log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, q_opt=q_opt, actor_opt=actor_opt,
                          alpha_opt=alpha_opt, alpha_prime_opt=alpha_prime_opt, args=args)
         q_value, greedy = partial(pessimistic_q, critics, lcb=args.q_lcb), actor.act
+        explore, explorer = partial(explore_box, actor), actor
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: tanh(mean) mapped back to the environment's box (Box) or argmax Q (Discrete)."""
@@ -452,24 +504,36 @@ if __name__ == "__main__":
         print(f"saved {path}", flush=True)
         return path
 
-    # TRY NOT TO MODIFY: the training loop
-    progress = Progress("cql.py", args.total_steps)
-    for step in range(1, args.total_steps + 1):
-        batch = rb.sample(args.batch_size)
+    # TRY NOT TO MODIFY: the training loop. Offline: --total-steps gradient steps on the dataset. Online
+    # (--online-steps M, docs/finetune.md): M times, one environment step with a sample of the policy into the
+    # buffer, then --utd gradient steps.
+    n_updates = args.total_steps + args.online_steps * args.utd
+    collector = OnlineCollector(ds, rb, args.seed) if args.online_steps > 0 else None
+    progress = Progress("cql.py", n_updates)
+    for step in range(1, n_updates + 1):
+        if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:
+            episode = collector.step(explore, explorer)
+            if episode is not None:
+                writer.add_scalar("charts/episodic_return", episode[0], collector.env_steps)
+                writer.add_scalar("charts/episodic_length", episode[1], collector.env_steps)
+        batch = rb.sample(args.batch_size, args.online_ratio)
         logs = update(batch, step)
 
         # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
-        # policy's own Q there (overestimation, measured on the same policy)
-        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps)
+        # policy's own Q there (overestimation, measured on the same policy); with an online phase also at the
+        # switch and against environment steps
+        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == n_updates
+                                                or (step == args.total_steps and collector is not None))
         if evaluated:
             t0 = time.time()
             with isolated():
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
                 s0 = rb.normalize(ev.start_obs)
                 q_start = q_value(s0, greedy(s0)).mean().item()
-            log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0)
+            log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0,
+                           env_steps=collector.env_steps if collector is not None else None)
 
-        if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
+        if step % args.log_every == 0 or step == n_updates or evaluated:  # the only host syncs
             with isolated():
                 logs.update(diagnostics(batch, q_value, greedy, discrete, critics))
             for k, v in logs.items():
@@ -478,7 +542,12 @@ if __name__ == "__main__":
                                              "rate, --normalize-obs, or check the dataset's rewards)")
                 writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
             gap = f" | cql_gap {logs['cql_gap']:.2f}" if "cql_gap" in logs else ""  # alpha 0: logging steps only
-            writer.add_scalar("charts/SPS", progress.line(step, f"q_data {logs['q_data']:.2f}{gap}"), step)
+            extra = f"q_data {logs['q_data']:.2f}{gap}"
+            if collector is not None:
+                writer.add_scalar("charts/env_steps", collector.env_steps, step)
+                writer.add_scalar("charts/online_share", rb.online_share(args.batch_size, args.online_ratio), step)
+                extra += f" | env steps {collector.env_steps}"
+            writer.add_scalar("charts/SPS", progress.line(step, extra), step)
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_model(f"runs/{run_name}/cql_step{step}.pt")

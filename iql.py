@@ -5,6 +5,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -12,9 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
-                    load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device, report_saved_policy,
-                    report_user_errors, return_range_scale, set_seed)
+from common import (COMMON_RANGES, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
+                    dataset_dims, evaluate, isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp,
+                    pick_device, report_saved_policy, report_user_errors, return_range_scale, set_seed)
 
 
 @dataclass
@@ -85,11 +86,24 @@ class Args:
     """`return-range`: r * 1000 / (max - min episode return), the authors' locomotion setting;
     `minus-one`: r - 1, their AntMaze setting; `none`: raw rewards"""
 
+    # Offline-to-online fine-tuning (docs/finetune.md)
+    online_steps: int = 0
+    """after the --total-steps offline steps, this many environment steps in the dataset's environment with the
+    policy's sampled action (Gaussian / categorical sample), each added to the replay buffer and followed by --utd
+    gradient steps (the authors' train_finetune.py); the actor's learning rate is constant online"""
+    utd: int = 1
+    """online: gradient steps per environment step (the update-to-data ratio)"""
+    online_ratio: float = 0.0
+    """online: share of each batch drawn from the online data, the rest from the dataset (symmetric sampling: 0.5
+    in RLPD / Cal-QL); 0 samples all rows uniformly (the authors' IQL). With --total-steps 0 and 1: online from
+    scratch"""
+
 
 # Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)
 RANGES = {**COMMON_RANGES, "learning_rate": "(0, inf)", "expectile": "(0, 1)", "beta": "[0, inf)",
           "max_weight": "(0, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "actor_dropout": "[0, 1)",
-          "n_critics": "[1, inf)", "q_lcb": "[0, inf)"}
+          "n_critics": "[1, inf)", "q_lcb": "[0, inf)", "total_steps": "[0, inf)", "online_steps": "[0, inf)",
+          "utd": "[1, inf)", "online_ratio": "[0, 1]"}
 DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
@@ -258,6 +272,18 @@ def diagnostics(batch, critics, actor, args: Args, discrete: bool) -> dict[str, 
                 **{"action_mismatch" if discrete else "action_mse": stray})
 
 
+def explore(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
+    """Online: the action that collects data, a sample of pi(.|s): the Gaussian clipped to [-1, 1] (the authors'
+    fine-tuning clips sampled actions) or the categorical."""
+    if isinstance(actor, CategoricalActor):
+        return torch.distributions.Categorical(logits=actor.net(obs)).sample()
+    return actor.dist(obs).sample().clamp(-1.0, 1.0)
+
+
+def constant_lr(_: int) -> float:
+    return 1.0
+
+
 def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
     """Rebuild the policy saved by --save-model, in environment units. Box: acts with the Gaussian's mean; its
     distribution is N(tanh(mu(s)), std) mapped to the action box. Discrete: argmax, and the categorical pi(.|s)."""
@@ -296,13 +322,18 @@ if __name__ == "__main__":
         raise SystemExit
 
     args.dataset = args.dataset or DEFAULT_DATASET
+    if args.online_steps == 0:
+        check_ranges(args, {"total_steps": "[1, inf)"})  # 0 offline steps only with an online phase
+    if args.online_steps > 0 and args.deterministic_actor:
+        raise UserError("--online-steps collects with a sample of the policy: the Gaussian actor (drop "
+                        "--deterministic-actor)")
     ds = load_dataset(args.dataset)
     check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
     discrete = ds.discrete
     obs_dim, act_dim, n_actions = dataset_dims(ds)
     reward_scale, reward_bias = {"none": (1.0, 0.0), "return-range": (return_range_scale(ds), 0.0),
                                  "minus-one": (1.0, -1.0)}[args.reward_scaling]
-    rb = ReplayBuffer(ds, device, args.normalize_obs, reward_scale, reward_bias)
+    rb = ReplayBuffer(ds, device, args.normalize_obs, reward_scale, reward_bias, capacity=args.online_steps)
     run_name, writer = make_run(args, "iql.py")
 
     # ALGO LOGIC: networks and optimisers. Target Qs start as exact copies; V has no target network.
@@ -314,8 +345,8 @@ if __name__ == "__main__":
     q_opt = torch.optim.Adam(critics.parameters(), lr=args.learning_rate)
     v_opt = torch.optim.Adam(vf.parameters(), lr=args.learning_rate)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
-    actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, args.total_steps) if args.cosine_lr
-                   else torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda _: 1.0))
+    actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, max(args.total_steps, 1)) if args.cosine_lr
+                   else torch.optim.lr_scheduler.LambdaLR(actor_opt, constant_lr))
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: the mean (Box, mapped back to the environment's box) or the argmax (Discrete)."""
@@ -331,24 +362,39 @@ if __name__ == "__main__":
         print(f"saved {path}", flush=True)
         return path
 
-    # TRY NOT TO MODIFY: the training loop
-    progress = Progress("iql.py", args.total_steps)
-    for step in range(1, args.total_steps + 1):
-        batch = rb.sample(args.batch_size)
+    # TRY NOT TO MODIFY: the training loop. Offline: --total-steps gradient steps on the dataset. Online
+    # (--online-steps M, docs/finetune.md): M times, one environment step with a sample of the policy into the
+    # buffer, then --utd gradient steps.
+    n_updates = args.total_steps + args.online_steps * args.utd
+    collector = OnlineCollector(ds, rb, args.seed) if args.online_steps > 0 else None
+    progress = Progress("iql.py", n_updates)
+    for step in range(1, n_updates + 1):
+        online = step > args.total_steps
+        if online and (step - args.total_steps - 1) % args.utd == 0:
+            if step == args.total_steps + 1 and args.cosine_lr:  # online, the actor's lr stays at --learning-rate
+                actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, constant_lr)
+            episode = collector.step(partial(explore, actor), actor)
+            if episode is not None:
+                writer.add_scalar("charts/episodic_return", episode[0], collector.env_steps)
+                writer.add_scalar("charts/episodic_length", episode[1], collector.env_steps)
+        batch = rb.sample(args.batch_size, args.online_ratio)
         logs = update(batch, critics=critics, critics_target=critics_target, vf=vf, actor=actor, q_opt=q_opt,
                       v_opt=v_opt, actor_opt=actor_opt, actor_sched=actor_sched, args=args)
 
         # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
-        # policy's own Q there (overestimation, measured on the same policy)
-        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps)
+        # policy's own Q there (overestimation, measured on the same policy); with an online phase also at the
+        # switch and against environment steps
+        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == n_updates
+                                                or (step == args.total_steps and collector is not None))
         if evaluated:
             t0 = time.time()
             with isolated(actor):
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
                 q_start = q_pi(rb.normalize(ev.start_obs), critics, actor, args.q_lcb).mean().item()
-            log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0)
+            log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0,
+                           env_steps=collector.env_steps if collector is not None else None)
 
-        if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
+        if step % args.log_every == 0 or step == n_updates or evaluated:  # the only host syncs
             with isolated(actor):
                 logs.update(diagnostics(batch, critics, actor, args, discrete))
             for k, v in logs.items():
@@ -357,7 +403,12 @@ if __name__ == "__main__":
                                              "rate, --normalize-obs, or check the dataset's rewards)")
                 writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
             writer.add_scalar("charts/actor_lr", actor_sched.get_last_lr()[0], step)
-            writer.add_scalar("charts/SPS", progress.line(step, f"q_data {logs['q_data']:.2f}"), step)
+            extra = f"q_data {logs['q_data']:.2f}"
+            if collector is not None:
+                writer.add_scalar("charts/env_steps", collector.env_steps, step)
+                writer.add_scalar("charts/online_share", rb.online_share(args.batch_size, args.online_ratio), step)
+                extra += f" | env steps {collector.env_steps}"
+            writer.add_scalar("charts/SPS", progress.line(step, extra), step)
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_model(f"runs/{run_name}/iql_step{step}.pt")

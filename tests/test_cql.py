@@ -533,7 +533,7 @@ def reference_box_step(nets: dict, b, step: int, args: cql.Args, seed: int = 11)
                 v = v - alpha * logp_next
         y = rewards + args.discount * (1 - terminals) * v
     conservative = args.cql_alpha > 0
-    measured = conservative or step % args.log_every == 0 or step == args.total_steps
+    measured = conservative or step % args.log_every == 0 or step == args.total_steps + args.online_steps * args.utd
     with torch.no_grad():  # proposals: N uniform (density 2^-d), N from pi(s), N from pi(s'), all scored at s
         a_unif = 2 * torch.rand(batch_size, big_n, d) - 1
         a_cur, logp_cur = policy_draw(actor, obs, big_n)
