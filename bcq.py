@@ -56,6 +56,9 @@ class Args:
     """episodes per evaluation (0 turns evaluation off)"""
     log_every: int = 1000
     """write losses and diagnostics to TensorBoard and the console every this many steps"""
+    compile: bool = False
+    """run the update step through torch.compile (same losses as eager to float tolerance; on this project's CPU no
+    faster and ~1 min of compilation first, docs/benchmark.md "Speed"); the eager code is the one to read"""
 
     # Algorithm specific arguments
     learning_rate: float | None = None
@@ -365,6 +368,11 @@ if __name__ == "__main__":
                                           for m in (agent.vae, agent.critic, agent.actor))
         update = partial(update_box, agent=agent, actor_target=actor_target, critic_target=critic_target,
                          vae_opt=vae_opt, critic_opt=critic_opt, actor_opt=actor_opt, args=args)
+
+    if args.compile:  # the same update, compiled; random draws stay eager's (fallback_random), so seeds agree
+        torch._inductor.config.fallback_random = True
+        torch._functorch.config.donated_buffer = False  # an update may take two backward passes through one graph
+        update = torch.compile(update)
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: the BCQ choice (Box: mapped back to the environment's box; Discrete: masked greedy)."""

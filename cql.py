@@ -51,6 +51,9 @@ class Args:
     """episodes per evaluation (0 turns evaluation off)"""
     log_every: int = 1000
     """write losses and diagnostics to TensorBoard and the console every this many steps"""
+    compile: bool = False
+    """run the update step through torch.compile (same losses as eager to float tolerance; on this project's CPU no
+    faster and ~1 min of compilation first, docs/benchmark.md "Speed"); the eager code is the one to read"""
 
     # Algorithm specific arguments
     cql_alpha: float | None = None
@@ -257,7 +260,7 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
     a_pi, logp_pi = actor.sample(obs)
     alpha_loss = -(log_alpha * (logp_pi.detach() - actor.act_dim)).mean()
     alpha_opt.zero_grad(set_to_none=True)
-    alpha_loss.backward()
+    alpha_loss.backward(retain_graph=True)  # keeps the actor's sample for (2): --compile fuses both in one node
     alpha_opt.step()
     alpha = log_alpha.exp().detach()
 
@@ -485,6 +488,11 @@ if __name__ == "__main__":
                          alpha_opt=alpha_opt, alpha_prime_opt=alpha_prime_opt, args=args)
         q_value, greedy = partial(pessimistic_q, critics, lcb=args.q_lcb), actor.act
         explore, explorer = partial(explore_box, actor), actor
+
+    if args.compile:  # the same update, compiled; random draws stay eager's (fallback_random), so seeds agree
+        torch._inductor.config.fallback_random = True
+        torch._functorch.config.donated_buffer = False  # an update may take two backward passes through one graph
+        update = torch.compile(update)
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: tanh(mean) mapped back to the environment's box (Box) or argmax Q (Discrete)."""

@@ -51,6 +51,9 @@ class Args:
     """episodes per evaluation (0 turns evaluation off)"""
     log_every: int = 1000
     """write losses and diagnostics to TensorBoard and the console every this many steps"""
+    compile: bool = False
+    """run the update step through torch.compile (same losses as eager to float tolerance; on this project's CPU no
+    faster and ~1 min of compilation first, docs/benchmark.md "Speed"); the eager code is the one to read"""
 
     # Algorithm specific arguments
     learning_rate: float = 3e-4
@@ -347,6 +350,11 @@ if __name__ == "__main__":
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
     actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, max(args.total_steps, 1)) if args.cosine_lr
                    else torch.optim.lr_scheduler.LambdaLR(actor_opt, constant_lr))
+
+    if args.compile:  # the same update, compiled; random draws stay eager's (fallback_random), so seeds agree
+        torch._inductor.config.fallback_random = True
+        torch._functorch.config.donated_buffer = False  # an update may take two backward passes through one graph
+        update = torch.compile(update)
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: the mean (Box, mapped back to the environment's box) or the argmax (Discrete)."""
