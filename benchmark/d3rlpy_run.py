@@ -53,14 +53,16 @@ def enc(*hidden: int) -> VectorEncoderFactory:
     return VectorEncoderFactory(hidden_units=list(hidden))
 
 
-def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler):
-    """The d3rlpy algorithm configured with our scripts' defaults (iql.py, cql.py, bcq.py)."""
+def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler, compile_graph: bool = False):
+    """The d3rlpy algorithm configured with our scripts' defaults (iql.py, cql.py, bcq.py); `compile_graph`: d3rlpy's
+    torch.compile + CUDA-graph option (2.7+)."""
+    extra = dict(compile_graph=True) if compile_graph else {}
     if algo == "iql":
         if discrete:
             print("d3rlpy has no discrete IQL; nothing to compare iql.py's discrete variant with")
             raise SystemExit(NOT_AVAILABLE)
         # iql.py: 2x256 networks, lr 3e-4 everywhere, cosine-decayed actor lr, expectile 0.7, beta 3, max weight 100
-        return d3rlpy.algos.IQLConfig(
+        return d3rlpy.algos.IQLConfig(**extra,
             actor_learning_rate=3e-4, critic_learning_rate=3e-4, batch_size=256, gamma=0.99, tau=0.005,
             expectile=0.7, weight_temp=3.0, max_weight=100.0, n_critics=2,
             actor_encoder_factory=enc(256, 256), critic_encoder_factory=enc(256, 256),
@@ -69,11 +71,11 @@ def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler):
             action_scaler=action_scaler)
     if algo == "cql":
         if discrete:  # cql.py discrete: 3x256 Q network, lr 3e-4, batch 256, alpha 1.0
-            return d3rlpy.algos.DiscreteCQLConfig(
+            return d3rlpy.algos.DiscreteCQLConfig(**extra,
                 learning_rate=3e-4, batch_size=256, gamma=0.99, n_critics=1, alpha=1.0,
                 target_update_interval=200, encoder_factory=enc(256, 256, 256))
         # cql.py Box: 3x256 actor and critics, actor lr 1e-4, critic lr 3e-4, entropy lr 1e-4, weight 5, 10 actions
-        return d3rlpy.algos.CQLConfig(
+        return d3rlpy.algos.CQLConfig(**extra,
             actor_learning_rate=1e-4, critic_learning_rate=3e-4, temp_learning_rate=1e-4, alpha_learning_rate=0.0,
             initial_alpha=1.0, conservative_weight=5.0, n_action_samples=10, batch_size=256, gamma=0.99, tau=0.005,
             n_critics=2, soft_q_backup=False, max_q_backup=False,
@@ -81,11 +83,11 @@ def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler):
             action_scaler=action_scaler)
     if algo == "bcq":
         if discrete:  # bcq.py discrete: separate 2x256 Q and imitation networks, lr 3e-4, batch 64, threshold 0.3
-            return d3rlpy.algos.DiscreteBCQConfig(
+            return d3rlpy.algos.DiscreteBCQConfig(**extra,
                 learning_rate=3e-4, batch_size=64, gamma=0.99, n_critics=1, action_flexibility=0.3, beta=1e-2,
                 target_update_interval=200, share_encoder=False, encoder_factory=enc(256, 256))
         # bcq.py Box: actor / critics 400-300, VAE 750-750, lr 1e-3, batch 100, phi 0.05, lambda 0.75, 10 samples
-        return d3rlpy.algos.BCQConfig(
+        return d3rlpy.algos.BCQConfig(**extra,
             actor_learning_rate=1e-3, critic_learning_rate=1e-3, imitator_learning_rate=1e-3, batch_size=100,
             gamma=0.99, tau=0.005, n_critics=2, lam=0.75, n_action_samples=10, action_flexibility=0.05, beta=0.5,
             actor_encoder_factory=enc(400, 300), critic_encoder_factory=enc(400, 300),
@@ -103,6 +105,8 @@ def main() -> None:
     p.add_argument("--eval-episodes", type=int, default=10, help="0: no evaluation (speed runs)")
     p.add_argument("--exp-name", default=None, help="default: d3rlpy_{algo}; the run folder is "
                    "runs/{dataset}__{exp_name}__{seed}__{time}, as our scripts write")
+    p.add_argument("--device", default="cpu:0", help="d3rlpy's device string, e.g. cuda:0")
+    p.add_argument("--compile-graph", action="store_true", help="d3rlpy's compile_graph=True (CUDA only)")
     a = p.parse_args()
 
     ds = load_dataset(a.dataset)
@@ -121,7 +125,7 @@ def main() -> None:
         low, high = action_bounds(ds)
         scaler = d3rlpy.preprocessing.MinMaxActionScaler(minimum=low.astype(np.float32),
                                                          maximum=high.astype(np.float32))
-    algo = make_algo(a.algo, ds.discrete, a.total_steps, scaler).create(device="cpu:0")
+    algo = make_algo(a.algo, ds.discrete, a.total_steps, scaler, a.compile_graph).create(device=a.device)
     algo.build_with_dataset(data)
 
     exp_name = a.exp_name or f"d3rlpy_{a.algo}"
@@ -142,7 +146,7 @@ def main() -> None:
         writer.add_scalar("charts/SPS", sps, step)
         if a.eval_episodes > 0:
             # the episodes our scripts evaluate on: episode i is seeded seed + 100 + i (see their --seed)
-            ret = float(evaluate(ds, policy, a.eval_episodes, a.seed + 100, torch.device("cpu")).mean())
+            ret = float(evaluate(ds, policy, a.eval_episodes, a.seed + 100, torch.device("cpu")).returns.mean())
             if not math.isfinite(ret):
                 raise FloatingPointError(f"non-finite evaluation return at step {step}")
             norm = float(ds.normalized_score(ret))
