@@ -1,16 +1,11 @@
 # Off-policy evaluation (OPE): what would a saved policy score, estimated from the offline data alone. Docs: docs/ope.md
-# Importance sampling IS/WIS/PDIS/WPDIS (Precup, Sutton, Singh 2000), doubly robust DR (Jiang & Li 2016,
-# https://arxiv.org/abs/1511.03722), weighted DR (Thomas & Brunskill 2016, https://arxiv.org/abs/1604.00923), fitted Q
-# evaluation FQE (Le, Voloshin, Yue 2019, https://arxiv.org/abs/1903.08738) and a model-based estimator (an ensemble
-# of learned dynamics rolled out under the policy). Validation metrics follow DOPE (Fu et al. 2021,
-# https://arxiv.org/abs/2103.16596): absolute error of the normalized score, Spearman rank correlation, regret@1.
-#
-# Which policy is being valued? A saved policy offers two: `Policy.act` (the evaluation action: the Gaussian's mean,
-# the argmax) and `Policy.dist` (the distribution it was trained as). Importance weights need a density, so the IS
-# family and DR/WDR value the *distribution* ("dist" in the table); FQE and the model value `act` by default
-# (--fqe-action act, "act" in the table), which is what the scripts' own evaluations run. Ground-truth rollouts must
-# run the same policy an estimator values: --rollout-action sample (with --fqe-action sample) validates every row
-# against one policy; the default `act` validates FQE/MB and flags the "dist" rows as comparing different policies.
+# IS, WIS, PDIS, WPDIS (Precup, Sutton, Singh 2000), DR (Jiang & Li 2016, https://arxiv.org/abs/1511.03722), WDR
+# (Thomas & Brunskill 2016, https://arxiv.org/abs/1604.00923), FQE (Le, Voloshin, Yue 2019,
+# https://arxiv.org/abs/1903.08738) and a model-based estimator MB (an ensemble of learned dynamics rolled out under the
+# policy); validation metrics as DOPE (Fu et al. 2021, https://arxiv.org/abs/2103.16596).
+# Which policy is valued: importance weights need a density, so IS ... WDR value the distribution the policy was trained
+# as (`Policy.dist`, "dist"); FQE and MB value its evaluation action (`Policy.act`, "act", what the training scripts
+# score) unless --fqe-action sample. Rollouts check the rows that value the policy they run (--rollout-action).
 import copy
 import csv
 import importlib
@@ -45,47 +40,37 @@ class Args:
     device: str = "auto"
     """`auto` picks CUDA when present, else CPU; or any torch device string"""
     threads: int = 1
-    """CPU threads (torch.set_num_threads): 1 stays fast when other processes share the cores; more is faster only on
-    an idle machine (docs/benchmark.md)"""
+    """CPU threads: 1 stays fast when other processes share the cores; more only helps on an idle machine"""
     discount: float = 0.99
     """gamma of the discounted estimates (the undiscounted column always uses gamma = 1)"""
     bootstrap: int = 2000
-    """bootstrap resamples of whole episodes for the 95% confidence intervals (0: no intervals); 2000 leave 50 per
-    tail, and each interval reports the Monte-Carlo error of its endpoints"""
+    """bootstrap resamples of whole episodes for the 95% CIs (0: none); 2000 leave 50 per tail"""
 
     # Behaviour policy and importance weights
     behavior: Literal["auto", "logged", "fitted"] = "auto"
-    """`logged`: the dataset's exact behavior_log_probs; `fitted`: a behaviour-cloning model fitted by maximum
-    likelihood; `auto`: logged when the dataset has them, else fitted"""
+    """`logged`: the dataset's exact behavior_log_probs; `fitted`: behaviour cloning; `auto`: logged if present"""
     bc_steps: int = 5000
     """gradient steps of each behaviour-cloning fit"""
     coverage: bool = True
-    """fit one behaviour model on all the data (--bc-steps) and report, per policy, how much of its action mass lies
-    where that model's density is low: where FQE and the model-based estimate extrapolate"""
+    """report per policy its action mass where a behaviour model fitted on all the data is thin (FQE/MB extrapolate)"""
     bc_folds: int = 2
-    """cross-fitting: the episodes are split in this many folds and each fold's log pi_b comes from a model fitted on
-    the other folds (1: fit and score on all the data, which overstates pi_b on the logged actions)"""
+    """cross-fitting: each of this many folds of episodes gets log pi_b from a model fitted on the others (1: none)"""
     clip_log_ratio: tuple[float, float] | None = None
     """clip each per-step log pi_e - log pi_b to [LOW, HIGH] (DOPE used -6 2): less variance, some bias. Off"""
     smoothing_width: float | None = None
-    """for policies without a density: Box, a Gaussian of this std (environment units) around the policy's action,
-    truncated to the action box; Discrete, epsilon-greedy with this epsilon. Unset: IS/DR are skipped for them"""
+    """no-density policies: Box, N(action, W^2) truncated to the box; Discrete, W-greedy. Unset: IS/DR skipped"""
     weight_threshold: float = 100.0
     """diagnostic: the share of episodes whose importance weight w_{0:H-1} exceeds this value is reported"""
 
     # FQE
     fqe_steps: int = 20_000
-    """FQE gradient steps (DOPE's FQE ran 1,000,000; raise this when the run's FQE trace has not settled; 0: skip
-    FQE, DR and WDR)"""
+    """FQE gradient steps (DOPE ran 1,000,000; raise it when FQE has not settled; 0: skip FQE, DR and WDR)"""
     fqe_action: Literal["act", "sample"] = "act"
-    """the policy FQE and the model value: `act` (the evaluation action, as the scripts' evaluations) or `sample`
-    (the policy's distribution, the one the IS family values)"""
+    """the policy FQE and MB value: `act` (the evaluation action) or `sample` (the distribution IS values)"""
     fqe_tau: float = 0.005
     """Polyak rate of FQE's target network"""
     fqe_time_limit_terminal: bool = False
-    """FQE stops bootstrapping at time limits too (timeouts treated as terminals), to compare with finite-horizon
-    values (IS, MB, the rollouts); approximate, since FQE's Q does not know the time left. Off: FQE values the
-    infinite-horizon discounted return"""
+    """stop FQE's bootstrap at time limits too, to compare with the finite-horizon IS, MB and rollouts (approximate)"""
     learning_rate: float = 3e-4
     """AdamW learning rate of every fitted network (FQE, behaviour cloning, model ensemble; weight decay 1e-5)"""
     batch_size: int = 256
@@ -109,8 +94,7 @@ class Args:
     rollouts: int = 0
     """run each policy this many episodes in the dataset's environment and report each estimator's error"""
     rollout_action: Literal["act", "sample"] = "act"
-    """what the rollouts run: `act` (the evaluation action) or `sample` (draws from pi_e(.|s): use it to validate
-    IS, WIS, PDIS, WPDIS, DR and WDR, which value the distribution)"""
+    """what the rollouts run: `act` (the evaluation action) or `sample` (pi_e's distribution, what IS ... WDR value)"""
     plot: str | None = None
     """write a PNG of the estimates with their 95% CIs (and the rollouts' value when --rollouts > 0) to this path"""
 
@@ -119,38 +103,23 @@ class OPEError(UserError):
     """A problem with the inputs that the user can fix; printed as `ope.py: error: ...` without a traceback."""
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Progress: a bar on stderr (total, rate, ETA) for every long phase, gone when the phase ends (the results print on
-# stdout). Hot loops update it every PROGRESS_EVERY steps with a step count: no host sync is added to a step.
-# TQDM_DISABLE=1 hides the bars; when stderr is not a terminal they redraw at most every 10 s.
-# ---------------------------------------------------------------------------------------------------------
-PROGRESS_EVERY = 200
-
-
-def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm:
-    """A tqdm bar on stderr; redrawn at most every 0.5 s on a terminal, every 10 s into a file or pipe."""
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 10.0)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 ESTIMATORS = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR", "FQE", "MB")
 WEIGHTED = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR")  # the rows that need importance weights (a pi_e density)
 COVERAGE_WARN = 0.2  # warn when more than this share of pi_e's action mass lies where the data are thin
 MIN_ESS_SHARE = 0.1  # below this share of the episodes a weighted row gets a warning, no interval, no rank metrics
+PROGRESS_EVERY = 200  # hot loops advance their progress bar every this many steps: no host sync per step
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Episodes: the IS family, the bootstrap and the initial states all need whole episodes, in time order
-# ---------------------------------------------------------------------------------------------------------
+def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm:
+    """A bar on stderr, gone when the phase ends; redrawn every 0.5 s on a terminal, 10 s into a file (TQDM_DISABLE)."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+
+# ---- Episodes: the IS family, the bootstrap and the initial states need whole episodes, in time order ----------------
 @dataclass
 class Episodes:
-    """The dataset cut into episodes as (n_episodes, horizon) arrays; step t of episode i is dataset row rows[i, t]."""
-
-    rows: np.ndarray  # (n, H) int: dataset row of each step (0 where padded: read it only under `mask`)
+    rows: np.ndarray  # (n, H) int: dataset row of step t of episode i (0 where padded: read it only under `mask`)
     mask: np.ndarray  # (n, H) bool: True for real steps, False after the episode's end
 
     @property
@@ -158,59 +127,47 @@ class Episodes:
         return self.rows.shape[0]
 
     @property
-    def starts(self) -> np.ndarray:
-        return self.rows[:, 0]
-
-    @property
     def lengths(self) -> np.ndarray:
         return self.mask.sum(1)
 
-    def pad(self, per_row: np.ndarray, fill: float = 0.0) -> np.ndarray:
-        """Values per dataset row (N,) -> (n, H), `fill` after each episode's end."""
-        return np.where(self.mask, np.asarray(per_row, dtype=np.float64)[self.rows], fill)
+    def pad(self, per_row: np.ndarray) -> np.ndarray:
+        """Values per dataset row (N,) -> (n, H), 0 after each episode's end."""
+        return np.where(self.mask, np.asarray(per_row, dtype=np.float64)[self.rows], 0.0)
 
 
 def split_episodes(ds: Dataset, max_cells: int = 50_000_000) -> Episodes:
     """Episodes from terminals/timeouts; checks that rows are in time order (s'_t is the next row's s)."""
     ends = ds.episode_ends()
     starts = np.concatenate([[0], ends[:-1] + 1])
-    inner = np.ones(len(ds), dtype=bool)
-    inner[ends] = False
-    idx = np.flatnonzero(inner)
-    if len(idx):
-        same = np.isclose(ds.next_observations[idx], ds.observations[idx + 1], rtol=1e-5, atol=1e-6).all(1)
-        if (~same).mean() > 1e-3:
-            raise OPEError(
-                f"{ds.name}: the rows are not whole episodes in time order: next_observations[i] != observations[i+1] "
-                f"at {100 * (~same).mean():.1f}% of the rows inside episodes (first at row {int(idx[~same][0])}). "
-                "Off-policy evaluation needs each episode's transitions in order, with terminals/timeouts marking "
-                "their ends (importance weights multiply along an episode; the bootstrap resamples episodes)")
+    inner = np.setdiff1d(np.arange(len(ds)), ends)
+    same = np.isclose(ds.next_observations[inner], ds.observations[inner + 1], rtol=1e-5, atol=1e-6).all(1)
+    if len(inner) and (~same).mean() > 1e-3:
+        raise OPEError(f"{ds.name}: the rows are not whole episodes in time order: next_observations[i] != "
+                       f"observations[i+1] at {100 * (~same).mean():.1f}% of the rows inside episodes (first at row "
+                       f"{int(inner[~same][0])}); importance weights multiply along episodes, in order")
     lengths = ends - starts + 1
     n, horizon = len(lengths), int(lengths.max())
     if n * horizon > max_cells:
         raise OPEError(f"{ds.name}: {n} episodes padded to the longest ({horizon} steps) would need {n * horizon:,} "
                        "cells; are terminals/timeouts set? A dataset with no episode ends is one long episode")
-    t = np.arange(horizon)
-    mask = t[None, :] < lengths[:, None]
-    return Episodes(rows=np.where(mask, starts[:, None] + t[None, :], 0), mask=mask)
+    mask = np.arange(horizon)[None, :] < lengths[:, None]
+    return Episodes(rows=np.where(mask, starts[:, None] + np.arange(horizon)[None, :], 0), mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The importance-sampling family and doubly robust estimators: pure functions of (n, H) numpy arrays.
-# rewards, log_ratios = log pi_e(a_t|s_t) - log pi_b(a_t|s_t), q_sa = Q̂(s_t, a_t), v_s = V̂(s_t); mask marks real
-# steps. Padding convention (one for every estimator): after an episode ends it is absorbing with r = 0, Q̂ = V̂ = 0
-# and rho = 1, so its weight is *carried* and it still counts in every per-step normaliser (with equal weights,
-# WPDIS then reduces to the plain average return, ended episodes contributing 0, as it should).
-# `counts` (n,) or (B, n): how often each episode is drawn (bootstrap resamples); None: each once.
-# Weights stay in log space (cumulative sums of log-ratios) and are only exponentiated after subtracting a maximum
-# wherever the estimator self-normalises; plain IS and PDIS need the absolute weights and may overflow to inf.
-# ---------------------------------------------------------------------------------------------------------
-def _prepare(rewards, log_ratios, mask, counts):
-    mask = np.asarray(mask, dtype=bool)
-    r = np.where(mask, np.asarray(rewards, dtype=np.float64), 0.0)
-    log_w = np.cumsum(np.where(mask, np.asarray(log_ratios, dtype=np.float64), 0.0), axis=1)  # log w_{0:t}
-    c = np.ones(len(r)) if counts is None else np.asarray(counts, dtype=np.float64)
-    return r, log_w, mask, c
+# ---- ALGO LOGIC: the estimators as per-episode contributions, and the one routine that resamples them ---------------
+# Inputs are (n, H) arrays: rewards, log_ratios = log pi_e(a_t|s_t) - log pi_b(a_t|s_t), q_sa = Q̂(s_t, a_t),
+# v_s = V̂(s_t); mask marks real steps. Padding (one convention for every estimator): an ended episode is absorbing
+# with r = 0, Q̂ = V̂ = 0 and rho = 1, so its weight is *carried* and it stays in every per-step normaliser (with
+# equal weights WPDIS is then the plain mean return, ended episodes contributing 0, as it should).
+# An estimator is a list of terms (num_k, den_k), per-episode arrays of shape (n,) or (n, H), and per-step discounts
+# d (None when the terms are already one number per episode):
+#     estimate(c) = [ sum_k (sum_i c_i num_k[i]) / (sum_i c_i den_k[i]) ] @ d,     den None: divide by sum_i c_i,
+# where c_i is how often episode i is drawn: 1 each for the estimate, (B, n) bootstrap counts for B resamples.
+# Weights stay in log space; they are exponentiated after subtracting a maximum wherever the estimator self-normalises
+# (the shift cancels); plain IS and PDIS need the absolute weights and may overflow to inf (reported).
+def log_weights(log_ratios, mask) -> np.ndarray:
+    """log w_{0:t} = sum_{t' <= t} log rho_t', (n, H); carried after an episode's end (log rho = 0 there)."""
+    return np.cumsum(np.where(np.asarray(mask, dtype=bool), np.asarray(log_ratios, dtype=np.float64), 0.0), axis=1)
 
 
 def _shifted_exp(log_w: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -219,69 +176,58 @@ def _shifted_exp(log_w: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.exp(log_w - np.where(np.isfinite(shift), shift, 0.0))
 
 
-def is_estimate(rewards, log_ratios, mask, gamma, counts=None):
-    """Trajectory-wise IS: mean_i w_{0:H-1}^i G^i. Unbiased; its variance grows exponentially with the horizon."""
-    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
-    ret = r @ gamma ** np.arange(r.shape[1])
-    with np.errstate(over="ignore", invalid="ignore"):
-        return c @ (np.exp(log_w[:, -1]) * ret) / c.sum(-1)
-
-
-def wis_estimate(rewards, log_ratios, mask, gamma, counts=None):
-    """Weighted (self-normalised) IS: sum_i w^i G^i / sum_i w^i. Biased for finite n, consistent, far less variance."""
-    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
-    w = _shifted_exp(log_w[:, -1])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (c @ (w * (r @ gamma ** np.arange(r.shape[1])))) / (c @ w)
-
-
-def pdis_estimate(rewards, log_ratios, mask, gamma, counts=None):
-    """Per-decision IS: mean_i sum_t gamma^t w_{0:t}^i r_t^i: reward t is weighted by the ratios up to t only."""
-    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
-    with np.errstate(over="ignore", invalid="ignore"):
-        per_episode = (np.exp(log_w) * r) @ gamma ** np.arange(r.shape[1])
-        return c @ per_episode / c.sum(-1)
-
-
-def wpdis_estimate(rewards, log_ratios, mask, gamma, counts=None):
-    """Weighted per-decision IS: sum_t gamma^t (sum_i w_{0:t}^i r_t^i) / (sum_i w_{0:t}^i), one normaliser per step
-    (ended episodes keep their weight in it: see the padding convention above)."""
-    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
-    w = _shifted_exp(log_w, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return ((c @ (w * r)) / (c @ w)) @ gamma ** np.arange(r.shape[1])
-
-
 def dr_per_episode(rewards, log_ratios, q_sa, v_s, mask, gamma) -> np.ndarray:
     """Jiang & Li 2016, recursive form, backwards from V_DR^(H) = 0:
     V_DR^(t) = V̂(s_t) + rho_t (r_t + gamma V_DR^(t+1) - Q̂(s_t, a_t)). Returns V_DR^(0) of each episode."""
     mask = np.asarray(mask, dtype=bool)
     r, q, v = (np.where(mask, np.asarray(x, dtype=np.float64), 0.0) for x in (rewards, q_sa, v_s))
-    rho = np.exp(np.where(mask, np.asarray(log_ratios, dtype=np.float64), 0.0))
     value = np.zeros(len(r))
     with np.errstate(over="ignore", invalid="ignore"):
+        rho = np.exp(np.where(mask, np.asarray(log_ratios, dtype=np.float64), 0.0))
         for t in reversed(range(r.shape[1])):  # padded steps: 0 + 1 * (0 + gamma * 0 - 0) = 0
             value = v[:, t] + rho[:, t] * (r[:, t] + gamma * value - q[:, t])
     return value
 
 
-def dr_estimate(rewards, log_ratios, q_sa, v_s, mask, gamma, counts=None):
-    """Doubly robust: mean over episodes of V_DR^(0). Unbiased for any Q̂ when the ratios are exact (V̂ must be
-    E_{a~pi_e} Q̂(s, a)); the better Q̂, the smaller the variance (zero for a perfect Q̂ and deterministic rewards)."""
-    c = np.ones(len(rewards)) if counts is None else np.asarray(counts, dtype=np.float64)
-    return c @ dr_per_episode(rewards, log_ratios, q_sa, v_s, mask, gamma) / c.sum(-1)
+def contributions(rewards, log_ratios, mask, gamma, q_sa=None, v_s=None) -> dict[str, tuple]:
+    """The terms of IS, WIS, PDIS and WPDIS, and of DR and WDR when Q̂ and V̂ are given (V̂ must be E_{a~pi_e} Q̂)."""
+    mask = np.asarray(mask, dtype=bool)
+    r, log_w = np.where(mask, np.asarray(rewards, dtype=np.float64), 0.0), log_weights(log_ratios, mask)
+    d = gamma ** np.arange(r.shape[1])
+    w_end, w = _shifted_exp(log_w[:, -1]), _shifted_exp(log_w, axis=0)  # w_{0:H-1}, w_{0:t}, each up to a factor
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = {"IS": ([(np.exp(log_w[:, -1]) * (r @ d), None)], None),  # mean_i w_{0:H-1}^i G^i (unbiased)
+               "WIS": ([(w_end * (r @ d), w_end)], None),  # sum_i w^i G^i / sum_i w^i (biased, consistent)
+               "PDIS": ([((np.exp(log_w) * r) @ d, None)], None),  # mean_i sum_t gamma^t w_{0:t}^i r_t^i
+               "WPDIS": ([(w * r, w)], d)}  # sum_t gamma^t (sum_i w_{0:t}^i r_t^i) / (sum_i w_{0:t}^i)
+    if q_sa is not None:
+        q, v = (np.where(mask, np.asarray(x, dtype=np.float64), 0.0) for x in (q_sa, v_s))
+        w_prev = np.concatenate([np.ones((len(r), 1)), w[:, :-1]], axis=1)  # ŵ_{t-1}, ŵ_{-1} = 1/n once normalised
+        # DR: mean_i V_DR^(0); WDR (Thomas & Brunskill 2016): DR unrolled with w_{0:t}^i / n replaced by the per-step
+        # normalised ŵ_t^i = w_{0:t}^i / sum_j w_{0:t}^j:  sum_t gamma^t sum_i [ŵ_t^i (r_t - Q̂_t) + ŵ_{t-1}^i V̂_t]
+        out["DR"] = ([(dr_per_episode(rewards, log_ratios, q_sa, v_s, mask, gamma), None)], None)
+        out["WDR"] = ([(w * (r - q), w), (w_prev * v, w_prev)], d)
+    return out
 
 
-def wdr_estimate(rewards, log_ratios, q_sa, v_s, mask, gamma, counts=None):
-    """Weighted DR (Thomas & Brunskill 2016): DR unrolled, with w_{0:t}^i / n replaced by the per-step normalised
-    ŵ_t^i = w_{0:t}^i / sum_j w_{0:t}^j (ŵ_{-1}^i = 1/n):  sum_t gamma^t sum_i [ŵ_t^i (r_t - Q̂_t) + ŵ_{t-1}^i V̂_t]."""
-    r, log_w, mask, c = _prepare(rewards, log_ratios, mask, counts)
-    q, v = (np.where(mask, np.asarray(x, dtype=np.float64), 0.0) for x in (q_sa, v_s))
-    w = _shifted_exp(log_w, axis=0)
-    w_prev = np.concatenate([np.ones((len(r), 1)), w[:, :-1]], axis=1)  # ŵ_{t-1}; each column normalised alone
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_step = (c @ (w * (r - q))) / (c @ w) + (c @ (w_prev * v)) / (c @ w_prev)
-    return per_step @ gamma ** np.arange(r.shape[1])
+def resample(terms: tuple, counts: np.ndarray | None = None):
+    """The estimate from an estimator's terms (see above); with (B, n) bootstrap counts, the B resampled estimates."""
+    parts, d = terms
+    c = np.ones(len(parts[0][0])) if counts is None else np.asarray(counts, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        per_part = [(c @ num) / (c.sum(-1) if den is None else c @ den) for num, den in parts]
+        total = sum(per_part[1:], per_part[0])
+        return total if d is None else total @ d
+
+
+def mean_terms(per_episode: np.ndarray) -> tuple:
+    """The terms of a plain mean over episodes (FQE's and MB's values of the initial states, rollout returns)."""
+    return [(per_episode, None)], None
+
+
+def estimate(name, rewards, log_ratios, mask, gamma, q_sa=None, v_s=None, counts=None):
+    """One estimator on (n, H) arrays, e.g. estimate("WPDIS", rewards, log_ratios, mask, 0.99)."""
+    return resample(contributions(rewards, log_ratios, mask, gamma, q_sa, v_s)[name], counts)
 
 
 def effective_sample_size(log_w: np.ndarray) -> float:
@@ -291,10 +237,8 @@ def effective_sample_size(log_w: np.ndarray) -> float:
 
 
 def per_decision_ess(log_ratios, mask, gamma) -> float:
-    """The ESS of the step-t weights w_{0:t}, averaged over t with weights gamma^t (what per-decision estimators
-    effectively rest on: early steps count more)."""
-    _, log_w, _, _ = _prepare(np.zeros_like(log_ratios), log_ratios, mask, None)
-    w = _shifted_exp(log_w, axis=0)
+    """The ESS of the step-t weights w_{0:t}, averaged over t with weights gamma^t (early steps count more)."""
+    w = _shifted_exp(log_weights(log_ratios, mask), axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         ess = np.nan_to_num(w.sum(0) ** 2 / (w**2).sum(0))
     d = gamma ** np.arange(w.shape[1])
@@ -305,8 +249,8 @@ def per_decision_ess(log_ratios, mask, gamma) -> float:
 # with probability >= 1 - delta, E[X] >= mean(min(X, c)) - 7 c ln(2/delta) / (3(n-1))
 #                                         - (1/n) sqrt(2 ln(2/delta) / (n-1) * (n sum Y^2 - (sum Y)^2)).
 def hcope_bound(x: np.ndarray, c: float, delta: float, n_range: int | None = None) -> float:
-    """The equal-c bound above on the sample x (Y = min(x, c)). `n_range` replaces n in the range term and scales the
-    variance term as in the paper's choice of c on a held-out split (it predicts the bound on n_range samples)."""
+    """The bound above on the sample x (Y = min(x, c)). `n_range` replaces n in the range term and scales the variance
+    term as in the paper's choice of c on a held-out split (it predicts the bound on n_range samples)."""
     x = np.asarray(x, dtype=np.float64)
     n, m = len(x), n_range or len(x)
     y = np.minimum(x, c)
@@ -318,8 +262,8 @@ def hcope_bound(x: np.ndarray, c: float, delta: float, n_range: int | None = Non
 
 
 def hcope_lower_bound(x: np.ndarray, delta: float, rng: np.random.Generator, pre_share: float = 0.05) -> float:
-    """A 1 - delta lower bound on E[X] (X >= 0): c is chosen on a random `pre_share` of the samples to maximise the
-    predicted bound, and the bound is evaluated on the other samples only (so the choice does not bias it)."""
+    """A 1 - delta lower bound on E[X] (X >= 0): c maximises the predicted bound on a random `pre_share` of the
+    samples, and the bound is evaluated on the other samples only (so the choice does not bias it)."""
     x = np.asarray(x, dtype=np.float64)
     order = rng.permutation(len(x))
     n_pre = max(int(round(pre_share * len(x))), 2)
@@ -333,15 +277,13 @@ def hcope_lower_bound(x: np.ndarray, delta: float, rng: np.random.Generator, pre
 
 
 def bootstrap_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray | None:
-    """(n_boot, n) multinomial counts: how often each whole episode is drawn in each resample. None if n < 2 or
+    """(n_boot, n) multinomial counts: how often each whole episode is drawn in each resample; None if n < 2 or
     n_boot == 0 (one episode cannot be resampled into a confidence interval)."""
-    if n < 2 or n_boot <= 0:
-        return None
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64) if n >= 2 and n_boot > 0 else None
 
 
 def percentile_ci(samples: np.ndarray) -> list[float] | None:
-    """The 2.5% and 97.5% percentiles of the finite bootstrap values (None if too few are finite)."""
+    """The 2.5% and 97.5% percentiles of the finite bootstrap values (None if fewer than 90% are finite)."""
     samples = np.asarray(samples, dtype=np.float64)
     finite = samples[np.isfinite(samples)]
     if len(finite) < max(2, 0.9 * len(samples)):
@@ -350,17 +292,15 @@ def percentile_ci(samples: np.ndarray) -> list[float] | None:
 
 
 def tail_mc_error(samples: np.ndarray, batches: int = 10) -> float:
-    """Monte-Carlo error of the interval's endpoints: the spread of each endpoint over `batches` disjoint batches of
-    the resamples, divided by sqrt(batches) (nan when a batch has too few finite values)."""
+    """Monte-Carlo error of the interval's endpoints: their spread over `batches` disjoint batches of the resamples,
+    over sqrt(batches) (nan when a batch has too few finite values)."""
     parts = [percentile_ci(b) for b in np.array_split(np.asarray(samples, dtype=np.float64), batches)]
     if any(p is None for p in parts):
         return float("nan")
     return float(np.std(np.array(parts), axis=0, ddof=1).max() / math.sqrt(batches))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Densities: truncated Gaussians keep every Box density inside the action box
-# ---------------------------------------------------------------------------------------------------------
+# ---- pi_e as the estimators see it; truncated Gaussians keep every Box density inside the action box --------------
 def log_box_mass(loc, scale, low, high) -> torch.Tensor:
     """log P(low <= X <= high) per dimension for X ~ N(loc, scale)."""
     mass = torch.special.ndtr((high - loc) / scale) - torch.special.ndtr((low - loc) / scale)
@@ -383,16 +323,15 @@ def truncated_normal_sample(loc, scale, low, high) -> torch.Tensor:
 
 
 class Target:
-    """pi_e as the estimators see it. `act`: the evaluation action. `density` (None if there is none): what
-    `log_prob`, `probs` (Discrete) and `sample` use. Box Gaussians (the policy's own, or the smoothing one) are
-    truncated to the action box: a sample outside it would be clipped by the environment onto the boundary, where
-    no behaviour density can cover the point mass; the truncated (renormalised) Gaussian is the closest policy with
-    a density inside the box, and `sample` draws from exactly it (so rollouts run what IS values)."""
+    """pi_e: `act`, the evaluation action; `density` (None if there is none), what `log_prob`, `probs` (Discrete) and
+    `sample` use. Box Gaussians (the policy's own or the smoothing one) are truncated to the action box: the
+    environment would clip a sample outside it onto the boundary, a point mass no behaviour density covers; the
+    renormalised Gaussian is the closest policy with a density inside the box, and `sample` draws exactly from it."""
 
     def __init__(self, policy: Policy, n_actions: int | None, low: torch.Tensor | None, high: torch.Tensor | None,
                  smoothing: float | None, probe_obs: torch.Tensor | None = None):
         self.policy, self.discrete, self.n_actions, self.low, self.high = policy, policy.discrete, n_actions, low, high
-        self.smoothing, self.notes = None, []
+        self.smoothing, self.notes, self.density = None, [], None
         if policy.dist is not None:
             if smoothing is not None:
                 self.notes.append("--smoothing-width ignored: the policy has its own distribution")
@@ -408,8 +347,6 @@ class Target:
             self.smoothing = smoothing
             self.density = (f"epsilon-greedy around the policy's action (eps {smoothing})" if self.discrete else
                             f"N(policy's action, {smoothing}^2) truncated to the action box (--smoothing-width)")
-        else:
-            self.density = None
         self.skip_reason = None if self.density else (
             "no density (Policy.dist is None: a deterministic or greedy policy): importance weights "
             "pi_e(a|s)/pi_b(a|s) are undefined, so IS, WIS, PDIS, WPDIS, DR and WDR are skipped; pass "
@@ -425,9 +362,7 @@ class Target:
             return loc, torch.full_like(loc, self.smoothing)
         d = self.policy.dist(obs)
         base = d.base_dist if isinstance(d, torch.distributions.Independent) else d
-        if isinstance(base, torch.distributions.Normal):
-            return torch.broadcast_tensors(base.loc, base.scale)
-        return None
+        return torch.broadcast_tensors(base.loc, base.scale) if isinstance(base, torch.distributions.Normal) else None
 
     def probs(self, obs: torch.Tensor) -> torch.Tensor:
         """Discrete: pi_e(.|s) as (B, n_actions); a point mass on `act` when there is no density."""
@@ -437,9 +372,8 @@ class Target:
                 return d.probs
             every = torch.arange(self.n_actions, device=obs.device)
             return torch.stack([d.log_prob(a.expand(len(obs))) for a in every], -1).exp()
-        onehot = F.one_hot(self.act(obs).long(), self.n_actions).float()
         eps = self.smoothing or 0.0
-        return (1.0 - eps) * onehot + eps / self.n_actions
+        return (1.0 - eps) * F.one_hot(self.act(obs).long(), self.n_actions).float() + eps / self.n_actions
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         if self.discrete:
@@ -447,8 +381,7 @@ class Target:
         g = self.gaussian(obs)
         if g is not None:
             return truncated_normal_log_prob(actions, *g, self.low, self.high)
-        # other densities (e.g. CQL's tanh-Gaussian): nudge actions off the box's edge, where atanh is infinite
-        margin = 1e-6 * (self.high - self.low)
+        margin = 1e-6 * (self.high - self.low)  # other densities (CQL's tanh-Gaussian): off the edge, atanh is finite
         return self.policy.dist(obs).log_prob(torch.maximum(torch.minimum(actions, self.high - margin),
                                                             self.low + margin))
 
@@ -483,18 +416,31 @@ def policy_at(target: Target, obs: torch.Tensor, mode: str, k: int) -> torch.Ten
     return target.act(obs)[:, None] if mode == "act" else target.sample(obs, k)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Behaviour policy: logged exact log-probabilities, or a behaviour-cloning fit (maximum likelihood)
-# ---------------------------------------------------------------------------------------------------------
+def gradient_steps(params, loss_fn, steps: int, lr: float, bar, after_step=None) -> None:
+    """`steps` AdamW updates (weight decay 1e-5) of loss_fn(), each followed by after_step(step); the bar advances
+    every PROGRESS_EVERY steps. Every network here (pi_b, FQE, the models) is fitted by it."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-5)
+    for step in range(1, steps + 1):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(step)
+        if step % PROGRESS_EVERY == 0:
+            bar.update(PROGRESS_EVERY)
+    bar.update(steps % PROGRESS_EVERY)
+
+
+# ---- Behaviour policy: logged exact log-probabilities, or behaviour cloning (maximum likelihood) -------------------
 class BehaviorModel(nn.Module):
-    """pi_b estimated from the data: a categorical (Discrete) or a Gaussian with a state-dependent mean inside the box
-    and state-dependent std, truncated to the action box (Box) so its density integrates to 1 where the data live."""
+    """pi_b fitted to the data: a categorical (Discrete), or a Gaussian with state-dependent mean (inside the box) and
+    std, truncated to the action box (Box) so its density integrates to 1 where the data live."""
 
     def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, stats: dict, args: Args):
         super().__init__()
-        self.discrete = n_actions is not None
+        self.discrete, self.stats = n_actions is not None, stats
         self.net = mlp(obs_dim, n_actions if self.discrete else 2 * act_dim, [args.hidden_dim] * args.n_layers)
-        self.stats = stats
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         s = self.stats
@@ -508,37 +454,31 @@ class BehaviorModel(nn.Module):
 
 
 def train_behavior_model(data: dict, rows: torch.Tensor, stats: dict, dims: tuple, args: Args, bar) -> BehaviorModel:
-    """Maximum-likelihood behaviour cloning on the given rows for --bc-steps (the bar counts the steps)."""
+    """Maximum-likelihood behaviour cloning on the given dataset rows for --bc-steps."""
     model = BehaviorModel(*dims, stats, args).to(rows.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-5)
-    for step in range(1, args.bc_steps + 1):
+
+    def nll():
         idx = rows[torch.randint(0, len(rows), (args.batch_size,), device=rows.device)]
-        loss = -model.log_prob(data["obs"][idx], data["actions"][idx]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % PROGRESS_EVERY == 0:
-            bar.update(PROGRESS_EVERY)
-    bar.update(args.bc_steps % PROGRESS_EVERY)
+        return -model.log_prob(data["obs"][idx], data["actions"][idx]).mean()
+
+    gradient_steps(model.parameters(), nll, args.bc_steps, args.learning_rate, bar)
     return model
 
 
 def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args, rng: np.random.Generator):
-    """Cross-fitted maximum-likelihood behaviour cloning: episodes are split into --bc-folds folds and each fold's
-    log pi_b(a|s) comes from a model trained on the other folds. Returns (log pi_b per row, its mean, folds used)."""
+    """Cross-fitted behaviour cloning: the episodes are split into --bc-folds folds and each fold's log pi_b(a|s) comes
+    from a model trained on the other folds. Returns (log pi_b per row, its mean, folds used)."""
     n_rows, k = len(data["rewards"]), max(1, min(args.bc_folds, ep.n))  # k = 1: fit and score on everything
-    fold_of_episode = rng.permutation(ep.n) % k
     fold = np.empty(n_rows, dtype=np.int64)
-    fold[ep.rows[ep.mask]] = np.repeat(fold_of_episode, ep.lengths)
+    fold[ep.rows[ep.mask]] = np.repeat(rng.permutation(ep.n) % k, ep.lengths)
     log_probs = torch.empty(n_rows, device=data["rewards"].device)
-    bar = progress_bar(k * args.bc_steps, f"behaviour cloning (fold 1/{k})")
-    for f in range(k):
-        bar.set_description(f"behaviour cloning (fold {f + 1}/{k})", refresh=False)
-        train = np.flatnonzero(fold != f) if k > 1 else np.arange(n_rows)
-        score_t = torch.as_tensor(np.flatnonzero(fold == f), device=log_probs.device)
-        model = train_behavior_model(data, torch.as_tensor(train, device=log_probs.device), stats, dims, args, bar)
-        log_probs[score_t] = batched(model.log_prob, data["obs"][score_t], data["actions"][score_t])
-    bar.close()
+    with progress_bar(k * args.bc_steps, f"behaviour cloning (fold 1/{k})") as bar:
+        for f in range(k):
+            bar.set_description(f"behaviour cloning (fold {f + 1}/{k})", refresh=False)
+            train = torch.as_tensor(np.flatnonzero(fold != f) if k > 1 else np.arange(n_rows), device=log_probs.device)
+            score = torch.as_tensor(np.flatnonzero(fold == f), device=log_probs.device)
+            model = train_behavior_model(data, train, stats, dims, args, bar)
+            log_probs[score] = batched(model.log_prob, data["obs"][score], data["actions"][score])
     lp = log_probs.double().cpu().numpy()
     return lp, float(lp.mean()), k
 
@@ -546,7 +486,7 @@ def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args,
 @torch.no_grad()
 def low_coverage_share(model: BehaviorModel, target: Target, data: dict, mode: str, k: int, q: float = 0.05) -> float:
     """The share of pi_e's action mass on the dataset's states (the policy FQE and MB value: `mode`) that falls where
-    the fitted behaviour density is below its q-quantile on the data's own actions: where FQE and the model must
+    the fitted behaviour density is below its q-quantile on the data's own actions: where FQE and the model
     extrapolate. About q for a policy that acts like the data."""
     obs = data["obs"]
     threshold = torch.quantile(batched(model.log_prob, obs, data["actions"]).float(), q)
@@ -562,23 +502,20 @@ def low_coverage_share(model: BehaviorModel, target: Target, data: dict, mode: s
 
 def check_behavior_log_probs(log_probs: np.ndarray, name: str) -> None:
     """A logged action with pi_b(a|s) = 0 (or a NaN) cannot come from the behaviour policy: the dataset is malformed."""
-    bad = np.isneginf(log_probs) | np.isnan(log_probs)
-    if bad.any():
-        rows = np.flatnonzero(bad)
+    rows = np.flatnonzero(np.isneginf(log_probs) | np.isnan(log_probs))
+    if len(rows):
         raise OPEError(f"{name}: {len(rows)} logged action(s) have behaviour probability 0 (log pi_b(a|s) = -inf or "
-                       f"NaN), first at row(s) {rows[:5].tolist()}. A logged action the behaviour policy could not "
-                       "have taken means behavior_log_probs is wrong: fix it, or pass --behavior fitted to estimate "
-                       "pi_b")
+                       f"NaN), first at row(s) {rows[:5].tolist()}: behavior_log_probs is wrong; fix it, or pass "
+                       "--behavior fitted to estimate pi_b")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Fitted Q Evaluation (Le, Voloshin, Yue 2019): regress Q(s, a) on r + gamma (1 - terminal) E_{a'~pi_e} Q̄(s', a')
-# with dataset (s, a) on the left and pi_e's actions at s' on the right, a Polyak target network (DOPE's deep FQE)
-# ---------------------------------------------------------------------------------------------------------
+# ---- ALGO LOGIC: Fitted Q Evaluation (Le, Voloshin, Yue 2019; DOPE's deep FQE) ---------------------------------------
+# Regress Q(s, a) on r + gamma (1 - terminal) E_{a'~pi_e} Q̄(s', a'): dataset (s, a) on the left, pi_e's actions at s'
+# on the right, Q̄ a Polyak target network; the estimate is the mean over initial states of E_{a~pi_e} Q̄(s0, a).
 class QModel(nn.Module):
-    """Q(s, a) on raw observations and environment-unit actions. Box: an MLP on s ⊕ a (a rescaled to [-1, 1]);
-    Discrete: an MLP from s to Q(s, .). The network outputs Q / scale with scale = reward scale / (1 - gamma), so the
-    regression targets are O(1) (DOPE's (1 - gamma) normalisation)."""
+    """Q(s, a) on raw observations and environment-unit actions: Box, an MLP on s ⊕ a (a rescaled to [-1, 1]);
+    Discrete, an MLP from s to Q(s, .). It outputs Q / scale, scale = reward scale / (1 - gamma), so the regression
+    targets are O(1) (DOPE's (1 - gamma) normalisation)."""
 
     def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, stats: dict, scale: float,
                  hidden: int = 256, layers: int = 2):
@@ -587,12 +524,9 @@ class QModel(nn.Module):
         in_dim, out_dim = (obs_dim, n_actions) if self.discrete else (obs_dim + act_dim, 1)
         self.net = mlp(in_dim, out_dim, [hidden] * layers)
 
-    def _obs(self, obs):
-        return (obs - self.stats["obs_mean"]) / self.stats["obs_std"]
-
     def all_actions(self, obs: torch.Tensor) -> torch.Tensor:
         """Discrete: Q(s, .) as (B, n_actions)."""
-        return self.net(self._obs(obs)) * self.scale
+        return self.net((obs - self.stats["obs_mean"]) / self.stats["obs_std"]) * self.scale
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q(s, a): actions (B,) / (B, d) give (B,); Box actions (B, k, d) give (B, k)."""
@@ -600,7 +534,7 @@ class QModel(nn.Module):
             return self.all_actions(obs).gather(1, actions.long()[:, None]).squeeze(1)
         low, high = self.stats["low"], self.stats["high"]
         a = (actions - (high + low) / 2) / ((high - low) / 2)
-        o = self._obs(obs)
+        o = (obs - self.stats["obs_mean"]) / self.stats["obs_std"]
         if a.dim() == 3:
             o = o[:, None].expand(-1, a.shape[1], -1)
         return self.net(torch.cat([o, a], -1)).squeeze(-1) * self.scale
@@ -613,45 +547,40 @@ class QModel(nn.Module):
 def fit_fqe(q: QModel, data: dict, next_pi: torch.Tensor, gamma: float, steps: int, tau: float, lr: float,
             batch_size: int, probe: tuple[torch.Tensor, torch.Tensor] | None = None,
             desc: str = "FQE") -> tuple[QModel, list]:
-    """Train `q` by FQE; returns the target network (the one FQE evaluates with) and the probe trace: the mean of
-    E_{pi} Q̄(s0, a) over the probe states at 5 points of training (a trace still moving means: more --fqe-steps).
+    """Train `q` by FQE; returns the target network (the one FQE evaluates with) and the trace of the mean of
+    E_{pi} Q̄(s, a) over the probe states at 5 points of training (still moving: more --fqe-steps).
     next_pi: pi_e at every row's s' (`policy_at`); Box holds k actions per row, one is drawn per update."""
     target = copy.deepcopy(q)
-    opt = torch.optim.AdamW(q.parameters(), lr=lr, weight_decay=1e-5)
     r = data["rewards"]
     lo = min(float(r.min()), 0.0) / (1 - gamma) if gamma < 1 else -math.inf  # values lie in [r_min, r_max] / (1-g),
     hi = max(float(r.max()), 0.0) / (1 - gamma) if gamma < 1 else math.inf  # widened to 0 (terminal states are 0)
     trace, probe_at = [], {int(steps * f) for f in (0.2, 0.4, 0.6, 0.8, 1.0)}
-    bar = progress_bar(steps, desc)
-    for step in range(1, steps + 1):
+
+    def td_loss():
         idx = torch.randint(0, len(r), (batch_size,), device=r.device)
         with torch.no_grad():
             s_next, pi = data["next_obs"][idx], next_pi[idx]
             if not q.discrete:  # one of the k stored pi_e actions at s': an unbiased one-sample expectation
-                pi = pi[torch.arange(batch_size, device=r.device), torch.randint(0, pi.shape[1], (batch_size,),
-                                                                                 device=r.device)][:, None]
-            y = r[idx] + gamma * (1.0 - data["terminals"][idx]) * target.expected(s_next, pi)
-            y = y.clamp(lo, hi)
-        loss = F.mse_loss(q(data["obs"][idx], data["actions"][idx]) / q.scale, y / q.scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():  # Polyak averaging of the target network
-            for p, tp in zip(q.parameters(), target.parameters()):
-                tp.lerp_(p, tau)
+                pick = torch.randint(0, pi.shape[1], (batch_size,), device=r.device)
+                pi = pi[torch.arange(batch_size, device=r.device), pick][:, None]
+            y = (r[idx] + gamma * (1.0 - data["terminals"][idx]) * target.expected(s_next, pi)).clamp(lo, hi)
+        return F.mse_loss(q(data["obs"][idx], data["actions"][idx]) / q.scale, y / q.scale)
+
+    @torch.no_grad()
+    def polyak(step):
+        for p, tp in zip(q.parameters(), target.parameters()):  # Q̄ <- (1 - tau) Q̄ + tau Q
+            tp.lerp_(p, tau)
         if probe is not None and step in probe_at:
             trace.append(float(batched(target.expected, *probe).mean()))
-        if step % PROGRESS_EVERY == 0:
-            bar.update(PROGRESS_EVERY)
-    bar.update(steps % PROGRESS_EVERY)
-    bar.close()
+
+    with progress_bar(steps, desc) as bar:
+        gradient_steps(q.parameters(), td_loss, steps, lr, bar, polyak)
     return target, trace
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Model-based OPE: an ensemble of MLPs (s, a) -> (s' - s, r, termination logit), rolled out under pi_e from the
-# dataset's initial states; predicted states and rewards are clipped to the data's range (DOPE's model_based.py)
-# ---------------------------------------------------------------------------------------------------------
+# ---- ALGO LOGIC: model-based OPE (DOPE's model_based.py) ------------------------------------------------------------
+# An ensemble of MLPs (s, a) -> (s' - s, r, termination logit), rolled out under pi_e from the dataset's initial
+# states; predicted states and rewards are clipped to the data's range.
 class EnsembleLinear(nn.Module):
     """E independent linear layers applied in one batched matmul: x (E, B, in) -> (E, B, out)."""
 
@@ -688,18 +617,16 @@ class DynamicsEnsemble(nn.Module):
 
     def loss(self, obs, actions, rewards, next_obs, terminals) -> torch.Tensor:
         """Inputs (E, B, ...), one minibatch per member. MSE on normalised s' - s and r, BCE on the terminal flag."""
-        s = self.stats
-        out = self.raw(obs, actions)
+        s, out = self.stats, self.raw(obs, actions)
         delta = (next_obs - obs - s["delta_mean"]) / s["delta_std"]
-        r = (rewards - s["r_mean"]) / s["r_std"]
-        return (F.mse_loss(out[..., : self.obs_dim], delta) + F.mse_loss(out[..., self.obs_dim], r)
+        return (F.mse_loss(out[..., : self.obs_dim], delta) + F.mse_loss(out[..., self.obs_dim],
+                                                                          (rewards - s["r_mean"]) / s["r_std"])
                 + F.binary_cross_entropy_with_logits(out[..., -1], terminals))
 
     @torch.no_grad()
     def step(self, obs: torch.Tensor, actions: torch.Tensor):
-        """(next state clipped to the data's range, reward clipped to the data's range, termination probability)."""
-        s = self.stats
-        out = self.raw(obs, actions)
+        """(next state, reward, termination probability); state and reward clipped to the data's range."""
+        s, out = self.stats, self.raw(obs, actions)
         next_obs = obs + out[..., : self.obs_dim] * s["delta_std"] + s["delta_mean"]
         reward = out[..., self.obs_dim] * s["r_std"] + s["r_mean"]
         next_obs = torch.maximum(torch.minimum(next_obs, s["obs_max"]), s["obs_min"])
@@ -707,31 +634,21 @@ class DynamicsEnsemble(nn.Module):
 
 
 def fit_model(model: DynamicsEnsemble, data: dict, n_models: int, steps: int, lr: float, batch_size: int,
-              desc: str = "dynamics models") -> float:
-    """Train every member on its own uniform minibatches (different data order and initialisation); final loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5)
-    n = len(data["rewards"])
-    loss = torch.zeros(())
-    bar = progress_bar(steps, desc)
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, n, (n_models, batch_size), device=data["rewards"].device)
-        loss = model.loss(data["obs"][idx], data["actions"][idx], data["rewards"][idx], data["next_obs"][idx],
-                          data["terminals"][idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % PROGRESS_EVERY == 0:
-            bar.update(PROGRESS_EVERY)
-    bar.update(steps % PROGRESS_EVERY)
-    bar.close()
-    return loss.item()
+              desc: str = "dynamics models") -> None:
+    """Train every member on its own uniform minibatches (different data order and initialisation)."""
+    def loss_fn():
+        idx = torch.randint(0, len(data["rewards"]), (n_models, batch_size), device=data["rewards"].device)
+        return model.loss(*(data[k][idx] for k in ("obs", "actions", "rewards", "next_obs", "terminals")))
+
+    with progress_bar(steps, desc) as bar:
+        gradient_steps(model.parameters(), loss_fn, steps, lr, bar)
 
 
 @torch.no_grad()
 def model_rollout(model: DynamicsEnsemble, act_fn, s0: torch.Tensor, n_models: int, horizon: int,
                   gamma: float, desc: str = "model rollouts") -> tuple[np.ndarray, np.ndarray]:
-    """Every member rolls out its own copy of each initial state under act_fn for `horizon` steps, terminating
-    with its predicted probability (a Bernoulli draw per step). Returns (discounted, undiscounted), each (E, n)."""
+    """Every member rolls out its own copy of each initial state under act_fn for `horizon` steps, ending with its
+    predicted probability (a Bernoulli draw per step). Returns (discounted, undiscounted) returns, each (E, n)."""
     state = s0[None].expand(n_models, -1, -1).clone()
     alive = torch.ones(state.shape[:2], device=s0.device)
     disc, undisc = torch.zeros_like(alive), torch.zeros_like(alive)
@@ -748,9 +665,183 @@ def model_rollout(model: DynamicsEnsemble, act_fn, s0: torch.Tensor, n_models: i
     return disc.double().cpu().numpy(), undisc.double().cpu().numpy()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Ground truth and the DOPE metrics (Fu et al. 2021)
-# ---------------------------------------------------------------------------------------------------------
+# ---- One policy: the model-based estimators (FQE, MB), the weighted ones (IS ... WDR), their rows -----------------
+# A row is (which policy it values, discounted terms, undiscounted terms or None, ESS or None), or why it is skipped.
+def model_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, args: Args, res: dict,
+                    model: DynamicsEnsemble | None, coverage_model: BehaviorModel | None, label: str):
+    """FQE, the coverage check and MB, which need only actions from pi_e: ({name: row}, FQE's Q̂ or None).
+    Diagnostics, notes and warnings go into res."""
+    gamma, device, diag, rows, q = args.discount, data["rewards"].device, res["diagnostics"], {}, None
+    s0 = data["obs"][torch.as_tensor(ep.rows[:, 0], device=device)]
+    values = "dist" if args.fqe_action == "sample" and target.density is not None else "act"  # no density: acts
+    if args.fqe_steps > 0:
+        scale = max(float(data["rewards"].std()), float(data["rewards"].abs().mean()), 1e-6) / max(1 - gamma, 1e-3)
+        q = QModel(*dataset_dims(ds), stats, scale, args.hidden_dim, args.n_layers).to(device)
+        next_pi = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), data["next_obs"])
+        pi0 = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), s0)
+        fqe_data = {**data, "terminals": data["ends"]} if args.fqe_time_limit_terminal else data
+        q, trace = fit_fqe(q, fqe_data, next_pi, gamma, args.fqe_steps, args.fqe_tau, args.learning_rate,
+                           args.batch_size, probe=(s0, pi0), desc=f"FQE {label}".rstrip())
+        rows["FQE"] = (values, mean_terms(batched(q.expected, s0, pi0).double().cpu().numpy()), None, None)
+        diag["fqe_trace"] = trace
+        if len(trace) >= 2 and abs(trace[-1] - trace[-2]) > 0.05 * max(abs(trace[-1]), 1e-6):
+            res["warnings"].append(
+                f"FQE has not settled: its estimate moved {trace[-2]:.2f} -> {trace[-1]:.2f} over the last 20% of "
+                f"training. The target network makes about steps x tau = {args.fqe_steps * args.fqe_tau:.3g} Bellman "
+                f"backups, against an effective horizon 1/(1-gamma) = {1 / max(1 - gamma, 1e-9):.0f}: raise "
+                "--fqe-steps (DOPE used 1M)")
+        cut = ep.n - int(ds.terminals[ep.rows[np.arange(ep.n), ep.lengths - 1]].sum())  # episodes ended by time limit
+        horizon = int(ep.lengths.max())
+        if cut and gamma**horizon > 0.05 and not args.fqe_time_limit_terminal:
+            res["notes"].append(
+                f"FQE values the infinite-horizon discounted return (it bootstraps through the time limit); {cut} "
+                f"episodes are cut at <= {horizon} steps, where gamma^H = {gamma**horizon:.2f}: FQE adds about "
+                "gamma^H V(s_H), the value past the cut, which the finite-horizon value of IS, MB and the rollouts "
+                "does not have: FQE reads higher where later rewards are positive, lower where they are negative "
+                "(Pendulum). --fqe-time-limit-terminal stops it at the cut")
+    else:
+        rows["FQE"] = "--fqe-steps 0"
+    diag["low_coverage_share"] = None  # the share of the valued policy's actions where the data are thin
+    if coverage_model is not None:
+        share = diag["low_coverage_share"] = low_coverage_share(coverage_model, target, data, args.fqe_action,
+                                                                args.v_samples)
+        if share > COVERAGE_WARN:
+            res["warnings"].append(
+                f"{100 * share:.0f}% of pi_e's action mass on dataset states lies where the fitted behaviour density "
+                "is below its 5th percentile on the data's own actions (about 5% for a policy like the data): FQE and "
+                "MB extrapolate there; do not trust their values")
+    rows["MB"] = "--mb-steps 0"
+    if model is not None:  # roll the (policy-independent) ensemble out under this policy
+        horizon = args.mb_horizon or int(ep.lengths.max())
+        disc, undisc = model_rollout(model, target.act if args.fqe_action == "act" else target.sample, s0,
+                                     args.mb_ensemble, horizon, gamma, desc=f"model rollouts {label}".rstrip())
+        rows["MB"] = (values, mean_terms(disc.mean(0)), mean_terms(undisc.mean(0)), None)
+        member = disc.mean(1)
+        diag["mb_member_estimates"], diag["mb_horizon"] = member.tolist(), horizon
+        if len(member) > 1 and member.std() > 0.2 * max(abs(member.mean()), 1e-6):
+            res["warnings"].append(f"the model ensemble disagrees: member estimates {np.round(member, 2).tolist()}")
+    return rows, q
+
+
+def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, log_pb: np.ndarray,
+                       args: Args, res: dict, q: QModel | None) -> dict:
+    """IS, WIS, PDIS, WPDIS, DR and WDR (with FQE's Q̂), the divergence diagnostics and the HCOPE lower bound:
+    {name: row}. Diagnostics, notes and warnings go into res."""
+    if target.density is None:
+        res["notes"].append(target.skip_reason)
+        return {name: "the policy has no density (see the note below)" for name in WEIGHTED}
+    gamma, diag, notes, warnings = args.discount, res["diagnostics"], res["notes"], res["warnings"]
+    log_pe = batched(target.log_prob, data["obs"], data["actions"]).double().cpu().numpy()
+    if np.isnan(log_pe).any():
+        raise OPEError(f"pi_e's log_prob is NaN for {int(np.isnan(log_pe).sum())} dataset actions (first at row "
+                       f"{int(np.flatnonzero(np.isnan(log_pe))[0])}): the policy's distribution is broken there")
+    with np.errstate(invalid="ignore"):
+        lr_rows = lr_used = log_pe - log_pb
+    if args.clip_log_ratio is not None:  # DOPE: per-step log-ratios clipped to [-6, 2]; trades variance for bias
+        lo, hi = args.clip_log_ratio
+        diag["clipped_share"] = float(((lr_rows < lo) | (lr_rows > hi)).mean())
+        notes.append(f"per-step log-ratios clipped to [{lo}, {hi}] ({100 * diag['clipped_share']:.1f}% of steps "
+                     "clipped): the IS-family estimates are biased by the clipping")
+        lr_used = np.clip(lr_rows, lo, hi)
+    rewards, log_ratios, mask = ep.pad(ds.rewards), ep.pad(lr_used), ep.mask
+    log_w = log_weights(log_ratios, mask)[:, -1]
+
+    # How far pi_e is from pi_b on the data: log-ratio and KL(pi_b || pi_e) (a Monte-Carlo estimate over the dataset's
+    # (s, a), which are draws from pi_b), weight concentration and effective sample sizes
+    zero, ess, w = float(np.isneginf(lr_rows).mean()), effective_sample_size(log_w), _shifted_exp(log_w)
+    mean_lr = float(lr_rows.mean()) if zero == 0 else float("-inf")
+    diag.update(mean_log_ratio=mean_lr, kl_behavior_target=-mean_lr, zero_prob_share=zero,
+                max_log10_weight=float(log_w.max() / math.log(10)),
+                median_log10_weight=float(np.median(log_w) / math.log(10)),
+                share_weights_above_threshold=float((log_w > math.log(args.weight_threshold)).mean()),
+                top_episode_weight_share=float(w.max() / w.sum()) if w.sum() > 0 else float("nan"),
+                ess=ess, ess_share=ess / ep.n, per_decision_ess=per_decision_ess(log_ratios, mask, gamma),
+                n_episodes=ep.n)
+    if not target.discrete and target.gaussian(data["obs"][:1]) is not None:  # how much truncation changes pi_e
+        mass = batched(lambda o: log_box_mass(*target.gaussian(o), target.low, target.high).sum(-1).exp(), data["obs"])
+        diag["pi_e_mass_inside_box"] = float(mass.mean())
+        if diag["pi_e_mass_inside_box"] < 0.9:
+            notes.append(f"pi_e's Gaussian keeps {100 * diag['pi_e_mass_inside_box']:.0f}% of its mass inside the "
+                         "action box on dataset states: the 'dist' rows value it truncated to the box (renormalised)")
+
+    # A 95% lower bound from IS (valid whatever the ESS, only looser): returns mapped to [0, 1] by the data's reward
+    # range over the longest episode, so that X_i = w_i (G_i - g_lo) / (g_hi - g_lo) >= 0
+    disc = gamma ** np.arange(rewards.shape[1])
+    g_lo, g_hi = min(stats["r_min"], 0.0) * disc.sum(), max(stats["r_max"], 0.0) * disc.sum()
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.exp(log_w) * ((rewards @ disc) - g_lo) / max(g_hi - g_lo, 1e-12)
+    lb = hcope_lower_bound(x, 0.05, np.random.default_rng(args.seed)) if np.isfinite(x).all() else float("nan")
+    diag["hcope"] = dict(delta=0.05, lower_bound_discounted=g_lo + (g_hi - g_lo) * lb,
+                         data_discounted=float((rewards @ disc).mean()))
+
+    # DR and WDR use FQE's Q̂ and V̂(s) = E_{a~pi_e(.|s)} Q̂(s, a), under the *same* distribution as the ratios (DR is
+    # unbiased for any Q̂ only then)
+    q_sa = v_s = None
+    if q is not None:
+        q_sa = ep.pad(batched(q, data["obs"], data["actions"]).double().cpu().numpy())
+        v_s = ep.pad(batched(lambda o: q.expected(o, policy_at(target, o, "sample", args.v_samples)),
+                             data["obs"]).double().cpu().numpy())
+        notes.append("undiscounted DR/WDR use the discounted FQE Q as control variate: still unbiased (any Q̂ is), "
+                     "less variance reduction")
+    terms_d, terms_u = (contributions(rewards, log_ratios, mask, g, q_sa, v_s) for g in (gamma, 1.0))
+    rows = {name: ("dist", terms_d[name], terms_u[name], diag["ess" if name in ("IS", "WIS") else "per_decision_ess"])
+            for name in terms_d}
+    rows.update({name: "needs FQE's Q (--fqe-steps 0)" for name in WEIGHTED if name not in rows})
+    if diag["ess_share"] < MIN_ESS_SHARE:
+        warnings.append(f"effective sample size {diag['ess']:.1f} is {100 * diag['ess_share']:.1f}% of the {ep.n} "
+                        f"episodes (< {100 * MIN_ESS_SHARE:.0f}%): a few episodes carry the weight; do not trust IS, "
+                        f"WIS, PDIS, WPDIS, DR or WDR here (per-decision ESS {diag['per_decision_ess']:.1f}); rows "
+                        "below the threshold show no interval")
+    if diag["zero_prob_share"] > 0:
+        warnings.append(f"{100 * diag['zero_prob_share']:.2f}% of dataset actions have probability 0 under pi_e: "
+                        "their episodes get weight 0 and KL(pi_b || pi_e) is infinite; the weighted estimates rest on "
+                        "the remaining episodes only")
+    if diag["max_log10_weight"] > 300:
+        warnings.append(f"the largest episode weight is 10^{diag['max_log10_weight']:.0f}: IS and PDIS overflow "
+                        "float64 (inf/nan); the self-normalised estimators still work")
+    return rows
+
+
+def table_row(ds: Dataset, values: str, disc, undisc, ess, counts, n: int, notes: list, name: str) -> dict:
+    """One estimator's row: estimates from resample(terms), 95% CIs from resample(terms, counts). A weighted row whose
+    ESS is below MIN_ESS_SHARE of the n episodes gets no interval (resampling a handful of dominant episodes gives
+    tight, meaningless ones) and is marked unreliable, which leaves it out of the rank metrics."""
+    d, u = float(resample(disc)), float(resample(undisc)) if undisc is not None else float("nan")
+    low_ess = ess is not None and ess < MIN_ESS_SHARE * n
+    boot = None if low_ess else counts
+    boot_d = resample(disc, boot) if boot is not None else None
+    ci_d = percentile_ci(boot_d) if boot is not None else None
+    ci_u = percentile_ci(resample(undisc, boot)) if boot is not None and undisc is not None else None
+    if boot_d is not None and not np.isfinite(boot_d).all():  # percentile_ci keeps the finite ones only
+        notes.append(f"{name}: {int((~np.isfinite(boot_d)).sum())} of {len(boot_d)} bootstrap resamples were not "
+                     "finite and were left out of its interval" + ("" if ci_d else " (too many: no interval)"))
+    return dict(values=values, discounted=d, undiscounted=u, normalized=float(ds.normalized_score(u)),
+                ci_discounted=ci_d, ci_undiscounted=ci_u,
+                ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None,
+                ess=ess, skipped=None, ci_mc_error=tail_mc_error(boot_d) if ci_d else None,
+                unreliable=f"ESS {ess:.1f} < {100 * MIN_ESS_SHARE:.0f}% of {n} episodes" if low_ess else None)
+
+
+def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, log_pb: np.ndarray,
+                    args: Args, model: DynamicsEnsemble | None = None, rng: np.random.Generator | None = None,
+                    label: str = "", coverage_model: BehaviorModel | None = None) -> dict:
+    """Every estimator for one policy: estimates (per estimator: which policy it values, discounted and undiscounted
+    estimates, normalized score, bootstrap CIs, ESS, or why it was skipped), diagnostics, notes and warnings."""
+    counts = bootstrap_counts(ep.n, args.bootstrap, rng or np.random.default_rng(args.seed))
+    res = dict(estimates={}, diagnostics={}, notes=list(target.notes), warnings=[])
+    if counts is None and args.bootstrap > 0:
+        res["notes"].append(f"only {ep.n} episode: a bootstrap over episodes needs at least 2, so no confidence "
+                            "intervals")
+    rows, q = model_estimates(ds, ep, target, data, stats, args, res, model, coverage_model, label)
+    rows.update(weighted_estimates(ds, ep, target, data, stats, log_pb, args, res, q))
+    skipped = dict.fromkeys(("values", "discounted", "undiscounted", "normalized", "ci_discounted", "ci_undiscounted",
+                             "ci_normalized", "ess"))
+    est = {name: table_row(ds, *row, counts, ep.n, res["notes"], name) if isinstance(row, tuple) else
+           dict(skipped, skipped=row, unreliable=None, ci_mc_error=None) for name, row in rows.items()}
+    return {**res, "estimates": {k: est[k] for k in ESTIMATORS}}
+
+
+# ---- Ground truth, policy selection and the DOPE metrics (Fu et al. 2021) ------------------------------------------
 @torch.no_grad()
 def rollout_returns(ds: Dataset, act_fn, n_episodes: int, seed: int, gamma: float, device: torch.device,
                     desc: str = "ground-truth rollouts") -> tuple[np.ndarray, np.ndarray]:
@@ -759,18 +850,17 @@ def rollout_returns(ds: Dataset, act_fn, n_episodes: int, seed: int, gamma: floa
         raise OPEError(f"{ds.name}: no env_id in the dataset metadata, so --rollouts cannot run the policy")
     env = gym.make(ds.env_id, **ds.env_kwargs)
     disc, undisc = np.zeros(n_episodes), np.zeros(n_episodes)
-    bar = progress_bar(n_episodes, desc, unit="episode")
-    for i in range(n_episodes):
-        obs, _ = env.reset(seed=seed + i)
-        done, t = False, 0
-        while not done:
-            a = act_fn(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
-            obs, r, term, trunc, _ = env.step(int(a) if ds.discrete else a)
-            disc[i] += gamma**t * r
-            undisc[i] += r
-            done, t = term or trunc, t + 1
-        bar.update()
-    bar.close()
+    with progress_bar(n_episodes, desc, unit="episode") as bar:
+        for i in range(n_episodes):
+            obs, _ = env.reset(seed=seed + i)
+            done, t = False, 0
+            while not done:
+                a = act_fn(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
+                obs, r, term, trunc, _ = env.step(int(a) if ds.discrete else a)
+                disc[i] += gamma**t * r
+                undisc[i] += r
+                done, t = term or trunc, t + 1
+            bar.update()
     env.close()
     return disc, undisc
 
@@ -782,30 +872,212 @@ def spearman(x, y) -> float:
         return float("nan")
 
     def ranks(v):
-        order = np.argsort(v, kind="stable")
         r = np.empty(len(v))
-        r[order] = np.arange(len(v), dtype=np.float64)
+        r[np.argsort(v, kind="stable")] = np.arange(len(v), dtype=np.float64)
         for value in np.unique(v):  # ties share their average rank
             r[v == value] = r[v == value].mean()
         return r
 
     rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float("nan") if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
 
 
 def regret_at_1(estimates, true_values) -> float:
     """True value of the best policy minus the true value of the one the estimator ranks first."""
     estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
-    if not np.isfinite(estimates).all():
+    return float(true_values.max() - true_values[int(np.argmax(estimates))]) if np.isfinite(estimates).all() else \
+        float("nan")
+
+
+def normalized_regret_at_k(estimates, true_values, k: int) -> float:
+    """DOPE's normalized regret@k: (best true value - the best true value among the estimator's top k) divided by
+    the spread of the true values over the policy set (0: the top k hold the best policy; 1: the worst)."""
+    estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
+    spread = true_values.max() - true_values.min()
+    if not np.isfinite(estimates).all() or spread <= 0:
         return float("nan")
-    return float(true_values.max() - true_values[int(np.argmax(estimates))])
+    return float((true_values.max() - true_values[np.argsort(-estimates, kind="stable")[:k]].max()) / spread)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# One policy: every estimator, its CI and the divergence diagnostics
-# ---------------------------------------------------------------------------------------------------------
+def policy_selection(results: dict[str, dict]) -> dict[str, dict]:
+    """Per estimator: the policies ranked by their discounted estimate, the recommended one, and those it cannot be
+    told apart from (their 95% interval overlaps the top one's). Rows skipped or with too low an ESS for an interval
+    for any policy leave the estimator out, with the reason."""
+    out = {}
+    for name in ESTIMATORS:
+        rows = {p: r["estimates"][name] for p, r in results.items()}
+        bad = [p for p, e in rows.items() if e["skipped"] or e.get("unreliable")]
+        if bad:
+            out[name] = dict(skipped=f"no usable estimate for {len(bad)} of {len(rows)} policies")
+            continue
+        ranking = sorted(rows, key=lambda p: -rows[p]["discounted"])
+        top = rows[ranking[0]]["ci_discounted"]
+        tied = [p for p in ranking[1:] if top is None or rows[p]["ci_discounted"] is None
+                or rows[p]["ci_discounted"][1] >= top[0]]
+        out[name] = dict(ranking=ranking, recommended=ranking[0], cannot_tell_apart=tied, skipped=None)
+    return out
+
+
+def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Per estimator over the policy set, as DOPE's code: on the discounted values min-max normalised by the true ones
+    (estimates capped at 2), mean |error|, Spearman rank correlation, normalized regret@1 and @3, each with its std
+    over `n_boot` bootstrap resamples of the policies; and regret@1 in normalized-score points. Rows that value
+    another policy than the rollouts ('dist' against 'act') or have too low an ESS are left out, with the reason."""
+    out, paths = {}, list(results)
+    truth = [results[p]["truth"] for p in paths]
+    true_d, true_n = np.array([t["discounted"] for t in truth]), np.array([t["normalized"] for t in truth])
+    if np.isnan(true_n).any():  # no reference scores: regret in undiscounted return instead
+        true_n = np.array([t["undiscounted"] for t in truth])
+    lo, spread = true_d.min(), max(true_d.max() - true_d.min(), 1e-12)
+    boot = np.random.default_rng(seed).integers(0, len(paths), (n_boot, len(paths)))
+    for name in ESTIMATORS:
+        es = [results[p]["estimates"][name] for p in paths]
+        reasons = [(f"skipped for {sum(bool(e['skipped']) for e in es)} of {len(es)} policies",
+                    any(e["skipped"] for e in es)),
+                   (f"values pi_e's distribution, the rollouts ran '{truth[0]['values']}': rerun with "
+                    "--rollout-action sample to score it", any(e["values"] != t["values"] for e, t in zip(es, truth))),
+                   (f"ESS too low for {sum(bool(e.get('unreliable')) for e in es)} of {len(es)} policies",
+                    any(e.get("unreliable") for e in es))]
+        out[name] = dict(skipped=next((r for r, bad in reasons if bad), None))
+        if out[name]["skipped"]:
+            continue
+        est_d = np.array([e["discounted"] for e in es])
+
+        def metrics(i: np.ndarray) -> np.ndarray:
+            v_true, v_est = (true_d[i] - lo) / spread, np.minimum((est_d[i] - lo) / spread, 2.0)
+            return np.array([np.abs(v_est - v_true).mean(), spearman(v_est, v_true),
+                             normalized_regret_at_k(v_est, v_true, 1), normalized_regret_at_k(v_est, v_true, 3)])
+
+        point = metrics(np.arange(len(paths)))
+        with np.errstate(invalid="ignore"):
+            std = np.nanstd(np.array([metrics(i) for i in boot]), axis=0)
+        keys = ("abs_error", "spearman", "regret_at_1", "regret_at_3")  # regret@3 needs more than 3 policies
+
+        def named(v):
+            return {k: float(x) if j < 3 or len(paths) > 3 else None for j, (k, x) in enumerate(zip(keys, v))}
+
+        out[name] = dict(named(point), std=named(std), regret_at_1_points=regret_at_1(est_d, true_n), skipped=None)
+    return out
+
+
+# ---- Output: a short table per policy on the console; everything in {policy}.ope.json, the rows in .ope.csv --------
+def _f(x, width: int = 9, prec: int = 2) -> str:
+    return f"{'n/a':>{width}}" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:>{width}.{prec}f}"
+
+
+def _ci(ci, prec: int = 1) -> str:
+    return f"{'':>18}" if ci is None else f"[{ci[0]:>7.{prec}f},{ci[1]:>8.{prec}f}]"
+
+
+def format_table(path: str, res: dict) -> str:
+    """One policy's table; the JSON has all of it and more (the CIs' Monte-Carlo error, FQE's trace, MB's members)."""
+    d, truth = res["diagnostics"], res.get("truth")
+    behavior = "ESTIMATED (fitted, see above)" if res["behavior"].startswith("ESTIMATED") else res["behavior"]
+    lines = [f"== {path}", f"   pi_e: {res['density'] or 'no density'}; behaviour: {behavior}"]
+    if "ess" in d:
+        lines.append(f"   KL(pi_b||pi_e) {d['kl_behavior_target']:.3f} nats/step, top episode holds "
+                     f"{100 * d['top_episode_weight_share']:.0f}% of the weight, ESS {d['ess']:.1f}/{d['n_episodes']}, "
+                     f"per-decision ESS {d['per_decision_ess']:.1f}")
+    lines.append(f"   {'estimator':<9} {'policy':<6} {'discounted':>10} {'95% CI':>18} {'undisc.':>9} "
+                 f"{'normalized':>10} {'95% CI':>18} {'ESS':>7}" + (" |  err disc |err norm|" if truth else ""))
+    for name, e in res["estimates"].items():
+        if e["skipped"]:
+            lines.append(f"   {name:<9} skipped: {e['skipped'][:90]}")
+            continue
+        no_ci = f"{'no CI: ESS low !':>18}" if e["unreliable"] else None
+        row = (f"   {name:<9} {e['values']:<6} {_f(e['discounted'], 10)} {no_ci or _ci(e['ci_discounted'], 2)} "
+               f"{_f(e['undiscounted'], 9, 1)} {_f(e['normalized'], 10, 1)} {no_ci or _ci(e['ci_normalized'])} "
+               f"{_f(e['ess'], 7, 1)}")
+        if truth:  # * marks a row that values another policy than the rollouts ran
+            flag = "*" if e["values"] != truth["values"] else " "
+            row += f" | {_f(e['error_discounted'], 9)}{flag} {_f(e['abs_error_normalized'], 9, 1)}"
+        lines.append(row)
+    if truth:
+        lines.append(f"   {'truth':<9} {truth['values']:<6} {_f(truth['discounted'], 10)} "
+                     f"{_ci(truth['ci_discounted'], 2)} {_f(truth['undiscounted'], 9, 1)} "
+                     f"{_f(truth['normalized'], 10, 1)} {_ci(truth['ci_normalized'])}   "
+                     f"({truth['episodes']} rollout episode{'s' if truth['episodes'] > 1 else ''})")
+    if any(e["unreliable"] for e in res["estimates"].values()):
+        lines.append(f"   ! ESS below {100 * MIN_ESS_SHARE:.0f}% of the episodes: no interval (it would be "
+                     "meaningless), and the row is left out of the rank metrics")
+    if "hcope" in d:
+        h = d["hcope"]
+        verdict = "better than" if h["lower_bound_discounted"] > h["data_discounted"] else "not shown better than"
+        lines.append(f"   95% lower bound on the discounted value: {_f(h['lower_bound_discounted'], 0).strip()}; the "
+                     f"data's {h['data_discounted']:.2f}: pi_e is {verdict} the data with 95% confidence")
+    return "\n".join(lines + [f"   note: {n}" for n in res["notes"]] + [f"   WARNING: {w}" for w in res["warnings"]])
+
+
+def format_summary(res: dict) -> str:
+    """Policy selection, and the DOPE metrics when the policies have ground truth (from any policy's results)."""
+    lines = ["\nPolicy selection (each estimator's pick, and the policies whose 95% interval overlaps its own)"]
+    for name, sel in res["selection"].items():
+        lines.append(f"   {name:<9} " + (f"left out: {sel['skipped']}" if sel["skipped"] else f"deploy "
+                     f"{sel['recommended']} (cannot tell apart from: {', '.join(sel['cannot_tell_apart']) or 'none'})"))
+    if "dope_metrics" in res:
+        lines += ["\nDOPE metrics (values min-max normalised by the true ones; +- std over 1000 resamples of the "
+                  "policies; points: normalized score lost by the pick)", f"   {'estimator':<9} {'|error|':>15} "
+                  f"{'spearman':>15} {'regret@1':>15} {'regret@3':>15} {'points':>7}"]
+        for name in ESTIMATORS:
+            m = res["dope_metrics"][name]
+            cells = [f"{_f(m[k], 6)} +-{_f(m['std'][k], 5)}" if m.get(k) is not None else f"{'n/a':>15}"
+                     for k in ("abs_error", "spearman", "regret_at_1", "regret_at_3")]
+            lines.append(f"   {name:<9} " + (f"left out: {m['skipped']}" if m["skipped"] else
+                                             f"{' '.join(cells)} {_f(m['regret_at_1_points'], 7, 1)}"))
+    return "\n".join(lines)
+
+
+def write_outputs(path: str, res: dict) -> None:
+    """{policy}.ope.json (everything; nan and inf as null) and {policy}.ope.csv (one row per estimator)."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        return (float(x) if math.isfinite(x) else None) if isinstance(x, float | np.floating) else x
+
+    Path(path + ".ope.json").write_text(json.dumps(clean(res), indent=2))
+    with open(path + ".ope.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["estimator", "values", "discounted", "ci_discounted_low", "ci_discounted_high", "undiscounted",
+                    "normalized", "ci_normalized_low", "ci_normalized_high", "ess", "error_discounted",
+                    "abs_error_normalized", "skipped"])
+        for name, e in res["estimates"].items():
+            w.writerow([name, e["values"], e["discounted"], *(e["ci_discounted"] or [None, None]), e["undiscounted"],
+                        e["normalized"], *(e["ci_normalized"] or [None, None]), e["ess"], e.get("error_discounted"),
+                        e.get("abs_error_normalized"), e["skipped"]])
+
+
+def plot_estimates(path: str, results: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (policy, res) in zip(axes[0], results.items()):
+        rows = [(n, e) for n, e in res["estimates"].items() if not e["skipped"]]
+        for kind, color in (("dist", "tab:blue"), ("act", "tab:orange")):  # which policy each row values
+            idx = [i for i, (_, e) in enumerate(rows) if e["values"] == kind]
+            y = np.array([rows[i][1]["discounted"] for i in idx])
+            ci = np.array([rows[i][1]["ci_discounted"] or [v, v] for i, v in zip(idx, y)]).reshape(-1, 2)
+            if idx:
+                ax.errorbar(idx, y, yerr=np.stack([y - ci[:, 0], ci[:, 1] - y]).clip(0), fmt="o", capsize=4,
+                            color=color, label=f"estimate of '{kind}' (95% CI)")
+        if res.get("truth"):
+            ax.axhline(res["truth"]["discounted"], color="k", label=f"rollouts ({res['truth']['values']})")
+            if res["truth"]["ci_discounted"]:
+                ax.axhspan(*res["truth"]["ci_discounted"], color="k", alpha=0.1)
+        ax.set_xticks(range(len(rows)), [n for n, _ in rows])
+        ax.set_title(Path(policy).parent.name[:40] + "/" + Path(policy).name, fontsize=8)
+        ax.set_ylabel(f"discounted return (gamma {res['discount']})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- TRY NOT TO MODIFY: checkpoints, data on the device, flag ranges, the run ----------------------------------------
 def read_checkpoint(path: str, device: str | torch.device = "cpu") -> dict:
     """common.load_checkpoint (a missing, corrupt or foreign file is an error, in one line) as an OPEError."""
     try:
@@ -828,8 +1100,8 @@ def load_target_policy(path: str, ds: Dataset, device: torch.device) -> Policy:
         raise OPEError(f"{path}: saved by '{algo}', but there is no {algo}.py to rebuild it ({e})") from e
     policy = module.load_policy(path, device)
     if not isinstance(policy, Policy):
-        raise OPEError(f"{algo}.load_policy returned {type(policy).__name__}, not common.Policy: ope.py needs "
-                       f"{algo}.py's load_policy to return a Policy (act + dist in environment units, as iql.py)")
+        raise OPEError(f"{algo}.load_policy returned {type(policy).__name__}, not common.Policy (act + dist in "
+                       "environment units, as iql.py's)")
     obs_dim, act_dim, n_actions = dataset_dims(ds)
     ck = policy.checkpoint if isinstance(policy.checkpoint, dict) else {}
     trained = f"trained on {ck.get('args', {}).get('dataset', '?')}"
@@ -846,411 +1118,6 @@ def load_target_policy(path: str, ds: Dataset, device: torch.device) -> Policy:
         raise OPEError(f"{path}: the policy's actions have shape {tuple(a.shape[1:])}, {ds.name} needs "
                        f"{() if ds.discrete else (act_dim,)}")
     return policy
-
-
-def divergence_diagnostics(log_ratio_rows: np.ndarray, log_w: np.ndarray, threshold: float, gamma_ess: float,
-                           log_ratios: np.ndarray, mask: np.ndarray) -> dict:
-    """How far pi_e is from pi_b on the data: log-ratio and KL(pi_b || pi_e) (a Monte-Carlo estimate over the
-    dataset's (s, a), which are draws from pi_b), weight concentration and effective sample sizes."""
-    n = len(log_w)
-    zero = float(np.isneginf(log_ratio_rows).mean())
-    mean_lr = float(log_ratio_rows.mean()) if zero == 0 else float("-inf")
-    ess = effective_sample_size(log_w)
-    w = _shifted_exp(log_w)
-    return dict(mean_log_ratio=mean_lr, kl_behavior_target=-mean_lr, zero_prob_share=zero,
-                max_log10_weight=float(log_w.max() / math.log(10)),
-                median_log10_weight=float(np.median(log_w) / math.log(10)),
-                share_weights_above_threshold=float((log_w > math.log(threshold)).mean()),
-                top_episode_weight_share=float(w.max() / w.sum()) if w.sum() > 0 else float("nan"),
-                ess=ess, ess_share=ess / n, per_decision_ess=per_decision_ess(log_ratios, mask, gamma_ess),
-                n_episodes=n)
-
-
-def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, log_pb: np.ndarray,
-                    args: Args, model: DynamicsEnsemble | None = None,
-                    rng: np.random.Generator | None = None, label: str = "",
-                    coverage_model: BehaviorModel | None = None) -> dict:
-    """Every estimator for one policy. Returns a dict: estimates (per estimator: which policy it values, the
-    discounted and undiscounted estimates, the normalized score, bootstrap CIs, ESS or why it was skipped),
-    diagnostics, notes and warnings. `label` names the policy on the progress bars."""
-    rng = rng or np.random.default_rng(args.seed)
-    gamma, device = args.discount, data["rewards"].device
-    dims = dataset_dims(ds)
-    counts = bootstrap_counts(ep.n, args.bootstrap, rng)
-    notes, warnings, est, diag = list(target.notes), [], {}, {}
-    if counts is None and args.bootstrap > 0:
-        notes.append(f"only {ep.n} episode: a bootstrap over episodes needs at least 2, so no confidence intervals")
-    rewards = ep.pad(ds.rewards)
-    s0 = data["obs"][torch.as_tensor(ep.starts, device=device)]
-
-    def record(name, values, disc_fn, undisc_fn=None, ess=None):
-        """Point estimates from fn(None), CIs from fn(bootstrap counts) (fn: counts -> estimate(s)). A weighted row
-        whose ESS is below MIN_ESS_SHARE of the episodes gets no interval: resampling a handful of dominant episodes
-        gives tight, meaningless ones; it is also left out of the rank metrics."""
-        d = float(disc_fn(None))
-        u = float(undisc_fn(None)) if undisc_fn is not None else float("nan")
-        low_ess = ess is not None and ess < MIN_ESS_SHARE * ep.n
-        boot = None if low_ess else counts
-        boot_d = disc_fn(boot) if boot is not None else None
-        ci_d = percentile_ci(boot_d) if boot is not None else None
-        ci_u = percentile_ci(undisc_fn(boot)) if boot is not None and undisc_fn is not None else None
-        if boot_d is not None and not np.isfinite(boot_d).all():  # percentile_ci keeps the finite ones only
-            notes.append(f"{name}: {int((~np.isfinite(boot_d)).sum())} of {len(boot_d)} bootstrap resamples were not "
-                         "finite and were left out of its interval" + ("" if ci_d else " (too many: no interval)"))
-        est[name] = dict(values=values, discounted=d, undiscounted=u, normalized=float(ds.normalized_score(u)),
-                         ci_discounted=ci_d, ci_undiscounted=ci_u,
-                         ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None,
-                         ess=ess, skipped=None, ci_mc_error=tail_mc_error(boot_d) if ci_d else None,
-                         unreliable=f"ESS {ess:.1f} < {100 * MIN_ESS_SHARE:.0f}% of {ep.n} episodes" if low_ess
-                         else None)
-
-    def skip(name, reason):
-        est[name] = dict(values=None, discounted=None, undiscounted=None, normalized=None, ci_discounted=None,
-                         ci_undiscounted=None, ci_normalized=None, ess=None, skipped=reason, unreliable=None,
-                         ci_mc_error=None)
-
-    # FQE first: DR and WDR reuse its Q̂. Which policy FQE and MB value: without a density, sampling is acting
-    fqe_values = "dist" if args.fqe_action == "sample" and target.density is not None else "act"
-    q = None
-    if args.fqe_steps > 0:
-        scale = max(float(data["rewards"].std()), float(data["rewards"].abs().mean()), 1e-6) / max(1 - gamma, 1e-3)
-        q = QModel(*dims, stats, scale, args.hidden_dim, args.n_layers).to(device)
-        next_pi = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), data["next_obs"])
-        pi0 = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), s0)
-        fqe_data = {**data, "terminals": data["ends"]} if args.fqe_time_limit_terminal else data
-        q, trace = fit_fqe(q, fqe_data, next_pi, gamma, args.fqe_steps, args.fqe_tau, args.learning_rate,
-                           args.batch_size, probe=(s0, pi0), desc=f"FQE {label}".rstrip())
-        v0 = batched(q.expected, s0, pi0).double().cpu().numpy()
-        record("FQE", fqe_values, lambda c: _mean(v0, c))
-        diag["fqe_trace"] = trace
-        if len(trace) >= 2 and abs(trace[-1] - trace[-2]) > 0.05 * max(abs(trace[-1]), 1e-6):
-            warnings.append(f"FQE has not settled: its estimate moved {trace[-2]:.2f} -> {trace[-1]:.2f} over the last "
-                            f"20% of training. The target network makes about steps x tau = "
-                            f"{args.fqe_steps * args.fqe_tau:.3g} Bellman backups, against an effective horizon "
-                            f"1/(1-gamma) = {1 / max(1 - gamma, 1e-9):.0f}: raise --fqe-steps (DOPE used 1M)")
-        cut = ep.n - int(ds.terminals[ep.rows[np.arange(ep.n), ep.lengths - 1]].sum())  # episodes ended by time limit
-        if cut and gamma ** int(ep.lengths.max()) > 0.05 and not args.fqe_time_limit_terminal:
-            notes.append(f"FQE values the infinite-horizon discounted return (it bootstraps through the time limit); "
-                         f"{cut} episodes are cut at <= {int(ep.lengths.max())} steps, where gamma^H = "
-                         f"{gamma ** int(ep.lengths.max()):.2f}: FQE adds about gamma^H V(s_H), the value past the "
-                         "cut, which the finite-horizon value of IS, MB and the rollouts does not have: FQE reads "
-                         "higher where later rewards are positive, lower where they are negative (Pendulum). "
-                         "--fqe-time-limit-terminal stops it at the cut")
-    else:
-        skip("FQE", "--fqe-steps 0")
-
-    # Coverage: how much of the policy FQE and MB value acts where the data's fitted behaviour density is low
-    if coverage_model is not None:
-        share = low_coverage_share(coverage_model, target, data, args.fqe_action, args.v_samples)
-        diag["low_coverage_share"] = share
-        if share > COVERAGE_WARN:
-            warnings.append(f"{100 * share:.0f}% of pi_e's action mass on dataset states lies where the fitted "
-                            "behaviour density is below its 5th percentile on the data's own actions (about 5% for a "
-                            "policy like the data): FQE and MB extrapolate there; do not trust their values")
-    else:
-        diag["low_coverage_share"] = None
-
-    # Model-based: roll the (policy-independent) ensemble out under this policy
-    if model is not None:
-        horizon = args.mb_horizon or int(ep.lengths.max())
-        act_fn = target.act if args.fqe_action == "act" else target.sample
-        disc, undisc = model_rollout(model, act_fn, s0, args.mb_ensemble, horizon, gamma,
-                                     desc=f"model rollouts {label}".rstrip())
-        record("MB", fqe_values, lambda c: _mean(disc.mean(0), c),
-               lambda c: _mean(undisc.mean(0), c))
-        member = disc.mean(1)
-        diag["mb_member_estimates"] = member.tolist()
-        diag["mb_horizon"] = horizon
-        if len(member) > 1 and member.std() > 0.2 * max(abs(member.mean()), 1e-6):
-            warnings.append(f"the model ensemble disagrees: member estimates {np.round(member, 2).tolist()}")
-    else:
-        skip("MB", "--mb-steps 0")
-
-    # Importance weights need pi_e's density
-    if target.density is None:
-        for name in WEIGHTED:
-            skip(name, "the policy has no density (see the note below)")
-        notes.append(target.skip_reason)
-        return dict(estimates={k: est[k] for k in ESTIMATORS}, diagnostics=diag, notes=notes, warnings=warnings)
-
-    log_pe = batched(target.log_prob, data["obs"], data["actions"]).double().cpu().numpy()
-    if np.isnan(log_pe).any():
-        raise OPEError(f"pi_e's log_prob is NaN for {int(np.isnan(log_pe).sum())} dataset actions (first at row "
-                       f"{int(np.flatnonzero(np.isnan(log_pe))[0])}): the policy's distribution is broken there")
-    with np.errstate(invalid="ignore"):
-        lr_rows = log_pe - log_pb
-    if args.clip_log_ratio is not None:  # DOPE: per-step log-ratios clipped to [-6, 2]; trades variance for bias
-        lo, hi = args.clip_log_ratio
-        diag["clipped_share"] = float(((lr_rows < lo) | (lr_rows > hi)).mean())
-        notes.append(f"per-step log-ratios clipped to [{lo}, {hi}] ({100 * diag['clipped_share']:.1f}% of steps "
-                     "clipped): the IS-family estimates are biased by the clipping")
-        lr_used = np.clip(lr_rows, lo, hi)
-    else:
-        lr_used = lr_rows
-    log_ratios, mask = ep.pad(lr_used), ep.mask
-    log_w = np.cumsum(log_ratios, axis=1)[:, -1]
-    diag.update(divergence_diagnostics(lr_rows, log_w, args.weight_threshold, gamma, log_ratios, mask))
-    if not target.discrete and target.gaussian(data["obs"][:1]) is not None:  # how much truncation changes pi_e
-        mass = batched(lambda o: log_box_mass(*target.gaussian(o), target.low, target.high).sum(-1).exp(), data["obs"])
-        diag["pi_e_mass_inside_box"] = float(mass.mean())
-        if diag["pi_e_mass_inside_box"] < 0.9:
-            notes.append(f"pi_e's Gaussian keeps {100 * diag['pi_e_mass_inside_box']:.0f}% of its mass inside the "
-                         "action box on dataset states: the 'dist' rows value it truncated to the box (renormalised)")
-
-    # IS, WIS, PDIS, WPDIS (Precup, Sutton, Singh 2000)
-    for name, fn in (("IS", is_estimate), ("WIS", wis_estimate), ("PDIS", pdis_estimate), ("WPDIS", wpdis_estimate)):
-        record(name, "dist", lambda c, fn=fn: fn(rewards, log_ratios, mask, gamma, c),
-               lambda c, fn=fn: fn(rewards, log_ratios, mask, 1.0, c),
-               ess=diag["ess"] if name in ("IS", "WIS") else diag["per_decision_ess"])
-
-    # A 95% lower bound from IS (valid whatever the ESS, only looser): returns mapped to [0, 1] by the data's reward
-    # range over the longest episode, so that X_i = w_i (G_i - g_lo) / (g_hi - g_lo) >= 0
-    disc = gamma ** np.arange(rewards.shape[1])
-    g_lo, g_hi = min(stats["r_min"], 0.0) * disc.sum(), max(stats["r_max"], 0.0) * disc.sum()
-    with np.errstate(over="ignore", invalid="ignore"):
-        x = np.exp(log_w) * ((np.where(mask, rewards, 0.0) @ disc) - g_lo) / max(g_hi - g_lo, 1e-12)
-    lb = hcope_lower_bound(x, 0.05, np.random.default_rng(args.seed)) if np.isfinite(x).all() else float("nan")
-    diag["hcope"] = dict(delta=0.05, lower_bound_discounted=g_lo + (g_hi - g_lo) * lb,
-                         data_discounted=float((np.where(mask, rewards, 0.0) @ disc).mean()))
-
-    # DR (Jiang & Li 2016) and WDR (Thomas & Brunskill 2016) with FQE's Q̂ and V̂(s) = E_{a~pi_e(.|s)} Q̂(s, a),
-    # the expectation under the *same* distribution as the ratios (DR is unbiased for any Q̂ only then)
-    if q is not None:
-        q_rows = batched(q, data["obs"], data["actions"]).double().cpu().numpy()
-        v_rows = batched(lambda o: q.expected(o, policy_at(target, o, "sample", args.v_samples)),
-                         data["obs"]).double().cpu().numpy()
-        q_sa, v_s = ep.pad(q_rows), ep.pad(v_rows)
-        for name, fn in (("DR", dr_estimate), ("WDR", wdr_estimate)):
-            record(name, "dist", lambda c, fn=fn: fn(rewards, log_ratios, q_sa, v_s, mask, gamma, c),
-                   lambda c, fn=fn: fn(rewards, log_ratios, q_sa, v_s, mask, 1.0, c), ess=diag["per_decision_ess"])
-        notes.append("undiscounted DR/WDR use the discounted FQE Q as control variate: still unbiased (any Q̂ is), "
-                     "less variance reduction")
-    else:
-        for name in ("DR", "WDR"):
-            skip(name, "needs FQE's Q (--fqe-steps 0)")
-
-    # When not to trust the weighted estimates
-    if diag["ess_share"] < MIN_ESS_SHARE:
-        warnings.append(f"effective sample size {diag['ess']:.1f} is {100 * diag['ess_share']:.1f}% of the "
-                        f"{ep.n} episodes (< {100 * MIN_ESS_SHARE:.0f}%): a few episodes carry the weight; do not "
-                        f"trust IS, WIS, PDIS, WPDIS, DR or WDR here (per-decision ESS "
-                        f"{diag['per_decision_ess']:.1f}); rows below the threshold show no interval")
-    if diag["zero_prob_share"] > 0:
-        warnings.append(f"{100 * diag['zero_prob_share']:.2f}% of dataset actions have probability 0 under pi_e: "
-                        "their episodes get weight 0 and KL(pi_b || pi_e) is infinite; the weighted estimates rest on "
-                        "the remaining episodes only")
-    if diag["max_log10_weight"] > 300:
-        warnings.append(f"the largest episode weight is 10^{diag['max_log10_weight']:.0f}: IS and PDIS overflow "
-                        "float64 (inf/nan); the self-normalised estimators still work")
-    return dict(estimates={k: est[k] for k in ESTIMATORS}, diagnostics=diag, notes=notes, warnings=warnings)
-
-
-def _mean(per_episode: np.ndarray, counts: np.ndarray | None):
-    """Mean over episodes, or counts-weighted means for bootstrap resamples."""
-    c = np.ones(len(per_episode)) if counts is None else counts
-    return c @ per_episode / c.sum(-1)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------------------
-def _f(x, width: int = 9, prec: int = 2) -> str:
-    return f"{'n/a':>{width}}" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:>{width}.{prec}f}"
-
-
-def _ci(ci, prec: int = 1) -> str:
-    return f"{'':>18}" if ci is None else f"[{ci[0]:>7.{prec}f},{ci[1]:>8.{prec}f}]"
-
-
-def format_table(path: str, res: dict) -> str:
-    truth = res.get("truth")
-    behavior = "ESTIMATED (fitted model, see above)" if res["behavior"].startswith("ESTIMATED") else res["behavior"]
-    lines = [f"== {path}", f"   pi_e: {res['density'] or 'no density'}; behaviour: {behavior}"]
-    d = res["diagnostics"]
-    if "ess" in d:
-        lines.append(f"   divergence: mean log(pi_e/pi_b) {d['mean_log_ratio']:.3f}/step, KL(pi_b||pi_e) "
-                     f"{d['kl_behavior_target']:.3f} nats/step, zero-probability actions "
-                     f"{100 * d['zero_prob_share']:.2f}%\n   weights: episodes with w > {res['weight_threshold']:g}: "
-                     f"{100 * d['share_weights_above_threshold']:.1f}%, top episode holds "
-                     f"{100 * d['top_episode_weight_share']:.0f}% of the weight, ESS {d['ess']:.1f}/{d['n_episodes']} "
-                     f"({100 * d['ess_share']:.1f}%), per-decision ESS {d['per_decision_ess']:.1f}")
-    head = f"   {'estimator':<9} {'policy':<6} {'discounted':>10} {'95% CI':>18} {'undisc.':>9} {'normalized':>10} " \
-           f"{'95% CI':>18} {'ESS':>7}"
-    if truth:
-        head += f" | {'err disc':>9} {'|err norm|':>10}"
-    lines.append(head)
-    for name, e in res["estimates"].items():
-        if e["skipped"]:
-            lines.append(f"   {name:<9} skipped: {e['skipped'][:90]}")
-            continue
-        no_ci = f"{'no CI: ESS low !':>18}" if e.get("unreliable") else None
-        row = (f"   {name:<9} {e['values']:<6} {_f(e['discounted'], 10)} {no_ci or _ci(e['ci_discounted'], 2)} "
-               f"{_f(e['undiscounted'], 9, 1)} {_f(e['normalized'], 10, 1)} {no_ci or _ci(e['ci_normalized'])} "
-               f"{_f(e['ess'], 7, 1)}")
-        if truth:
-            flag = "*" if e["values"] != truth["values"] else " "
-            row += f" | {_f(e['error_discounted'], 9)}{flag} {_f(e['abs_error_normalized'], 9, 1)}"
-        lines.append(row)
-    if truth:
-        lines.append(f"   {'truth':<9} {truth['values']:<6} {_f(truth['discounted'], 10)} "
-                     f"{_ci(truth['ci_discounted'], 2)} {_f(truth['undiscounted'], 9, 1)} "
-                     f"{_f(truth['normalized'], 10, 1)} {_ci(truth['ci_normalized'])}   "
-                     f"({truth['episodes']} rollout episode{'s' if truth['episodes'] > 1 else ''})")
-        if any(e["values"] not in (None, truth["values"]) for e in res["estimates"].values()):
-            lines.append(f"   * values a different policy from the rollouts ({truth['values']}): the error mixes "
-                         "estimation error with the gap between 'act' and 'dist'; --rollout-action/--fqe-action "
-                         "sample validate every row against one policy")
-    if d.get("low_coverage_share") is not None:
-        lines.append(f"   coverage: {100 * d['low_coverage_share']:.1f}% of pi_e's action mass on dataset states lies "
-                     "where the fitted pi_b is below its 5th percentile on the data's actions (~5%: like the data)")
-    if "hcope" in d:
-        h = d["hcope"]
-        verdict = "better than" if h["lower_bound_discounted"] > h["data_discounted"] else "not shown better than"
-        lines.append(f"   95% lower bound on the discounted value (IS, Thomas et al. 2015): "
-                     f"{_f(h['lower_bound_discounted'], 0).strip()}; the data's own discounted return "
-                     f"{h['data_discounted']:.2f}: pi_e is {verdict} the data with 95% confidence")
-    if any(e.get("unreliable") for e in res["estimates"].values()):
-        lines.append(f"   ! effective sample size below {100 * MIN_ESS_SHARE:.0f}% of the episodes: a bootstrap over "
-                     "a few dominant episodes gives tight, meaningless intervals, so none is shown and the row is "
-                     "left out of the rank metrics")
-    lines.append("   policy: 'dist' = pi_e's distribution, 'act' = the evaluation action; ESS: IS/WIS of the "
-                 "episode weights, others per-decision; CIs: bootstrap over episodes (FQE/MB: initial states only), "
-                 "the endpoints' Monte-Carlo error is ci_mc_error in the JSON")
-    lines += [f"   note: {n}" for n in res["notes"]] + [f"   WARNING: {w}" for w in res["warnings"]]
-    return "\n".join(lines)
-
-
-def write_outputs(path: str, res: dict) -> None:
-    """{policy}.ope.json (everything) and {policy}.ope.csv (one row per estimator) next to the checkpoint."""
-    def clean(x):  # strict JSON: nan and inf become null
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        if isinstance(x, float | np.floating):
-            return float(x) if math.isfinite(x) else None
-        return x
-
-    Path(path + ".ope.json").write_text(json.dumps(clean(res), indent=2))
-    with open(path + ".ope.csv", "w", newline="") as f:
-        keys = ["estimator", "values", "discounted", "ci_discounted_low", "ci_discounted_high", "undiscounted",
-                "normalized", "ci_normalized_low", "ci_normalized_high", "ess", "error_discounted",
-                "abs_error_normalized", "skipped"]
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        for name, e in res["estimates"].items():
-            ci_d, ci_n = e["ci_discounted"] or [None, None], e["ci_normalized"] or [None, None]
-            w.writerow(dict(estimator=name, values=e["values"], discounted=e["discounted"], ci_discounted_low=ci_d[0],
-                            ci_discounted_high=ci_d[1], undiscounted=e["undiscounted"], normalized=e["normalized"],
-                            ci_normalized_low=ci_n[0], ci_normalized_high=ci_n[1], ess=e["ess"],
-                            error_discounted=e.get("error_discounted"),
-                            abs_error_normalized=e.get("abs_error_normalized"), skipped=e["skipped"]))
-
-
-def normalized_regret_at_k(estimates, true_values, k: int) -> float:
-    """DOPE's normalized regret@k: (best true value - the best true value among the estimator's top k) divided by
-    the spread of the true values over the policy set (0: the top k hold the best policy; 1: the worst)."""
-    estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
-    spread = true_values.max() - true_values.min()
-    if not np.isfinite(estimates).all() or spread <= 0:
-        return float("nan")
-    top = np.argsort(-estimates, kind="stable")[:k]
-    return float((true_values.max() - true_values[top].max()) / spread)
-
-
-def policy_selection(results: dict[str, dict]) -> dict[str, dict]:
-    """Per estimator: the policies ranked by their discounted estimate, the recommended one, and those it cannot be
-    told apart from (their 95% interval overlaps the top policy's). Rows without an estimate or with too low an ESS
-    for an interval are left out, with the reason."""
-    out = {}
-    for name in ESTIMATORS:
-        rows = {p: r["estimates"][name] for p, r in results.items()}
-        bad = [p for p, e in rows.items() if e["skipped"] or e.get("unreliable")]
-        if bad:
-            out[name] = dict(skipped=f"no usable estimate for {len(bad)} of {len(rows)} policies")
-            continue
-        ranking = sorted(rows, key=lambda p: -rows[p]["discounted"])
-        top = rows[ranking[0]]["ci_discounted"]
-        tied = [p for p in ranking[1:] if top is None or rows[p]["ci_discounted"] is None
-                or rows[p]["ci_discounted"][1] >= top[0]]
-        out[name] = dict(ranking=ranking, recommended=ranking[0], cannot_tell_apart=tied, skipped=None)
-    return out
-
-
-def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Per estimator over the policy set, as DOPE (Fu et al. 2021), all on the discounted values: mean |error| of
-    the values min-max normalised by the true values over the set (estimates capped at 2), Spearman rank correlation,
-    normalized regret@1 and @3; each with its standard deviation over `n_boot` bootstrap resamples of the policy
-    set. Also regret@1 in normalized-score points (undiscounted truth). Rows that value a different policy from the
-    rollouts ('dist' against 'act') or whose ESS is too low for an interval are left out, with the reason."""
-    out = {}
-    paths = list(results)
-    truth = [results[p]["truth"] for p in paths]
-    true_d = np.array([t["discounted"] for t in truth])
-    true_n = np.array([t["normalized"] for t in truth])
-    if np.isnan(true_n).any():  # no reference scores: regret in undiscounted return instead
-        true_n = np.array([t["undiscounted"] for t in truth])
-    lo, spread = true_d.min(), max(true_d.max() - true_d.min(), 1e-12)
-    boot = np.random.default_rng(seed).integers(0, len(paths), (n_boot, len(paths)))
-    for name in ESTIMATORS:
-        es = [results[p]["estimates"][name] for p in paths]
-        reasons = [(f"skipped for {sum(bool(e['skipped']) for e in es)} of {len(es)} policies", any(e["skipped"]
-                                                                                                   for e in es)),
-                   (f"values pi_e's distribution, the rollouts ran '{truth[0]['values']}': rerun with "
-                    "--rollout-action sample to score it", any(e["values"] != t["values"] for e, t in zip(es, truth))),
-                   (f"ESS too low for {sum(bool(e.get('unreliable')) for e in es)} of {len(es)} policies",
-                    any(e.get("unreliable") for e in es))]
-        reason = next((r for r, bad in reasons if bad), None)
-        if reason:
-            out[name] = dict(skipped=reason)
-            continue
-        est_d = np.array([e["discounted"] for e in es])
-
-        def metrics(i: np.ndarray) -> np.ndarray:
-            v_true, v_est = (true_d[i] - lo) / spread, np.minimum((est_d[i] - lo) / spread, 2.0)
-            return np.array([np.abs(v_est - v_true).mean(), spearman(v_est, v_true),
-                             normalized_regret_at_k(v_est, v_true, 1), normalized_regret_at_k(v_est, v_true, 3)])
-
-        point = metrics(np.arange(len(paths)))
-        with np.errstate(invalid="ignore"):
-            std = np.nanstd(np.array([metrics(i) for i in boot]), axis=0)
-        out[name] = dict(abs_error=float(point[0]), spearman=float(point[1]), regret_at_1=float(point[2]),
-                         regret_at_3=float(point[3]) if len(paths) > 3 else None,
-                         std=dict(abs_error=float(std[0]), spearman=float(std[1]), regret_at_1=float(std[2]),
-                                  regret_at_3=float(std[3]) if len(paths) > 3 else None),
-                         regret_at_1_points=regret_at_1(est_d, true_n), skipped=None)
-    return out
-
-
-def plot_estimates(path: str, results: dict[str, dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, (policy, res) in zip(axes[0], results.items()):
-        names = [n for n, e in res["estimates"].items() if not e["skipped"]]
-        y = [res["estimates"][n]["discounted"] for n in names]
-        ci = [res["estimates"][n]["ci_discounted"] or [v, v] for n, v in zip(names, y)]
-        err = np.array([[v - c[0] for v, c in zip(y, ci)], [c[1] - v for v, c in zip(y, ci)]]).clip(0)
-        for kind, color in (("dist", "tab:blue"), ("act", "tab:orange")):  # which policy each row values
-            idx = [i for i, n in enumerate(names) if res["estimates"][n]["values"] == kind]
-            if idx:
-                ax.errorbar(idx, [y[i] for i in idx], yerr=err[:, idx], fmt="o", capsize=4, color=color,
-                            label=f"estimate of '{kind}' (95% CI)")
-        if res.get("truth"):
-            t = res["truth"]
-            ax.axhline(t["discounted"], color="k", label=f"rollouts ({t['values']})")
-            if t["ci_discounted"]:
-                ax.axhspan(*t["ci_discounted"], color="k", alpha=0.1)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_title(Path(policy).parent.name[:40] + "/" + Path(policy).name, fontsize=8)
-        ax.set_ylabel(f"discounted return (gamma {res['discount']})")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def device_data(ds: Dataset, device: torch.device) -> tuple[dict, dict]:
@@ -1272,26 +1139,32 @@ def device_data(ds: Dataset, device: torch.device) -> tuple[dict, dict]:
     return data, stats
 
 
-# Valid ranges of the numeric flags, checked first (a one-line error names the flag and its range)
 RANGES = {"discount": "[0, 1]", "bootstrap": "[0, inf)", "bc_steps": "[0, inf)", "bc_folds": "[1, inf)",
           "weight_threshold": "(0, inf)", "fqe_steps": "[0, inf)", "fqe_tau": "(0, 1]", "learning_rate": "(0, inf)",
           "batch_size": "[1, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "v_samples": "[1, inf)",
           "mb_ensemble": "[1, inf)", "mb_steps": "[0, inf)", "rollouts": "[0, inf)", "threads": "[1, inf)",
-          "smoothing_width": "[0, inf)"}
+          "smoothing_width": "[0, inf)"}  # checked first: a one-line error names the flag and its range
 
 
 def main(args: Args) -> dict[str, dict]:
-    # TRY NOT TO MODIFY: flag ranges, seeding, device, data
     check_ranges(args, RANGES)
     t_start, seconds = time.time(), {}  # wall time of each phase, for the summary line
+
+    def timed(phase, fn, *a, **kw):
+        t0 = time.time()
+        out = fn(*a, **kw)
+        seconds[phase] = seconds.get(phase, 0.0) + time.time() - t0
+        return out
+
+    def duration(s):
+        return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    device = pick_device(args.device)
+    rng, device = np.random.default_rng(args.seed), pick_device(args.device)
     checkpoints = [read_checkpoint(p) for p in args.policy]  # fail on a missing file before any work
     if args.dataset is None:
-        ck = checkpoints[0]
-        args.dataset = ck.get("args", {}).get("dataset") if isinstance(ck, dict) else None
+        args.dataset = checkpoints[0].get("args", {}).get("dataset") if isinstance(checkpoints[0], dict) else None
         if args.dataset is None:
             raise OPEError(f"{args.policy[0]} does not say which dataset it was trained on: pass --dataset")
     ds = load_dataset(args.dataset)
@@ -1299,17 +1172,13 @@ def main(args: Args) -> dict[str, dict]:
     obs_dim, act_dim, n_actions = dims = dataset_dims(ds)
     print(f"ope.py: {ds.name}: {len(ds):,} transitions, {ep.n} episodes (longest {int(ep.lengths.max())} steps), "
           f"gamma {args.discount}", flush=True)
-
     data, stats = device_data(ds, device)
-    targets = {}  # rebuild and check every policy before any fitting: a wrong file fails in seconds
-    for path in args.policy:
-        policy = load_target_policy(path, ds, device)
-        targets[path] = Target(policy, n_actions, stats.get("low"), stats.get("high"), args.smoothing_width,
-                               probe_obs=data["obs"][:1])
+    targets = {path: Target(load_target_policy(path, ds, device), n_actions, stats.get("low"), stats.get("high"),
+                            args.smoothing_width, probe_obs=data["obs"][:1])
+               for path in args.policy}  # rebuild and check every policy before any fitting: a wrong file fails fast
 
     # Behaviour log-probabilities: exact when logged, else a cross-fitted behaviour-cloning model
-    use_logged = args.behavior == "logged" or (args.behavior == "auto" and ds.behavior_log_probs is not None)
-    if use_logged:
+    if args.behavior == "logged" or (args.behavior == "auto" and ds.behavior_log_probs is not None):
         if ds.behavior_log_probs is None:
             raise OPEError(f"{ds.name} has no behavior_log_probs: use --behavior fitted (or auto)")
         log_pb = ds.behavior_log_probs.astype(np.float64)
@@ -1318,9 +1187,7 @@ def main(args: Args) -> dict[str, dict]:
     else:
         print(f"fitting the behaviour policy ({args.bc_folds}-fold cross-fitted, {args.bc_steps} steps each) ...",
               flush=True)
-        t0 = time.time()
-        log_pb, loglik, folds = fit_behavior(data, ep, stats, dims, args, rng)
-        seconds["behaviour policy"] = time.time() - t0
+        log_pb, loglik, folds = timed("behaviour policy", fit_behavior, data, ep, stats, dims, args, rng)
         fit = f"{folds}-fold cross-fitted, held-out" if folds > 1 else "fitted and scored on all the data, in-sample"
         behavior = (f"ESTIMATED by behaviour cloning ({'categorical' if ds.discrete else 'truncated Gaussian'}, "
                     f"{fit} mean log-lik {loglik:.3f})")
@@ -1328,52 +1195,40 @@ def main(args: Args) -> dict[str, dict]:
             behavior += (f"; mean |fitted - logged log pi_b| "
                          f"{np.abs(log_pb - ds.behavior_log_probs.astype(np.float64)).mean():.3f}")
     print(f"behaviour policy: {behavior}", flush=True)
-
-    # Coverage: one behaviour model on all the data (the cross-fitted ones above each miss a fold)
-    coverage_model = None
-    if args.coverage and args.bc_steps > 0:
-        bar = progress_bar(args.bc_steps, "behaviour model for the coverage check")
-        coverage_model = train_behavior_model(data, torch.arange(len(ds), device=device), stats, dims, args, bar)
-        bar.close()
-
-    # The model ensemble does not depend on the policy: fit it once
-    model = None
-    if args.mb_steps > 0:
+    coverage_model = model = None
+    if args.coverage and args.bc_steps > 0:  # one behaviour model on all the data (the cross-fitted ones miss a fold)
+        with progress_bar(args.bc_steps, "behaviour model for the coverage check") as bar:
+            coverage_model = train_behavior_model(data, torch.arange(len(ds), device=device), stats, dims, args, bar)
+    if args.mb_steps > 0:  # the model ensemble does not depend on the policy: fit it once
         print(f"fitting {args.mb_ensemble} dynamics models ({args.mb_steps} steps) ...", flush=True)
-        t0 = time.time()
         model = DynamicsEnsemble(args.mb_ensemble, obs_dim, act_dim, n_actions, stats, args).to(device)
-        fit_model(model, data, args.mb_ensemble, args.mb_steps, args.learning_rate, args.batch_size)
-        seconds["dynamics models"] = time.time() - t0
+        timed("dynamics models", fit_model, model, data, args.mb_ensemble, args.mb_steps, args.learning_rate,
+              args.batch_size)
 
     results = {}
     for i, (path, target) in enumerate(targets.items(), 1):
-        policy, label = target.policy, f"(policy {i}/{len(targets)})"
+        label = f"(policy {i}/{len(targets)})"
         print(f"evaluating {path} (FQE {args.fqe_steps} steps) ...", flush=True)
-        t0 = time.time()
-        res = evaluate_policy(ds, ep, target, data, stats, log_pb, args, model, rng, label=label,
-                              coverage_model=coverage_model)
-        seconds["estimates"] = seconds.get("estimates", 0.0) + time.time() - t0
+        res = timed("estimates", evaluate_policy, ds, ep, target, data, stats, log_pb, args, model, rng, label,
+                    coverage_model)
         res.update(policy=path, dataset=ds.name, density=target.density, behavior=behavior, discount=args.discount,
                    weight_threshold=args.weight_threshold, args=asdict(args))
-        trained_on = policy.checkpoint.get("args", {}).get("dataset") if isinstance(policy.checkpoint, dict) else None
+        ck = target.policy.checkpoint
+        trained_on = ck.get("args", {}).get("dataset") if isinstance(ck, dict) else None
         if trained_on not in (None, ds.name, args.dataset):
             res["notes"].append(f"the policy was trained on {trained_on}, evaluated here on {ds.name}")
-
-        # Ground truth: the same policy the rows marked with --rollout-action value
-        if args.rollouts > 0:
-            act_fn = target.act if args.rollout_action == "act" else target.sample
-            t0 = time.time()
-            disc, undisc = rollout_returns(ds, act_fn, args.rollouts, args.seed + 100, args.discount, device,
-                                           desc=f"ground-truth rollouts {label}")
-            seconds["ground-truth rollouts"] = seconds.get("ground-truth rollouts", 0.0) + time.time() - t0
+        if args.rollouts > 0:  # ground truth: the policy --rollout-action names, the same seeds for every policy
+            disc, undisc = timed("ground-truth rollouts", rollout_returns, ds, target.act if args.rollout_action ==
+                                 "act" else target.sample, args.rollouts, args.seed + 100, args.discount, device,
+                                 desc=f"ground-truth rollouts {label}")
             boot = bootstrap_counts(len(disc), args.bootstrap, rng)
-            ci_d = percentile_ci(_mean(disc, boot)) if boot is not None else None
-            ci_u = percentile_ci(_mean(undisc, boot)) if boot is not None else None
-            values = "act" if args.rollout_action == "act" or target.density is None else "dist"
-            res["truth"] = truth = dict(values=values, episodes=args.rollouts, discounted=float(disc.mean()),
-                                        undiscounted=float(undisc.mean()),
-                                        normalized=float(ds.normalized_score(undisc.mean())), ci_discounted=ci_d,
-                                        ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None)
+            ci_d, ci_u = (percentile_ci(resample(mean_terms(x), boot)) if boot is not None else None
+                          for x in (disc, undisc))
+            res["truth"] = truth = dict(
+                values="act" if args.rollout_action == "act" or target.density is None else "dist",
+                episodes=args.rollouts, discounted=float(disc.mean()), undiscounted=float(undisc.mean()),
+                normalized=float(ds.normalized_score(undisc.mean())), ci_discounted=ci_d,
+                ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None)
             for e in res["estimates"].values():
                 if not e["skipped"]:
                     e["error_discounted"] = e["discounted"] - truth["discounted"]
@@ -1383,40 +1238,18 @@ def main(args: Args) -> dict[str, dict]:
 
     if len(results) > 1:
         selection = policy_selection(results)
-        print(f"\nPolicy selection over {len(results)} policies: each estimator's pick (highest discounted estimate), "
-              "and the policies whose 95% interval overlaps the pick's (cannot tell apart)")
-        for name, sel in selection.items():
-            if sel["skipped"]:
-                print(f"   {name:<9} left out: {sel['skipped']}")
-            else:
-                tied = ", ".join(sel["cannot_tell_apart"]) or "none"
-                print(f"   {name:<9} deploy {sel['recommended']} (cannot tell apart from: {tied})")
+        metrics = dict(policies=list(results), **dope_metrics(results)) if args.rollouts > 0 else None
         for res in results.values():
-            res["selection"] = selection
-    if args.rollouts > 0 and len(results) > 1:
-        metrics = dope_metrics(results)
-        print(f"\nDOPE metrics over the {len(results)} policies (Fu et al. 2021), on the discounted values min-max "
-              "normalised by the true ones over the set; +- std over 1000 bootstrap resamples of the policies. "
-              "regret@k: share of the true spread lost by deploying the best of the estimator's top k; points: "
-              "normalized score lost by its top choice")
-        print(f"   {'estimator':<9} {'|error|':>15} {'spearman':>15} {'regret@1':>15} {'regret@3':>15} {'points':>7}")
-        for name, m in metrics.items():
-            if m["skipped"]:
-                print(f"   {name:<9} left out: {m['skipped']}")
-                continue
-            cells = [f"{_f(m[k], 6)} +-{_f(m['std'][k], 5)}" if m[k] is not None else f"{'n/a':>15}"
-                     for k in ("abs_error", "spearman", "regret_at_1", "regret_at_3")]
-            print(f"   {name:<9} {' '.join(cells)} {_f(m['regret_at_1_points'], 7, 1)}")
-        for res in results.values():
-            res["dope_metrics"] = dict(policies=list(results), **metrics)
+            res.update(selection=selection, **({"dope_metrics": metrics} if metrics else {}))
+        print(format_summary(results[path]))
     for path, res in results.items():
         write_outputs(path, res)
         print(f"wrote {path}.ope.json and {path}.ope.csv")
     if args.plot:
         plot_estimates(args.plot, results)
         print(f"wrote {args.plot}" + ("" if args.rollouts > 0 else " (no --rollouts: no ground truth on it)"))
-    print(f"ope.py: done in {_duration(time.time() - t_start)} ("
-          + ", ".join(f"{k} {_duration(v)}" for k, v in seconds.items()) + ")", flush=True)
+    print(f"ope.py: done in {duration(time.time() - t_start)} ("
+          + ", ".join(f"{k} {duration(v)}" for k, v in seconds.items()) + ")", flush=True)
     return results
 
 

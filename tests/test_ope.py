@@ -1,7 +1,8 @@
 """ope.py: the estimators on a small chain MDP whose value is known exactly (unbiasedness, consistency, DR with a
 perfect Q), FQE against linear algebra on a tabular MDP, the padding/bootstrap conventions against loop references,
-the edge cases (zero-probability actions, one episode, policies without a density), and a smoke run on a trained IQL
-checkpoint."""
+hand-computed answers through the pipeline (the model-based estimator on a linear MDP, FQE at time limits, clipped
+log-ratios, on-policy Box data), the edge cases (zero-probability actions, one episode, policies without a density),
+and a smoke run on a trained IQL checkpoint."""
 
 import json
 import math
@@ -93,15 +94,15 @@ def table_policy(pi: np.ndarray, with_density: bool = True) -> Policy:
 
 
 def run_pipeline(ds: Dataset, policy: Policy, smoothing=None, **kw) -> dict:
-    args = ope.Args(policy=["unused"], discount=0.9, bootstrap=kw.pop("bootstrap", 50), smoothing_width=smoothing,
-                    **{"fqe_steps": 0, "mb_steps": 0, "hidden_dim": 32, **kw})
+    args = ope.Args(policy=["unused"], bootstrap=kw.pop("bootstrap", 50), smoothing_width=smoothing,
+                    **{"discount": 0.9, "fqe_steps": 0, "mb_steps": 0, "hidden_dim": 32, **kw})
     torch.manual_seed(0)
     data, stats = ope.device_data(ds, torch.device("cpu"))
     ep = ope.split_episodes(ds)
     target = ope.Target(policy, 2, None, None, smoothing)
     model = None
     if args.mb_steps:
-        model = ope.DynamicsEnsemble(args.mb_ensemble, 4, 1, 2, stats, args)
+        model = ope.DynamicsEnsemble(args.mb_ensemble, ds.observations.shape[1], 1, 2, stats, args)
         ope.fit_model(model, data, args.mb_ensemble, args.mb_steps, args.learning_rate, args.batch_size)
     return ope.evaluate_policy(ds, ep, target, data, stats, ds.behavior_log_probs.astype(np.float64), args, model,
                                np.random.default_rng(0))
@@ -124,9 +125,9 @@ def test_is_pdis_and_dr_are_unbiased_over_200_datasets(gamma):
     estimates = {name: [] for name in ("IS", "PDIS", "DR")}
     for i in range(n_sets):
         r, lr, m = split["rewards"][i], split["log_ratios"][i], split["mask"][i]
-        estimates["IS"].append(ope.is_estimate(r, lr, m, gamma))
-        estimates["PDIS"].append(ope.pdis_estimate(r, lr, m, gamma))
-        estimates["DR"].append(ope.dr_estimate(r, lr, split["q_sa"][i], split["v_s"][i], m, gamma))
+        estimates["IS"].append(ope.estimate("IS", r, lr, m, gamma))
+        estimates["PDIS"].append(ope.estimate("PDIS", r, lr, m, gamma))
+        estimates["DR"].append(ope.estimate("DR", r, lr, m, gamma, split["q_sa"][i], split["v_s"][i]))
     for name, values in estimates.items():
         values = np.array(values)
         se = values.std() / math.sqrt(n_sets)
@@ -147,10 +148,9 @@ def test_weighted_estimators_are_consistent_their_error_shrinks_with_data():
         errs = {"WIS": [], "WPDIS": [], "WDR": []}
         for i in range(100):
             sl = slice(i * n_ep, (i + 1) * n_ep)
-            args = (sim["rewards"][sl], sim["log_ratios"][sl])
-            errs["WIS"].append(ope.wis_estimate(*args, sim["mask"][sl], gamma) - V[0, 0])
-            errs["WPDIS"].append(ope.wpdis_estimate(*args, sim["mask"][sl], gamma) - V[0, 0])
-            errs["WDR"].append(ope.wdr_estimate(*args, q_sa[sl], v_s[sl], sim["mask"][sl], gamma) - V[0, 0])
+            args = (sim["rewards"][sl], sim["log_ratios"][sl], sim["mask"][sl], gamma, q_sa[sl], v_s[sl])
+            for name in errs:
+                errs[name].append(ope.estimate(name, *args) - V[0, 0])
         errors[n_ep] = {k: np.abs(v).mean() for k, v in errs.items()}
     for name in ("WIS", "WPDIS", "WDR"):
         assert errors[2000][name] < errors[10][name] / 5, (name, errors)
@@ -166,8 +166,8 @@ def test_on_policy_weights_reduce_every_estimator_to_the_average_return():
     rewards = np.where(mask, rng.normal(size=mask.shape), 0.0)
     log_ratios = np.zeros(mask.shape)
     mean_return = (rewards @ 0.9 ** np.arange(6)).mean()
-    for fn in (ope.is_estimate, ope.wis_estimate, ope.pdis_estimate, ope.wpdis_estimate):
-        assert fn(rewards, log_ratios, mask, 0.9) == pytest.approx(mean_return)
+    for name in ("IS", "WIS", "PDIS", "WPDIS"):
+        assert ope.estimate(name, rewards, log_ratios, mask, 0.9) == pytest.approx(mean_return)
     assert ope.effective_sample_size(np.zeros(5)) == pytest.approx(5.0)
     assert ope.per_decision_ess(log_ratios, mask, 0.9) == pytest.approx(5.0)
 
@@ -190,7 +190,7 @@ def test_dr_recursive_form_equals_the_unrolled_form():
             w = w_prev * math.exp(lr[i, t])
             total += gamma**t * (w * (r[i, t] - q[i, t]) + w_prev * v[i, t])
             w_prev = w
-    assert ope.dr_estimate(r, lr, q, v, mask, gamma) == pytest.approx(total / len(r))
+    assert ope.estimate("DR", r, lr, mask, gamma, q, v) == pytest.approx(total / len(r))
 
 
 @pytest.mark.estimators
@@ -200,13 +200,13 @@ def test_wpdis_and_wdr_match_loop_references_with_carried_weights():
     log_w = np.cumsum(np.where(mask, lr, 0.0), 1)  # after the end: rho = 1, the weight is carried
     w = np.exp(log_w)
     wpdis = sum(gamma**t * (w[:, t] * r[:, t]).sum() / w[:, t].sum() for t in range(horizon))
-    assert ope.wpdis_estimate(r, lr, mask, gamma) == pytest.approx(wpdis)
+    assert ope.estimate("WPDIS", r, lr, mask, gamma) == pytest.approx(wpdis)
     wdr = 0.0
     for t in range(horizon):
         w_hat = w[:, t] / w[:, t].sum()
         w_hat_prev = np.full(n, 1 / n) if t == 0 else w[:, t - 1] / w[:, t - 1].sum()
         wdr += gamma**t * (w_hat * (r[:, t] - q[:, t]) + w_hat_prev * v[:, t]).sum()
-    assert ope.wdr_estimate(r, lr, q, v, mask, gamma) == pytest.approx(wdr)
+    assert ope.estimate("WDR", r, lr, mask, gamma, q, v) == pytest.approx(wdr)
 
 
 @pytest.mark.estimators
@@ -214,12 +214,11 @@ def test_bootstrap_counts_equal_resampling_whole_episodes():
     r, lr, q, v, mask = _random_arrays(6, n=9)
     idx = np.random.default_rng(0).integers(0, 9, 9)
     counts = np.bincount(idx, minlength=9).astype(float)
-    for fn in (ope.is_estimate, ope.wis_estimate, ope.pdis_estimate, ope.wpdis_estimate):
-        assert fn(r, lr, mask, 0.9, counts) == pytest.approx(fn(r[idx], lr[idx], mask[idx], 0.9))
-        batch = fn(r, lr, mask, 0.9, np.stack([counts, np.ones(9)]))  # (B, n) counts give B estimates
-        assert batch == pytest.approx([fn(r[idx], lr[idx], mask[idx], 0.9), fn(r, lr, mask, 0.9)])
-    for fn in (ope.dr_estimate, ope.wdr_estimate):
-        assert fn(r, lr, q, v, mask, 0.9, counts) == pytest.approx(fn(r[idx], lr[idx], q[idx], v[idx], mask[idx], 0.9))
+    for name in ope.WEIGHTED:
+        resampled = ope.estimate(name, r[idx], lr[idx], mask[idx], 0.9, q[idx], v[idx])
+        assert ope.estimate(name, r, lr, mask, 0.9, q, v, counts=counts) == pytest.approx(resampled), name
+        batch = ope.estimate(name, r, lr, mask, 0.9, q, v, counts=np.stack([counts, np.ones(9)]))  # (B, n): B values
+        assert batch == pytest.approx([resampled, ope.estimate(name, r, lr, mask, 0.9, q, v)]), name
     assert ope.bootstrap_counts(1, 200, np.random.default_rng(0)) is None  # one episode: no bootstrap
     assert ope.bootstrap_counts(5, 10, np.random.default_rng(0)).sum(1).tolist() == [5] * 10
 
@@ -231,9 +230,9 @@ def test_weights_stay_finite_in_log_space_over_long_horizons():
     lr = rng.choice([-0.5, 0.5], size=(20, 2000))
     mask = np.ones_like(lr, dtype=bool)
     r = rng.normal(size=lr.shape)
-    for fn in (ope.wis_estimate, ope.wpdis_estimate):
-        assert np.isfinite(fn(r, lr, mask, 0.99))
-    assert np.isfinite(ope.wdr_estimate(r, lr, r * 0, r * 0, mask, 0.99))
+    for name in ("WIS", "WPDIS"):
+        assert np.isfinite(ope.estimate(name, r, lr, mask, 0.99))
+    assert np.isfinite(ope.estimate("WDR", r, lr, mask, 0.99, r * 0, r * 0))
     assert 1.0 <= ope.effective_sample_size(lr.sum(1)) <= 20.0
 
 
@@ -249,9 +248,10 @@ def test_dr_and_wdr_with_a_perfect_q_are_exact_with_zero_variance():
     q_sa, v_s = q_arrays(sim, Q, V[:H])
     per_episode = ope.dr_per_episode(sim["rewards"], sim["log_ratios"], q_sa, v_s, sim["mask"], gamma)
     np.testing.assert_allclose(per_episode, V[0, 0], atol=1e-9)  # every single episode gives the exact value
-    assert ope.wdr_estimate(sim["rewards"], sim["log_ratios"], q_sa, v_s, sim["mask"], gamma) == pytest.approx(V[0, 0])
+    wdr = ope.estimate("WDR", sim["rewards"], sim["log_ratios"], sim["mask"], gamma, q_sa, v_s)
+    assert wdr == pytest.approx(V[0, 0])
     # IS on the same data is not exact: the weights vary from episode to episode
-    assert abs(ope.is_estimate(sim["rewards"], sim["log_ratios"], sim["mask"], gamma) - V[0, 0]) > 1e-3
+    assert abs(ope.estimate("IS", sim["rewards"], sim["log_ratios"], sim["mask"], gamma) - V[0, 0]) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,9 +303,8 @@ def test_pipeline_reproduces_the_pure_estimators_and_covers_the_truth(chain):
     res = run_pipeline(ds, table_policy(PI_E), fqe_steps=300, mb_steps=100, bootstrap=100)
     est = res["estimates"]
     args = (sim["rewards"], sim["log_ratios"], sim["mask"], 0.9)
-    for name, fn in (("IS", ope.is_estimate), ("WIS", ope.wis_estimate), ("PDIS", ope.pdis_estimate),
-                     ("WPDIS", ope.wpdis_estimate)):
-        assert est[name]["discounted"] == pytest.approx(fn(*args), rel=1e-4), name
+    for name in ("IS", "WIS", "PDIS", "WPDIS"):
+        assert est[name]["discounted"] == pytest.approx(ope.estimate(name, *args), rel=1e-4), name
         assert est[name]["values"] == "dist"
     truth = exact_values(transitions(0.8), PI_E, 0.9)[0][0, 0]
     for name in ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR"):  # DR is unbiased even with a barely trained Q̂
@@ -417,16 +416,16 @@ def _toy():
 def test_is_wis_pdis_wpdis_give_the_hand_computed_values_on_a_two_episode_example():
     r, lr, _, _, mask = _toy()
     # IS: mean of w_{0:H-1} G = (2 * 3 + 1 * 3.5) / 2 = 4.75
-    assert ope.is_estimate(r, lr, mask, 0.5) == pytest.approx(4.75)
+    assert ope.estimate("IS", r, lr, mask, 0.5) == pytest.approx(4.75)
     # WIS: (2 * 3 + 1 * 3.5) / (2 + 1) = 9.5 / 3
-    assert ope.wis_estimate(r, lr, mask, 0.5) == pytest.approx(9.5 / 3)
+    assert ope.estimate("WIS", r, lr, mask, 0.5) == pytest.approx(9.5 / 3)
     # PDIS: episode 0: 2*1 + 0.5*(1*2) + 0.25*(2*4) = 5; episode 1: 0.5*3 + 0.5*(1*1) = 2; mean 3.5
-    assert ope.pdis_estimate(r, lr, mask, 0.5) == pytest.approx(3.5)
+    assert ope.estimate("PDIS", r, lr, mask, 0.5) == pytest.approx(3.5)
     # WPDIS: t=0: (2*1 + 0.5*3) / 2.5 = 1.4; t=1: (1*2 + 1*1) / 2 = 1.5; t=2: (2*4 + 1*0) / 3 = 8/3
-    assert ope.wpdis_estimate(r, lr, mask, 0.5) == pytest.approx(1.4 + 0.5 * 1.5 + 0.25 * 8 / 3)
+    assert ope.estimate("WPDIS", r, lr, mask, 0.5) == pytest.approx(1.4 + 0.5 * 1.5 + 0.25 * 8 / 3)
     # counts (2, 1): episode 0 drawn twice. IS: (2*6 + 3.5) / 3; WIS: (2*6 + 3.5) / (2*2 + 1)
-    assert ope.is_estimate(r, lr, mask, 0.5, np.array([2.0, 1.0])) == pytest.approx(15.5 / 3)
-    assert ope.wis_estimate(r, lr, mask, 0.5, np.array([2.0, 1.0])) == pytest.approx(15.5 / 5)
+    assert ope.estimate("IS", r, lr, mask, 0.5, counts=np.array([2.0, 1.0])) == pytest.approx(15.5 / 3)
+    assert ope.estimate("WIS", r, lr, mask, 0.5, counts=np.array([2.0, 1.0])) == pytest.approx(15.5 / 5)
 
 
 @pytest.mark.estimators
@@ -436,12 +435,13 @@ def test_dr_and_wdr_give_the_hand_computed_values_on_a_two_episode_example():
     # t=1: 1 + 0.5*(2 + 4 - 1) = 3.5; t=0: 0.5 + 2*(1 + 1.75 - 1) = 4. Episode 1: t=1: 1 + 2*(1 - 0) = 3;
     # t=0: 1 + 0.5*(3 + 1.5 - 2) = 2.25.
     np.testing.assert_allclose(ope.dr_per_episode(r, lr, q, v, mask, 0.5), [4.0, 2.25])
-    assert ope.dr_estimate(r, lr, q, v, mask, 0.5) == pytest.approx((4.0 + 2.25) / 2)
-    assert ope.dr_estimate(r, lr, q, v, mask, 0.5, np.array([1.0, 3.0])) == pytest.approx((4.0 + 3 * 2.25) / 4)
+    assert ope.estimate("DR", r, lr, mask, 0.5, q, v) == pytest.approx((4.0 + 2.25) / 2)
+    counts = np.array([1.0, 3.0])
+    assert ope.estimate("DR", r, lr, mask, 0.5, q, v, counts=counts) == pytest.approx((4.0 + 3 * 2.25) / 4)
     # WDR: normalised weights ŵ_-1 = (1/2, 1/2), ŵ_0 = (0.8, 0.2), ŵ_1 = (0.5, 0.5), ŵ_2 = (2/3, 1/3).
     # t=0: 0.8*0 + 0.2*(3-2) + 0.5*0.5 + 0.5*1 = 0.95; t=1: 0.5*1 + 0.5*1 + 0.8*1 + 0.2*1 = 2;
     # t=2: (2/3)*(4-1) + (1/3)*0 + 0.5*2 + 0.5*0 = 3.  WDR = 0.95 + 0.5*2 + 0.25*3 = 2.7
-    assert ope.wdr_estimate(r, lr, q, v, mask, 0.5) == pytest.approx(2.7)
+    assert ope.estimate("WDR", r, lr, mask, 0.5, q, v) == pytest.approx(2.7)
 
 
 @pytest.mark.estimators
@@ -451,12 +451,12 @@ def test_self_normalised_estimators_ignore_a_common_huge_log_weight_without_over
     r, lr, q, v, mask = _toy()
     big = lr.copy()
     big[:, 0] += 800.0
-    assert ope.wis_estimate(r, big, mask, 0.5) == pytest.approx(9.5 / 3)
-    assert ope.wpdis_estimate(r, big, mask, 0.5) == pytest.approx(1.4 + 0.5 * 1.5 + 0.25 * 8 / 3)
-    assert ope.wdr_estimate(r, big, q, v, mask, 0.5) == pytest.approx(2.7)
+    assert ope.estimate("WIS", r, big, mask, 0.5) == pytest.approx(9.5 / 3)
+    assert ope.estimate("WPDIS", r, big, mask, 0.5) == pytest.approx(1.4 + 0.5 * 1.5 + 0.25 * 8 / 3)
+    assert ope.estimate("WDR", r, big, mask, 0.5, q, v) == pytest.approx(2.7)
     small = lr.copy()
     small[:, 0] -= 800.0  # every weight underflows to 0 without the shift
-    assert ope.wis_estimate(r, small, mask, 0.5) == pytest.approx(9.5 / 3)
+    assert ope.estimate("WIS", r, small, mask, 0.5) == pytest.approx(9.5 / 3)
 
 
 @pytest.mark.estimators
@@ -541,6 +541,180 @@ def test_spearman_ranks_with_average_ties_and_regret_edge_cases():
     assert math.isnan(ope.spearman([1, np.nan, 3], [1, 2, 3]))
     assert math.isnan(ope.regret_at_1([1.0, np.inf], [5.0, 6.0]))  # a non-finite estimate ranks nothing
     assert ope.regret_at_1([2.0, 1.0, 0.0], [7.0, 9.0, 3.0]) == pytest.approx(2.0)  # picks 7, best is 9
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (4c) Known answers through the pipeline: the model-based estimator, FQE at time limits, clipped log-ratios, and
+# on-policy Box data (truncated Gaussians)
+# ---------------------------------------------------------------------------------------------------------
+def episodes_dataset(episodes: list, timeout: bool = True, **kw) -> Dataset:
+    """Episodes given as lists of (s, a, r, s') steps, each ended by a time limit (or a terminal)."""
+    steps = [step for e in episodes for step in e]
+    last = np.concatenate([np.arange(len(e)) == len(e) - 1 for e in episodes])
+    obs, actions, rewards, next_obs = (np.array([step[i] for step in steps]) for i in range(4))
+    actions = actions.astype(np.int64 if actions.dtype.kind == "i" else np.float32)
+    return Dataset(observations=obs.astype(np.float32), actions=actions, rewards=rewards.astype(np.float32),
+                   next_observations=next_obs.astype(np.float32), terminals=last & (not timeout),
+                   timeouts=last & timeout, name="episodes", **kw)
+
+
+def always_right() -> Policy:
+    """A Discrete policy that always takes action 1 (no density: only FQE and MB value it)."""
+    return Policy(act=lambda o: torch.ones(len(o), dtype=torch.long), dist=None, discrete=True, checkpoint={})
+
+
+def linear_model(r_max: float, logit: float) -> "ope.DynamicsEnsemble":
+    """A two-member linear 'ensemble' (n_layers 0) set by hand, on raw units (all normalisers 0 and 1), state (s, z):
+    s' = s + 0.2 a - 0.1, z' = z, r = s + z + 0.5 a, termination logit `logit`; states clipped to [-1, 1.25] x [-1, 1],
+    rewards to [-1, r_max]."""
+    one, zero = torch.ones(2), torch.zeros(2)
+    stats = dict(obs_mean=zero, obs_std=one, delta_mean=zero, delta_std=one, r_mean=0.0, r_std=1.0,
+                 obs_min=-one, obs_max=torch.tensor([1.25, 1.0]), r_min=-1.0, r_max=r_max)
+    model = ope.DynamicsEnsemble(2, 2, 1, 2, stats, ope.Args(policy=["unused"], n_layers=0))
+    with torch.no_grad():  # rows: inputs (s, z, a == 0, a == 1); columns: outputs (s' - s, z' - z, r, end logit)
+        model.net[0].weight[:] = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0], [-0.1, 0.0, 0.0, 0.0],
+                                               [0.1, 0.0, 0.5, 0.0]])
+        model.net[0].bias[:] = torch.tensor([0.0, 0.0, 0.0, logit])
+    return model
+
+
+@pytest.mark.estimators
+def test_model_rollout_of_a_known_linear_model_gives_the_hand_computed_returns():
+    s0, right = torch.tensor([[0.0, 0.0], [1.0, 0.0]]), always_right().act  # z = 0 throughout
+    disc, undisc = ope.model_rollout(linear_model(r_max=2.0, logit=-50.0), right, s0, 2, 5, 0.9)
+    # from s0 = 0: s = 0, .1, .2, .3, .4 and r = s + .5; from s0 = 1: s = 1, 1.1, 1.2, then 1.25 twice (1.3 and 1.4
+    # clipped to the data's largest state), r = 1.5, 1.6, 1.7, 1.75, 1.75
+    d = 0.9 ** np.arange(5)
+    r0, r1 = np.array([0.5, 0.6, 0.7, 0.8, 0.9]), np.array([1.5, 1.6, 1.7, 1.75, 1.75])
+    np.testing.assert_allclose(disc, [[r0 @ d, r1 @ d]] * 2, rtol=1e-5)  # (members, initial states)
+    np.testing.assert_allclose(undisc, [[r0.sum(), r1.sum()]] * 2, rtol=1e-5)
+    # rewards clipped to the data's largest reward 0.75: 0.5, 0.6, 0.7, 0.75, 0.75
+    disc, _ = ope.model_rollout(linear_model(r_max=0.75, logit=-50.0), right, s0[:1], 2, 5, 0.9)
+    np.testing.assert_allclose(disc, [[np.array([0.5, 0.6, 0.7, 0.75, 0.75]) @ d]] * 2, rtol=1e-5)
+    # termination probability 1: the reward of the step that ends the episode counts, nothing after it
+    disc, undisc = ope.model_rollout(linear_model(r_max=2.0, logit=50.0), right, s0, 2, 5, 0.9)
+    np.testing.assert_allclose(disc, [[0.5, 1.5]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(undisc, [[0.5, 1.5]] * 2, rtol=1e-6)
+
+
+def test_mb_fits_a_deterministic_linear_mdp_and_its_estimate_is_the_hand_computed_return():
+    # s' = s + 0.2 a - 0.1 and r = s + 0.5 a, 5 steps from s0 in {0, 1} (time limit, no terminal); the behaviour acts
+    # at random, plus a few always-right episodes so the data's range covers where pi_e (always right) goes.
+    # A linear model (--n-layers 0) can fit this exactly; pi_e's return from s0 is sum_t 0.9^t (s0 + 0.1 t + 0.5).
+    rng = np.random.default_rng(0)
+    episodes = []
+    for i in range(300):
+        s, steps = float(i % 2), []
+        for _ in range(5):
+            a = 1 if i < 10 else int(rng.integers(2))
+            steps.append(([s], a, s + 0.5 * a, [s + 0.2 * a - 0.1]))
+            s += 0.2 * a - 0.1
+        episodes.append(steps)
+    ds = episodes_dataset(episodes, behavior_log_probs=np.full(1500, np.log(0.5), dtype=np.float32))
+    res = run_pipeline(ds, always_right(), mb_steps=3000, mb_ensemble=2, n_layers=0, learning_rate=1e-2,
+                       bootstrap=0)
+    d = 0.9 ** np.arange(5)
+    value = np.mean([(s0 + 0.1 * np.arange(5) + 0.5) @ d for s0 in ds.observations[ds.episode_ends() - 4, 0]])
+    undisc = np.mean([(s0 + 0.1 * np.arange(5) + 0.5).sum() for s0 in ds.observations[ds.episode_ends() - 4, 0]])
+    mb = res["estimates"]["MB"]
+    assert mb["values"] == "act" and res["diagnostics"]["mb_horizon"] == 5
+    assert mb["discounted"] == pytest.approx(value, rel=1e-3), (mb["discounted"], value)  # fits to about 2e-4
+    assert mb["undiscounted"] == pytest.approx(undisc, rel=1e-3)
+    np.testing.assert_allclose(res["diagnostics"]["mb_member_estimates"], value, rtol=1e-3)
+
+
+@pytest.mark.parametrize("time_limit_terminal", [False, True])
+def test_fqe_through_a_time_limit_and_stopped_at_it_by_hand(time_limit_terminal):
+    # two states visited in turn, s0 (reward 1) -> s1 (reward 2) -> s0 ..., each episode cut by the time limit after
+    # s1. Bootstrapping through the cut, Q(s0) = 1 + g Q(s1), Q(s1) = 2 + g Q(s0): Q(s0) = (1 + 2g) / (1 - g^2)
+    # = 2 / 0.75 at g = 0.5. With --fqe-time-limit-terminal the cut ends the episode: Q(s0) = 1 + 2g = 2.
+    s0, s1 = [1.0, 0.0], [0.0, 1.0]
+    rng = np.random.default_rng(0)
+    ds = episodes_dataset([[(s0, int(rng.integers(2)), 1.0, s1), (s1, int(rng.integers(2)), 2.0, s0)]
+                           for _ in range(100)], behavior_log_probs=np.full(200, np.log(0.5), dtype=np.float32))
+    res = run_pipeline(ds, table_policy(PI_B[:2]), discount=0.5, fqe_steps=2000, fqe_tau=0.05, learning_rate=1e-3,
+                       fqe_time_limit_terminal=time_limit_terminal, bootstrap=0)
+    expected = 2.0 if time_limit_terminal else 2.0 / 0.75
+    assert res["estimates"]["FQE"]["discounted"] == pytest.approx(expected, abs=2e-3)  # it converges to about 1e-6
+    # the finite-horizon value of the data (what IS values here: pi_e = pi_b) is 1 + 0.5 * 2 = 2
+    assert res["estimates"]["WIS"]["discounted"] == pytest.approx(2.0)
+
+
+@pytest.mark.estimators
+def test_clipped_log_ratios_give_the_hand_computed_is_estimates():
+    # two steps per episode, pi_b = (0.5, 0.5) and pi_e = (0.9, 0.1) in both states; reward 1 for action 0, 3 for 1.
+    # Ratios: 1.8 for action 0 (log 0.59, inside [-1, 1]), 0.2 for action 1 (log -1.61, clipped to -1: e^-1).
+    # Per-step clipping: (a0, a1) = (0, 0): w = 1.8^2, G = 1 + 0.9; (1, 0): w = 1.8 / e, G = 3 + 0.9;
+    # (1, 1): w = e^-2, G = 3 + 2.7; (0, 1): w = 1.8 / e, G = 1 + 2.7. Three copies of each episode.
+    s0, s1 = [1.0, 0.0], [0.0, 1.0]
+    pairs = [(0, 0), (1, 0), (1, 1), (0, 1)] * 3
+    ds = episodes_dataset([[(s0, a0, 1.0 + 2 * a0, s1), (s1, a1, 1.0 + 2 * a1, s0)] for a0, a1 in pairs],
+                          timeout=False, behavior_log_probs=np.full(24, np.log(0.5), dtype=np.float32))
+    pi_e = np.array([[0.9, 0.1], [0.9, 0.1]])
+    w = np.array([1.8**2, 1.8 / math.e, math.exp(-2), 1.8 / math.e])
+    g = np.array([1.9, 3.9, 5.7, 3.7])
+    res = run_pipeline(ds, table_policy(pi_e), clip_log_ratio=(-1.0, 1.0))
+    assert res["estimates"]["IS"]["discounted"] == pytest.approx((w @ g) / 4)
+    assert res["estimates"]["WIS"]["discounted"] == pytest.approx((w @ g) / w.sum())
+    # PDIS: reward t weighted by the clipped ratios up to t: step 0 by 1.8 or e^-1, step 1 by the product
+    first = np.array([1.8, 1 / math.e, 1 / math.e, 1.8])
+    r0, r1 = np.array([1.0, 3.0, 3.0, 1.0]), np.array([1.0, 1.0, 3.0, 3.0])
+    assert res["estimates"]["PDIS"]["discounted"] == pytest.approx((first @ r0 + 0.9 * w @ r1) / 4)
+    assert res["diagnostics"]["clipped_share"] == pytest.approx(0.5)  # the action-1 steps
+    assert any("clipped to [-1.0, 1.0] (50.0% of steps clipped)" in n for n in res["notes"])
+    # unclipped, the action-1 ratio is 0.2: a different estimate
+    w_raw = np.array([1.8**2, 1.8 * 0.2, 0.04, 1.8 * 0.2])
+    assert run_pipeline(ds, table_policy(pi_e))["estimates"]["IS"]["discounted"] == pytest.approx((w_raw @ g) / 4)
+
+
+def _truncated_normal_log_density(x: float, loc: float, scale: float, low: float, high: float) -> float:
+    """log of N(loc, scale^2) truncated to [low, high] at x, from the error function (independent of ope.py)."""
+    def cdf(z):
+        return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+    z = (x - loc) / scale
+    return -0.5 * z * z - math.log(scale * math.sqrt(2 * math.pi)) - math.log(cdf((high - loc) / scale)
+                                                                                - cdf((low - loc) / scale))
+
+
+@pytest.mark.estimators
+def test_on_policy_box_data_give_weight_one_and_is_equals_the_average_return():
+    # pi_e(.|s) = N(0.8 s, 0.5^2) truncated to the box [-0.5, 1]; the data are drawn from exactly that policy (by
+    # rejection, independently of ope.py) with its exact log-density as behaviour log-probabilities. Every importance
+    # weight is then 1 and every IS-type estimate is the data's mean return. The box keeps only ~70-90% of the
+    # Gaussian's mass, so a density that ignored the truncation would give weights far from 1.
+    rng = np.random.default_rng(0)
+    low, high, scale = -0.5, 1.0, 0.5
+    episodes, log_pb = [], []
+    for _ in range(200):
+        s, steps = float(rng.uniform(-1, 1)), []
+        for _ in range(4):
+            a = rng.normal(0.8 * s, scale)
+            while not low <= a <= high:
+                a = rng.normal(0.8 * s, scale)
+            s32, a32 = np.float32(s), np.float32(a)
+            log_pb.append(_truncated_normal_log_density(float(a32), 0.8 * float(s32), scale, low, high))
+            steps.append(([s], [a], -s * s - 0.1 * a * a, [0.7 * s + 0.3 * a]))
+            s = float(np.float32(0.7 * s + 0.3 * a))
+        episodes.append(steps)
+    ds = episodes_dataset(episodes, behavior_log_probs=np.array(log_pb))
+    policy = Policy(act=lambda o: (0.8 * o).clamp(low, high), discrete=False, checkpoint={},
+                    dist=lambda o: torch.distributions.Independent(torch.distributions.Normal(0.8 * o, scale), 1))
+    data, stats = ope.device_data(ds, torch.device("cpu"))
+    target = ope.Target(policy, None, torch.tensor([low]), torch.tensor([high]), None, probe_obs=data["obs"][:1])
+    args = ope.Args(policy=["unused"], discount=0.9, bootstrap=50, fqe_steps=0, mb_steps=0)
+    res = ope.evaluate_policy(ds, ope.split_episodes(ds), target, data, stats, ds.behavior_log_probs, args, None,
+                              np.random.default_rng(0))
+    d = res["diagnostics"]
+    assert target.density == "Gaussian pi(.|s) truncated to the action box" and d["pi_e_mass_inside_box"] < 0.9
+    assert abs(d["mean_log_ratio"]) < 1e-6 and abs(d["max_log10_weight"]) < 1e-5  # every weight is 1
+    assert d["ess_share"] == pytest.approx(1.0)
+    ends = ds.episode_ends()
+    mean_return = np.mean([(ds.rewards[s: e + 1] * 0.9 ** np.arange(e + 1 - s)).sum()
+                           for s, e in zip(np.r_[0, ends[:-1] + 1], ends)])
+    for name in ("IS", "WIS", "PDIS", "WPDIS"):
+        assert res["estimates"][name]["discounted"] == pytest.approx(mean_return, rel=1e-5), name
+    assert res["estimates"]["IS"]["undiscounted"] == pytest.approx(ds.rewards.sum() / 200, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,29 @@ def test_rows_with_too_small_an_ess_get_no_interval_and_say_why(chain):  # noqa:
                for n in ("IS", "WIS", "PDIS", "WPDIS"))
 
 
+def test_the_ess_gate_sits_at_min_ess_share_and_keeps_low_ess_rows_out_of_selection_and_dope(chain):  # noqa: F811
+    _, ds = chain
+    terms, counts = ope.mean_terms(np.arange(20.0)), ope.bootstrap_counts(20, 200, np.random.default_rng(0))
+    # 20 episodes: the gate is at MIN_ESS_SHARE * 20 = 2 effective episodes
+    ok = ope.table_row(ds, "dist", terms, terms, 2.0, counts, 20, [], "IS")
+    low = ope.table_row(ds, "dist", terms, terms, 1.9, counts, 20, [], "IS")
+    assert ok["unreliable"] is None and ok["ci_discounted"] is not None and ok["ci_mc_error"] is not None
+    assert low["unreliable"] == "ESS 1.9 < 10% of 20 episodes"
+    assert low["ci_discounted"] is None and low["ci_undiscounted"] is None and low["ci_mc_error"] is None
+    assert low["discounted"] == ok["discounted"] == pytest.approx(9.5)  # the estimate itself is still reported
+    # end to end: a policy far from the data gets low-ESS IS and WIS rows (and a warning), which keeps IS and WIS out
+    # of the selection and the DOPE metrics; the behaviour policy's own rows are fine
+    results = {"far": run_pipeline(ds, table_policy(FAR)), "b": run_pipeline(ds, table_policy(PI_B))}
+    assert any(w.startswith("effective sample size") for w in results["far"]["warnings"])
+    for i, res in enumerate(results.values()):
+        res["truth"] = dict(values="dist", discounted=float(i), normalized=float("nan"), undiscounted=float(i))
+    sel, dope = ope.policy_selection(results), ope.dope_metrics(results)
+    for name in ("IS", "WIS"):
+        assert results["far"]["estimates"][name]["unreliable"] and not results["b"]["estimates"][name]["unreliable"]
+        assert sel[name]["skipped"] == "no usable estimate for 1 of 2 policies"
+        assert dope[name]["skipped"] == "ESS too low for 1 of 2 policies"
+
+
 def test_normalized_regret_at_k_by_hand():
     true = [0.0, 10.0, 4.0, 8.0]  # spread 10
     est = [5.0, 1.0, 9.0, 7.0]  # ranks policies 2, 3, 0, 1

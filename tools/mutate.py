@@ -1,7 +1,7 @@
 """Mutation testing of the ALGO LOGIC: make one small, plausible bug at a time and check that a test catches it.
 
     python tools/mutate.py iql.py tests/test_iql.py                      # every mutant of iql.py's ALGO LOGIC
-    python tools/mutate.py ope.py tests/test_ope.py --marker estimators --functions is_estimate,wis_estimate
+    python tools/mutate.py ope.py tests/test_ope.py --marker estimators --functions contributions,resample
     python tools/mutate.py cql.py tests/test_cql.py --jobs 2 --out mutants-cql.txt
 
 What is mutated: the top-level functions and classes between the file's first `# ALGO LOGIC` comment and its
