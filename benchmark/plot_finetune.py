@@ -58,11 +58,11 @@ def main(folder: Path) -> None:
         cells = []
         for m in marks:
             x = np.array([score_at(r, m) for r in g])
-            cells.append(f"{x.mean():.1f} ± {x.std():.1f}")
+            cells.append("-" if np.isnan(x).any() else f"{x.mean():.1f} ± {x.std():.1f}")
         lines.append(f"| {d} | {LABELS.get(a, a)} | {len(g)} | " + " | ".join(cells) + " |")
-    text = ("# Offline-to-online fine-tuning\n\nNormalized score of the evaluation policy against environment steps of "
-            "the online phase (0 = the end of offline pre-training; from scratch: the untrained policy), mean ± std "
-            "over seeds.\n\n" + "\n".join(lines) + "\n")
+    text = ("# Offline-to-online fine-tuning\n\nNormalized score of the evaluation policy against environment steps "
+            "of the online phase (0 = the end of offline pre-training; '-': from scratch there is no evaluation "
+            "before the first --eval-every steps), mean ± std over seeds.\n\n" + "\n".join(lines) + "\n")
     (folder / "finetune.md").write_text(text)
     (folder / "finetune.json").write_text(json.dumps(runs, indent=0))
     print(text)
