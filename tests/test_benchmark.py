@@ -56,12 +56,22 @@ def test_extra_flags_can_target_one_action_space():
 
 def test_bc_runs_iql_with_beta_zero_and_presets_can_skip_an_action_space():
     sys.path.insert(0, str(ROOT / "benchmark"))
-    from run import ALIASES, PRESETS, job_list
+    from run import ALIASES, PRESETS, extra_flags, job_list
 
     assert ALIASES["bc"] == ("iql", ["--beta", "0"])
     jobs = job_list(dict(PRESETS["choosing"], seeds=[1], datasets=["pendulum-medium", "lunarlander-medium"]))
     assert ("cql", "lunarlander-medium", 1) in jobs and ("cql", "pendulum-medium", 1) not in jobs
     assert len(jobs) == 7 and ("bc", "pendulum-medium", 1) in jobs
+    # fine-tuning: Cal-QL and the from-scratch baseline are cql.py; the baseline's --total-steps 0 comes after the
+    # runner's --total-steps (the last value wins), Box CQL / Cal-QL are left out
+    assert ALIASES["calql"] == ("cql", ["--cal-ql"]) and ALIASES["scratch"][0] == "cql"
+    ft = PRESETS["finetune"]
+    assert extra_flags(ft["extra"], "scratch", "lunarlander-medium")[-2:] == ["--total-steps", "0"]
+    assert extra_flags(ft["extra"], "iql", "lunarlander-medium") == ["--online-steps", "50000", "--beta", "0.3"]
+    ft_jobs = job_list(dict(ft, seeds=[1]))
+    assert ("calql", "lunarlander-medium", 1) in ft_jobs
+    assert ("calql", "lunarlander-continuous-medium", 1) not in ft_jobs
+    assert ("scratch", "lunarlander-continuous-medium", 1) in ft_jobs and len(ft_jobs) == 6
 
 
 def test_longest_runs_start_first_and_the_wall_time_estimate_packs_them():
