@@ -451,13 +451,13 @@ if __name__ == "__main__":
         raise SystemExit
 
     args.dataset = args.dataset or DEFAULT_DATASET
+    if args.online_steps == 0:
+        check_ranges(args, {"total_steps": "[1, inf)"})  # 0 offline steps only with an online phase
     ds = load_dataset(args.dataset)
     check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
     discrete = ds.discrete
     obs_dim, act_dim, n_actions = dataset_dims(ds)
     check_critic_flags(args, discrete)
-    if args.online_steps == 0:
-        check_ranges(args, {"total_steps": "[1, inf)"})  # 0 offline steps only with an online phase
     if args.cql_alpha is None:  # one flag, two defaults: 5.0 for Box (authors' Gym runs), 1.0 for Discrete
         args.cql_alpha = 1.0 if discrete else 5.0
     rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias, capacity=args.online_steps)
