@@ -392,6 +392,7 @@ if __name__ == "__main__":
         # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
         # policy's own Q there (overestimation, measured on the same policy); with an online phase also at the
         # switch and against environment steps
+        online_phase = step >= args.total_steps  # from the switch on, scores are also logged against env steps
         evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == n_updates
                                                 or (step == args.total_steps and collector is not None))
         if evaluated:
@@ -400,7 +401,7 @@ if __name__ == "__main__":
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
                 q_start = q_pi(rb.normalize(ev.start_obs), critics, actor, args.q_lcb).mean().item()
             log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0,
-                           env_steps=collector.env_steps if collector is not None else None)
+                           env_steps=collector.env_steps if collector is not None and online_phase else None)
 
         if step % args.log_every == 0 or step == n_updates or evaluated:  # the only host syncs
             with isolated(actor):

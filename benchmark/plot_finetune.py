@@ -30,7 +30,7 @@ def load_curves(folder: Path) -> list[dict]:
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
         if "online/normalized_score" not in acc.Tags()["scalars"]:
             continue
-        ev = acc.Scalars("online/normalized_score")
+        ev = list({int(e.step): e for e in acc.Scalars("online/normalized_score")}.values())  # last per env step
         runs.append(dict(algo=exp_name.split("-")[0], dataset=dataset, seed=int(seed),
                          env_steps=[int(e.step) for e in ev], score=[round(float(e.value), 2) for e in ev]))
     return runs
