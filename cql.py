@@ -530,7 +530,6 @@ if __name__ == "__main__":
         # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
         # policy's own Q there (overestimation, measured on the same policy); with an online phase also at the
         # switch and against environment steps
-        online_phase = step >= args.total_steps  # from the switch on, scores are also logged against env steps
         evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == n_updates
                                                 or (step == args.total_steps and collector is not None))
         if evaluated:
@@ -540,7 +539,7 @@ if __name__ == "__main__":
                 s0 = rb.normalize(ev.start_obs)
                 q_start = q_value(s0, greedy(s0)).mean().item()
             log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0,
-                           env_steps=collector.env_steps if collector is not None and online_phase else None)
+                           env_steps=collector.env_steps if collector and step >= args.total_steps else None)
 
         if step % args.log_every == 0 or step == n_updates or evaluated:  # the only host syncs
             with isolated():

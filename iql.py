@@ -377,8 +377,7 @@ if __name__ == "__main__":
     collector = OnlineCollector(ds, rb, args.seed) if args.online_steps > 0 else None
     progress = Progress("iql.py", n_updates)
     for step in range(1, n_updates + 1):
-        online = step > args.total_steps
-        if online and (step - args.total_steps - 1) % args.utd == 0:
+        if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:
             if step == args.total_steps + 1 and args.cosine_lr:  # online, the actor's lr stays at --learning-rate
                 actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, constant_lr)
             episode = collector.step(partial(explore, actor), actor)
@@ -392,7 +391,6 @@ if __name__ == "__main__":
         # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
         # policy's own Q there (overestimation, measured on the same policy); with an online phase also at the
         # switch and against environment steps
-        online_phase = step >= args.total_steps  # from the switch on, scores are also logged against env steps
         evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == n_updates
                                                 or (step == args.total_steps and collector is not None))
         if evaluated:
@@ -401,7 +399,7 @@ if __name__ == "__main__":
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
                 q_start = q_pi(rb.normalize(ev.start_obs), critics, actor, args.q_lcb).mean().item()
             log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0,
-                           env_steps=collector.env_steps if collector is not None and online_phase else None)
+                           env_steps=collector.env_steps if collector and step >= args.total_steps else None)
 
         if step % args.log_every == 0 or step == n_updates or evaluated:  # the only host syncs
             with isolated(actor):
