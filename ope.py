@@ -7,7 +7,6 @@
 # as (`Policy.dist`, "dist"); FQE and MB value its evaluation action (`Policy.act`, "act", what the training scripts
 # score) unless --fqe-action sample. Rollouts check the rows that value the policy they run (--rollout-action).
 import copy
-import csv
 import importlib
 import json
 import math
@@ -45,7 +44,6 @@ class Args:
     """gamma of the discounted estimates (the undiscounted column always uses gamma = 1)"""
     bootstrap: int = 2000
     """bootstrap resamples of whole episodes for the 95% CIs (0: none); 2000 leave 50 per tail"""
-
     # Behaviour policy and importance weights
     behavior: Literal["auto", "logged", "fitted"] = "auto"
     """`logged`: the dataset's exact behavior_log_probs; `fitted`: behaviour cloning; `auto`: logged if present"""
@@ -61,7 +59,6 @@ class Args:
     """no-density policies: Box, N(action, W^2) truncated to the box; Discrete, W-greedy. Unset: IS/DR skipped"""
     weight_threshold: float = 100.0
     """diagnostic: the share of episodes whose importance weight w_{0:H-1} exceeds this value is reported"""
-
     # FQE
     fqe_steps: int = 20_000
     """FQE gradient steps (DOPE ran 1,000,000; raise it when FQE has not settled; 0: skip FQE, DR and WDR)"""
@@ -71,6 +68,9 @@ class Args:
     """Polyak rate of FQE's target network"""
     fqe_time_limit_terminal: bool = False
     """stop FQE's bootstrap at time limits too, to compare with the finite-horizon IS, MB and rollouts (approximate)"""
+    refit_bootstrap: int = 0
+    """K > 0: FQE's CI from K refits, each on a bootstrap resample of whole episodes (K times slower; it includes the
+    fitting's variance). 0: the one fit's values at the start states are resampled (start states only)"""
     learning_rate: float = 3e-4
     """AdamW learning rate of every fitted network (FQE, behaviour cloning, model ensemble; weight decay 1e-5)"""
     batch_size: int = 256
@@ -81,7 +81,6 @@ class Args:
     """hidden layers of every fitted network"""
     v_samples: int = 10
     """Box: actions drawn from pi_e(.|s) to average Q over (V(s) = E_{a~pi_e} Q(s, a)); Discrete sums exactly"""
-
     # Model-based
     mb_ensemble: int = 5
     """number of dynamics models (each predicts s' - s, r and a termination logit from (s, a))"""
@@ -89,7 +88,6 @@ class Args:
     """gradient steps of the model ensemble (0: skip the model-based estimate)"""
     mb_horizon: int | None = None
     """rollout length of the model; unset: the dataset's longest episode"""
-
     # Validation against the real environment
     rollouts: int = 0
     """run each policy this many episodes in the dataset's environment and report each estimator's error"""
@@ -142,29 +140,33 @@ def split_episodes(ds: Dataset, max_cells: int = 50_000_000) -> Episodes:
     inner = np.setdiff1d(np.arange(len(ds)), ends)
     same = np.isclose(ds.next_observations[inner], ds.observations[inner + 1], rtol=1e-5, atol=1e-6).all(1)
     if len(inner) and (~same).mean() > 1e-3:
-        raise OPEError(f"{ds.name}: the rows are not whole episodes in time order: next_observations[i] != "
-                       f"observations[i+1] at {100 * (~same).mean():.1f}% of the rows inside episodes (first at row "
-                       f"{int(inner[~same][0])}); importance weights multiply along episodes, in order")
+        raise OPEError(f"{ds.name}: the rows are not whole episodes in time order (importance weights multiply along "
+                       f"episodes): next_observations[i] != observations[i+1] at {100 * (~same).mean():.1f}% of the "
+                       f"rows inside episodes, first at row {int(inner[~same][0])}")
     lengths = ends - starts + 1
     n, horizon = len(lengths), int(lengths.max())
     if n * horizon > max_cells:
-        raise OPEError(f"{ds.name}: {n} episodes padded to the longest ({horizon} steps) would need {n * horizon:,} "
-                       "cells; are terminals/timeouts set? A dataset with no episode ends is one long episode")
+        raise OPEError(f"{ds.name}: {n} episodes padded to the longest ({horizon} steps) need {n * horizon:,} cells; "
+                       "are terminals/timeouts set? A dataset with no episode ends is one long episode")
     mask = np.arange(horizon)[None, :] < lengths[:, None]
     return Episodes(rows=np.where(mask, starts[:, None] + np.arange(horizon)[None, :], 0), mask=mask)
 
 
+def resampled_rows(ep: Episodes, counts: np.ndarray) -> np.ndarray:
+    """The dataset rows of a bootstrap resample of whole episodes: every step of episode i, counts[i] times."""
+    drawn = np.repeat(np.arange(ep.n), np.asarray(counts).astype(np.int64))
+    return ep.rows[drawn][ep.mask[drawn]]
+
+
 # ---- ALGO LOGIC: the estimators as per-episode contributions, and the one routine that resamples them ---------------
-# Inputs are (n, H) arrays: rewards, log_ratios = log pi_e(a_t|s_t) - log pi_b(a_t|s_t), q_sa = Q̂(s_t, a_t),
-# v_s = V̂(s_t); mask marks real steps. Padding (one convention for every estimator): an ended episode is absorbing
-# with r = 0, Q̂ = V̂ = 0 and rho = 1, so its weight is *carried* and it stays in every per-step normaliser (with
-# equal weights WPDIS is then the plain mean return, ended episodes contributing 0, as it should).
-# An estimator is a list of terms (num_k, den_k), per-episode arrays of shape (n,) or (n, H), and per-step discounts
-# d (None when the terms are already one number per episode):
-#     estimate(c) = [ sum_k (sum_i c_i num_k[i]) / (sum_i c_i den_k[i]) ] @ d,     den None: divide by sum_i c_i,
-# where c_i is how often episode i is drawn: 1 each for the estimate, (B, n) bootstrap counts for B resamples.
-# Weights stay in log space; they are exponentiated after subtracting a maximum wherever the estimator self-normalises
-# (the shift cancels); plain IS and PDIS need the absolute weights and may overflow to inf (reported).
+# Inputs are (n, H): rewards, log_ratios = log pi_e(a_t|s_t) - log pi_b(a_t|s_t), q_sa = Q̂(s_t, a_t), v_s = V̂(s_t);
+# mask marks real steps. Padding: an ended episode is absorbing with r = 0, Q̂ = V̂ = 0 and rho = 1, so its weight is
+# carried and it stays in every per-step normaliser (with equal weights WPDIS is then the plain mean return).
+# An estimator is terms (num_k, den_k), per-episode arrays (n,) or (n, H), and per-step discounts d (None when the
+# terms are one number per episode):  estimate(c) = [ sum_k (c @ num_k) / (c @ den_k) ] @ d  (den None: sum_i c_i),
+# c_i = how often episode i is drawn: 1 each for the estimate, (B, n) bootstrap counts for B resamples.
+# Weights stay in log space, exponentiated after subtracting a maximum where the estimator self-normalises (the shift
+# cancels); plain IS and PDIS need the absolute weights and may overflow to inf (reported).
 def log_weights(log_ratios, mask) -> np.ndarray:
     """log w_{0:t} = sum_{t' <= t} log rho_t', (n, H); carried after an episode's end (log rho = 0 there)."""
     return np.cumsum(np.where(np.asarray(mask, dtype=bool), np.asarray(log_ratios, dtype=np.float64), 0.0), axis=1)
@@ -177,8 +179,8 @@ def _shifted_exp(log_w: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def dr_per_episode(rewards, log_ratios, q_sa, v_s, mask, gamma) -> np.ndarray:
-    """Jiang & Li 2016, recursive form, backwards from V_DR^(H) = 0:
-    V_DR^(t) = V̂(s_t) + rho_t (r_t + gamma V_DR^(t+1) - Q̂(s_t, a_t)). Returns V_DR^(0) of each episode."""
+    """Jiang & Li 2016, backwards from V_DR^(H) = 0: V_DR^(t) = V̂(s_t) + rho_t (r_t + gamma V_DR^(t+1) - Q̂(s_t, a_t)).
+    Returns V_DR^(0) of each episode."""
     mask = np.asarray(mask, dtype=bool)
     r, q, v = (np.where(mask, np.asarray(x, dtype=np.float64), 0.0) for x in (rewards, q_sa, v_s))
     value = np.zeros(len(r))
@@ -249,8 +251,8 @@ def per_decision_ess(log_ratios, mask, gamma) -> float:
 # with probability >= 1 - delta, E[X] >= mean(min(X, c)) - 7 c ln(2/delta) / (3(n-1))
 #                                         - (1/n) sqrt(2 ln(2/delta) / (n-1) * (n sum Y^2 - (sum Y)^2)).
 def hcope_bound(x: np.ndarray, c: float, delta: float, n_range: int | None = None) -> float:
-    """The bound above on the sample x (Y = min(x, c)). `n_range` replaces n in the range term and scales the variance
-    term as in the paper's choice of c on a held-out split (it predicts the bound on n_range samples)."""
+    """The bound on the sample x (Y = min(x, c)); `n_range` predicts it on n_range samples (m in the range term, the
+    variance term scaled), as the paper chooses c on a held-out split."""
     x = np.asarray(x, dtype=np.float64)
     n, m = len(x), n_range or len(x)
     y = np.minimum(x, c)
@@ -263,7 +265,7 @@ def hcope_bound(x: np.ndarray, c: float, delta: float, n_range: int | None = Non
 
 def hcope_lower_bound(x: np.ndarray, delta: float, rng: np.random.Generator, pre_share: float = 0.05) -> float:
     """A 1 - delta lower bound on E[X] (X >= 0): c maximises the predicted bound on a random `pre_share` of the
-    samples, and the bound is evaluated on the other samples only (so the choice does not bias it)."""
+    samples, and the bound is evaluated on the others only (so the choice does not bias it)."""
     x = np.asarray(x, dtype=np.float64)
     order = rng.permutation(len(x))
     n_pre = max(int(round(pre_share * len(x))), 2)
@@ -323,10 +325,9 @@ def truncated_normal_sample(loc, scale, low, high) -> torch.Tensor:
 
 
 class Target:
-    """pi_e: `act`, the evaluation action; `density` (None if there is none), what `log_prob`, `probs` (Discrete) and
-    `sample` use. Box Gaussians (the policy's own or the smoothing one) are truncated to the action box: the
-    environment would clip a sample outside it onto the boundary, a point mass no behaviour density covers; the
-    renormalised Gaussian is the closest policy with a density inside the box, and `sample` draws exactly from it."""
+    """pi_e: `act`, the evaluation action; `density` (None if none), what `log_prob`, `probs` and `sample` use. A Box
+    Gaussian (the policy's own or the smoothing one) is truncated to the action box: the environment would clip a
+    sample outside it onto the boundary, a point mass no behaviour density covers; `sample` draws exactly from it."""
 
     def __init__(self, policy: Policy, n_actions: int | None, low: torch.Tensor | None, high: torch.Tensor | None,
                  smoothing: float | None, probe_obs: torch.Tensor | None = None):
@@ -339,18 +340,17 @@ class Target:
                 self.density = "categorical pi(.|s)"
             elif probe_obs is None:
                 self.density = "pi(.|s) (a Gaussian one truncated to the action box)"
-            elif self.gaussian(probe_obs) is not None:
-                self.density = "Gaussian pi(.|s) truncated to the action box"
             else:
-                self.density = f"pi(.|s) ({type(policy.dist(probe_obs)).__name__}; support taken to be the box)"
+                gaussian = self.gaussian(probe_obs) is not None
+                self.density = ("Gaussian pi(.|s) truncated to the action box" if gaussian else
+                                f"pi(.|s) ({type(policy.dist(probe_obs)).__name__}; support taken to be the box)")
         elif smoothing is not None:
             self.smoothing = smoothing
             self.density = (f"epsilon-greedy around the policy's action (eps {smoothing})" if self.discrete else
                             f"N(policy's action, {smoothing}^2) truncated to the action box (--smoothing-width)")
         self.skip_reason = None if self.density else (
-            "no density (Policy.dist is None: a deterministic or greedy policy): importance weights "
-            "pi_e(a|s)/pi_b(a|s) are undefined, so IS, WIS, PDIS, WPDIS, DR and WDR are skipped; pass "
-            "--smoothing-width W to value a smoothed version instead")
+            "no density (Policy.dist is None: a deterministic or greedy policy): importance weights pi_e(a|s) / "
+            "pi_b(a|s) are undefined, so IS ... WDR are skipped; --smoothing-width W values a smoothed version instead")
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         return self.policy.act(obs)
@@ -409,11 +409,20 @@ def batched(fn, *tensors: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
 
 
 def policy_at(target: Target, obs: torch.Tensor, mode: str, k: int) -> torch.Tensor:
-    """pi_e at a batch of states, as FQE consumes it. Discrete: probabilities (B, n) (`act`: one-hot on the
-    evaluation action); Box: actions (B, k, d) to average over (`act`: the evaluation action, k = 1)."""
+    """pi_e at states as FQE consumes it. Discrete: probabilities (B, n) (`act`: one-hot on the evaluation action);
+    Box: actions (B, k, d) to average over (`act`: the evaluation action, k = 1)."""
     if target.discrete:
         return F.one_hot(target.act(obs).long(), target.n_actions).float() if mode == "act" else target.probs(obs)
     return target.act(obs)[:, None] if mode == "act" else target.sample(obs, k)
+
+
+def normalized_obs(obs: torch.Tensor, stats: dict) -> torch.Tensor:
+    return (obs - stats["obs_mean"]) / stats["obs_std"]
+
+
+def unit_actions(actions: torch.Tensor, stats: dict) -> torch.Tensor:
+    """Box actions rescaled from [low, high] to [-1, 1]."""
+    return (actions - (stats["high"] + stats["low"]) / 2) / ((stats["high"] - stats["low"]) / 2)
 
 
 def gradient_steps(params, loss_fn, steps: int, lr: float, bar, after_step=None) -> None:
@@ -434,8 +443,8 @@ def gradient_steps(params, loss_fn, steps: int, lr: float, bar, after_step=None)
 
 # ---- Behaviour policy: logged exact log-probabilities, or behaviour cloning (maximum likelihood) -------------------
 class BehaviorModel(nn.Module):
-    """pi_b fitted to the data: a categorical (Discrete), or a Gaussian with state-dependent mean (inside the box) and
-    std, truncated to the action box (Box) so its density integrates to 1 where the data live."""
+    """pi_b fitted to the data: categorical (Discrete), or a Gaussian with state-dependent mean (inside the box) and
+    std, truncated to the action box (Box), so its density integrates to 1 where the data live."""
 
     def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, stats: dict, args: Args):
         super().__init__()
@@ -443,8 +452,7 @@ class BehaviorModel(nn.Module):
         self.net = mlp(obs_dim, n_actions if self.discrete else 2 * act_dim, [args.hidden_dim] * args.n_layers)
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        s = self.stats
-        out = self.net((obs - s["obs_mean"]) / s["obs_std"])
+        s, out = self.stats, self.net(normalized_obs(obs, self.stats))
         if self.discrete:
             return F.log_softmax(out, -1).gather(1, actions.long()[:, None]).squeeze(1)
         mu, log_std = out.chunk(2, -1)
@@ -466,8 +474,8 @@ def train_behavior_model(data: dict, rows: torch.Tensor, stats: dict, dims: tupl
 
 
 def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args, rng: np.random.Generator):
-    """Cross-fitted behaviour cloning: the episodes are split into --bc-folds folds and each fold's log pi_b(a|s) comes
-    from a model trained on the other folds. Returns (log pi_b per row, its mean, folds used)."""
+    """Cross-fitted behaviour cloning: each of --bc-folds folds of episodes gets log pi_b(a|s) from a model trained on
+    the other folds. Returns (log pi_b per row, its mean, folds used)."""
     n_rows, k = len(data["rewards"]), max(1, min(args.bc_folds, ep.n))  # k = 1: fit and score on everything
     fold = np.empty(n_rows, dtype=np.int64)
     fold[ep.rows[ep.mask]] = np.repeat(rng.permutation(ep.n) % k, ep.lengths)
@@ -485,9 +493,9 @@ def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args,
 
 @torch.no_grad()
 def low_coverage_share(model: BehaviorModel, target: Target, data: dict, mode: str, k: int, q: float = 0.05) -> float:
-    """The share of pi_e's action mass on the dataset's states (the policy FQE and MB value: `mode`) that falls where
-    the fitted behaviour density is below its q-quantile on the data's own actions: where FQE and the model
-    extrapolate. About q for a policy that acts like the data."""
+    """The share of pi_e's action mass on the dataset's states (the policy FQE and MB value: `mode`) where the fitted
+    behaviour density is below its q-quantile on the data's own actions: where FQE and the model extrapolate. About q
+    for a policy that acts like the data."""
     obs = data["obs"]
     threshold = torch.quantile(batched(model.log_prob, obs, data["actions"]).float(), q)
     pi = batched(lambda o: policy_at(target, o, mode, k), obs)
@@ -505,17 +513,15 @@ def check_behavior_log_probs(log_probs: np.ndarray, name: str) -> None:
     rows = np.flatnonzero(np.isneginf(log_probs) | np.isnan(log_probs))
     if len(rows):
         raise OPEError(f"{name}: {len(rows)} logged action(s) have behaviour probability 0 (log pi_b(a|s) = -inf or "
-                       f"NaN), first at row(s) {rows[:5].tolist()}: behavior_log_probs is wrong; fix it, or pass "
-                       "--behavior fitted to estimate pi_b")
+                       f"NaN), first at row(s) {rows[:5].tolist()}: fix behavior_log_probs, or pass --behavior fitted")
 
 
 # ---- ALGO LOGIC: Fitted Q Evaluation (Le, Voloshin, Yue 2019; DOPE's deep FQE) ---------------------------------------
 # Regress Q(s, a) on r + gamma (1 - terminal) E_{a'~pi_e} Q̄(s', a'): dataset (s, a) on the left, pi_e's actions at s'
 # on the right, Q̄ a Polyak target network; the estimate is the mean over initial states of E_{a~pi_e} Q̄(s0, a).
 class QModel(nn.Module):
-    """Q(s, a) on raw observations and environment-unit actions: Box, an MLP on s ⊕ a (a rescaled to [-1, 1]);
-    Discrete, an MLP from s to Q(s, .). It outputs Q / scale, scale = reward scale / (1 - gamma), so the regression
-    targets are O(1) (DOPE's (1 - gamma) normalisation)."""
+    """Q(s, a): Box, an MLP on s ⊕ a (a rescaled to [-1, 1]); Discrete, an MLP from s to Q(s, .). It outputs Q / scale,
+    scale = reward scale / (1 - gamma), so the regression targets are O(1) (DOPE's (1 - gamma) normalisation)."""
 
     def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, stats: dict, scale: float,
                  hidden: int = 256, layers: int = 2):
@@ -526,15 +532,13 @@ class QModel(nn.Module):
 
     def all_actions(self, obs: torch.Tensor) -> torch.Tensor:
         """Discrete: Q(s, .) as (B, n_actions)."""
-        return self.net((obs - self.stats["obs_mean"]) / self.stats["obs_std"]) * self.scale
+        return self.net(normalized_obs(obs, self.stats)) * self.scale
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q(s, a): actions (B,) / (B, d) give (B,); Box actions (B, k, d) give (B, k)."""
         if self.discrete:
             return self.all_actions(obs).gather(1, actions.long()[:, None]).squeeze(1)
-        low, high = self.stats["low"], self.stats["high"]
-        a = (actions - (high + low) / 2) / ((high - low) / 2)
-        o = (obs - self.stats["obs_mean"]) / self.stats["obs_std"]
+        a, o = unit_actions(actions, self.stats), normalized_obs(obs, self.stats)
         if a.dim() == 3:
             o = o[:, None].expand(-1, a.shape[1], -1)
         return self.net(torch.cat([o, a], -1)).squeeze(-1) * self.scale
@@ -608,12 +612,9 @@ class DynamicsEnsemble(nn.Module):
 
     def raw(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """(E, B, obs_dim + 2): normalised delta, normalised reward, termination logit."""
-        s = self.stats
-        if self.n_actions is not None:
-            a = F.one_hot(actions.long(), self.n_actions).float()
-        else:
-            a = (actions - (s["high"] + s["low"]) / 2) / ((s["high"] - s["low"]) / 2)
-        return self.net(torch.cat([(obs - s["obs_mean"]) / s["obs_std"], a], -1))
+        a = (F.one_hot(actions.long(), self.n_actions).float() if self.n_actions is not None
+             else unit_actions(actions, self.stats))
+        return self.net(torch.cat([normalized_obs(obs, self.stats), a], -1))
 
     def loss(self, obs, actions, rewards, next_obs, terminals) -> torch.Tensor:
         """Inputs (E, B, ...), one minibatch per member. MSE on normalised s' - s and r, BCE on the terminal flag."""
@@ -666,67 +667,99 @@ def model_rollout(model: DynamicsEnsemble, act_fn, s0: torch.Tensor, n_models: i
 
 
 # ---- One policy: the model-based estimators (FQE, MB), the weighted ones (IS ... WDR), their rows -----------------
-# A row is (which policy it values, discounted terms, undiscounted terms or None, ESS or None), or why it is skipped.
+@dataclass
+class Row:
+    """An estimator's row before resampling: which policy it values, its discounted and undiscounted terms, its ESS
+    (weighted rows), and with --refit-bootstrap the refitted estimates its interval comes from."""
+    values: str
+    disc: tuple
+    undisc: tuple | None = None
+    ess: float | None = None
+    refits: np.ndarray | None = None
+
+
+def fqe_refits(ep: Episodes, new_q, data: dict, next_pi: torch.Tensor, s0: torch.Tensor, pi0: torch.Tensor,
+               args: Args, label: str) -> np.ndarray | None:
+    """--refit-bootstrap K: FQE refitted on the rows of K bootstrap resamples of whole episodes (with multiplicity),
+    each valued over its resample's initial states. Its own numpy stream, a forked torch RNG: no other number moves."""
+    counts = bootstrap_counts(ep.n, args.refit_bootstrap, np.random.default_rng([args.seed, 1]))
+    if counts is None:
+        return None
+    out, device = np.empty(len(counts)), s0.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 1)
+        for k, c in enumerate(counts):
+            rows = torch.as_tensor(resampled_rows(ep, c), device=device)
+            q, _ = fit_fqe(new_q(), {key: v[rows] for key, v in data.items()}, next_pi[rows], args.discount,
+                           args.fqe_steps, args.fqe_tau, args.learning_rate, args.batch_size,
+                           desc=f"FQE refit {k + 1}/{len(counts)} {label}".rstrip())
+            out[k] = resample(mean_terms(batched(q.expected, s0, pi0).double().cpu().numpy()), c)
+    return out
+
+
 def model_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, args: Args, res: dict,
                     model: DynamicsEnsemble | None, coverage_model: BehaviorModel | None, label: str):
-    """FQE, the coverage check and MB, which need only actions from pi_e: ({name: row}, FQE's Q̂ or None).
-    Diagnostics, notes and warnings go into res."""
-    gamma, device, diag, rows, q = args.discount, data["rewards"].device, res["diagnostics"], {}, None
+    """FQE, the coverage check and MB, which need only actions from pi_e: ({name: Row or why skipped}, FQE's Q̂)."""
+    gamma, device, diag, warn, q = args.discount, data["rewards"].device, res["diagnostics"], res["warnings"], None
     s0 = data["obs"][torch.as_tensor(ep.rows[:, 0], device=device)]
     values = "dist" if args.fqe_action == "sample" and target.density is not None else "act"  # no density: acts
+    rows = {"FQE": "--fqe-steps 0", "MB": "--mb-steps 0"}
     if args.fqe_steps > 0:
         scale = max(float(data["rewards"].std()), float(data["rewards"].abs().mean()), 1e-6) / max(1 - gamma, 1e-3)
-        q = QModel(*dataset_dims(ds), stats, scale, args.hidden_dim, args.n_layers).to(device)
-        next_pi = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), data["next_obs"])
-        pi0 = batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), s0)
+
+        def new_q() -> QModel:
+            return QModel(*dataset_dims(ds), stats, scale, args.hidden_dim, args.n_layers).to(device)
+
+        q = new_q()
+        next_pi, pi0 = (batched(lambda o: policy_at(target, o, args.fqe_action, args.v_samples), x)
+                        for x in (data["next_obs"], s0))
         fqe_data = {**data, "terminals": data["ends"]} if args.fqe_time_limit_terminal else data
         q, trace = fit_fqe(q, fqe_data, next_pi, gamma, args.fqe_steps, args.fqe_tau, args.learning_rate,
                            args.batch_size, probe=(s0, pi0), desc=f"FQE {label}".rstrip())
-        rows["FQE"] = (values, mean_terms(batched(q.expected, s0, pi0).double().cpu().numpy()), None, None)
-        diag["fqe_trace"] = trace
+        rows["FQE"] = Row(values, mean_terms(batched(q.expected, s0, pi0).double().cpu().numpy()))
+        diag["fqe_trace"], diag["fqe_interval"] = trace, "start states only"
+        if args.refit_bootstrap > 0:
+            rows["FQE"].refits = fqe_refits(ep, new_q, fqe_data, next_pi, s0, pi0, args, label)
+            if rows["FQE"].refits is not None:
+                diag["fqe_interval"], diag["fqe_refit_estimates"] = "refit", rows["FQE"].refits.tolist()
+                res["notes"].append(f"FQE's interval: {args.refit_bootstrap} refits, each on a bootstrap resample of "
+                                    "whole episodes (refit, the fitting's variance included)")
         if len(trace) >= 2 and abs(trace[-1] - trace[-2]) > 0.05 * max(abs(trace[-1]), 1e-6):
-            res["warnings"].append(
-                f"FQE has not settled: its estimate moved {trace[-2]:.2f} -> {trace[-1]:.2f} over the last 20% of "
-                f"training. The target network makes about steps x tau = {args.fqe_steps * args.fqe_tau:.3g} Bellman "
-                f"backups, against an effective horizon 1/(1-gamma) = {1 / max(1 - gamma, 1e-9):.0f}: raise "
-                "--fqe-steps (DOPE used 1M)")
+            warn.append(f"FQE has not settled: its estimate moved {trace[-2]:.2f} -> {trace[-1]:.2f} over the last 20% "
+                        f"of training; its target network makes about steps x tau = {args.fqe_steps * args.fqe_tau:.3g}"
+                        f" Bellman backups, the effective horizon 1/(1-gamma) is {1 / max(1 - gamma, 1e-9):.0f}: raise "
+                        "--fqe-steps (DOPE used 1M)")
         cut = ep.n - int(ds.terminals[ep.rows[np.arange(ep.n), ep.lengths - 1]].sum())  # episodes ended by time limit
         horizon = int(ep.lengths.max())
         if cut and gamma**horizon > 0.05 and not args.fqe_time_limit_terminal:
             res["notes"].append(
-                f"FQE values the infinite-horizon discounted return (it bootstraps through the time limit); {cut} "
-                f"episodes are cut at <= {horizon} steps, where gamma^H = {gamma**horizon:.2f}: FQE adds about "
-                "gamma^H V(s_H), the value past the cut, which the finite-horizon value of IS, MB and the rollouts "
-                "does not have: FQE reads higher where later rewards are positive, lower where they are negative "
-                "(Pendulum). --fqe-time-limit-terminal stops it at the cut")
-    else:
-        rows["FQE"] = "--fqe-steps 0"
+                f"FQE values the infinite-horizon discounted return (it bootstraps through the time limit): {cut} "
+                f"episodes are cut at <= {horizon} steps, gamma^H = {gamma**horizon:.2f}, so FQE adds about "
+                "gamma^H V(s_H), which the finite-horizon IS, MB and rollouts lack: higher where later rewards are "
+                "positive, lower where they are negative (Pendulum). --fqe-time-limit-terminal stops it at the cut")
     diag["low_coverage_share"] = None  # the share of the valued policy's actions where the data are thin
     if coverage_model is not None:
         share = diag["low_coverage_share"] = low_coverage_share(coverage_model, target, data, args.fqe_action,
                                                                 args.v_samples)
         if share > COVERAGE_WARN:
-            res["warnings"].append(
-                f"{100 * share:.0f}% of pi_e's action mass on dataset states lies where the fitted behaviour density "
-                "is below its 5th percentile on the data's own actions (about 5% for a policy like the data): FQE and "
-                "MB extrapolate there; do not trust their values")
-    rows["MB"] = "--mb-steps 0"
+            warn.append(f"{100 * share:.0f}% of pi_e's action mass on dataset states lies where the fitted behaviour "
+                        "density is below its 5th percentile on the data's actions (about 5% for a policy like the "
+                        "data): FQE and MB extrapolate there; do not trust their values")
     if model is not None:  # roll the (policy-independent) ensemble out under this policy
         horizon = args.mb_horizon or int(ep.lengths.max())
         disc, undisc = model_rollout(model, target.act if args.fqe_action == "act" else target.sample, s0,
                                      args.mb_ensemble, horizon, gamma, desc=f"model rollouts {label}".rstrip())
-        rows["MB"] = (values, mean_terms(disc.mean(0)), mean_terms(undisc.mean(0)), None)
+        rows["MB"] = Row(values, mean_terms(disc.mean(0)), mean_terms(undisc.mean(0)))
         member = disc.mean(1)
         diag["mb_member_estimates"], diag["mb_horizon"] = member.tolist(), horizon
         if len(member) > 1 and member.std() > 0.2 * max(abs(member.mean()), 1e-6):
-            res["warnings"].append(f"the model ensemble disagrees: member estimates {np.round(member, 2).tolist()}")
+            warn.append(f"the model ensemble disagrees: member estimates {np.round(member, 2).tolist()}")
     return rows, q
 
 
 def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, log_pb: np.ndarray,
                        args: Args, res: dict, q: QModel | None) -> dict:
-    """IS, WIS, PDIS, WPDIS, DR and WDR (with FQE's Q̂), the divergence diagnostics and the HCOPE lower bound:
-    {name: row}. Diagnostics, notes and warnings go into res."""
+    """IS, WIS, PDIS, WPDIS, DR and WDR (with FQE's Q̂), the divergence diagnostics and the HCOPE lower bound."""
     if target.density is None:
         res["notes"].append(target.skip_reason)
         return {name: "the policy has no density (see the note below)" for name in WEIGHTED}
@@ -746,8 +779,8 @@ def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, st
     rewards, log_ratios, mask = ep.pad(ds.rewards), ep.pad(lr_used), ep.mask
     log_w = log_weights(log_ratios, mask)[:, -1]
 
-    # How far pi_e is from pi_b on the data: log-ratio and KL(pi_b || pi_e) (a Monte-Carlo estimate over the dataset's
-    # (s, a), which are draws from pi_b), weight concentration and effective sample sizes
+    # How far pi_e is from pi_b on the data: log-ratio and KL(pi_b || pi_e) (Monte-Carlo over the dataset's (s, a),
+    # draws from pi_b), weight concentration and effective sample sizes
     zero, ess, w = float(np.isneginf(lr_rows).mean()), effective_sample_size(log_w), _shifted_exp(log_w)
     mean_lr = float(lr_rows.mean()) if zero == 0 else float("-inf")
     diag.update(mean_log_ratio=mean_lr, kl_behavior_target=-mean_lr, zero_prob_share=zero,
@@ -774,8 +807,8 @@ def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, st
     diag["hcope"] = dict(delta=0.05, lower_bound_discounted=g_lo + (g_hi - g_lo) * lb,
                          data_discounted=float((rewards @ disc).mean()))
 
-    # DR and WDR use FQE's Q̂ and V̂(s) = E_{a~pi_e(.|s)} Q̂(s, a), under the *same* distribution as the ratios (DR is
-    # unbiased for any Q̂ only then)
+    # DR and WDR: FQE's Q̂ and V̂(s) = E_{a~pi_e(.|s)} Q̂(s, a) under the *same* distribution as the ratios (only then
+    # is DR unbiased for any Q̂)
     q_sa = v_s = None
     if q is not None:
         q_sa = ep.pad(batched(q, data["obs"], data["actions"]).double().cpu().numpy())
@@ -784,49 +817,46 @@ def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, st
         notes.append("undiscounted DR/WDR use the discounted FQE Q as control variate: still unbiased (any Q̂ is), "
                      "less variance reduction")
     terms_d, terms_u = (contributions(rewards, log_ratios, mask, g, q_sa, v_s) for g in (gamma, 1.0))
-    rows = {name: ("dist", terms_d[name], terms_u[name], diag["ess" if name in ("IS", "WIS") else "per_decision_ess"])
-            for name in terms_d}
+    ess = {name: diag["ess" if name in ("IS", "WIS") else "per_decision_ess"] for name in terms_d}
+    rows = {name: Row("dist", terms_d[name], terms_u[name], ess[name]) for name in terms_d}
     rows.update({name: "needs FQE's Q (--fqe-steps 0)" for name in WEIGHTED if name not in rows})
     if diag["ess_share"] < MIN_ESS_SHARE:
         warnings.append(f"effective sample size {diag['ess']:.1f} is {100 * diag['ess_share']:.1f}% of the {ep.n} "
-                        f"episodes (< {100 * MIN_ESS_SHARE:.0f}%): a few episodes carry the weight; do not trust IS, "
-                        f"WIS, PDIS, WPDIS, DR or WDR here (per-decision ESS {diag['per_decision_ess']:.1f}); rows "
-                        "below the threshold show no interval")
+                        f"episodes (< {100 * MIN_ESS_SHARE:.0f}%; per-decision ESS {diag['per_decision_ess']:.1f}): a "
+                        "few episodes carry the weight; do not trust IS ... WDR here (rows below it show no interval)")
     if diag["zero_prob_share"] > 0:
         warnings.append(f"{100 * diag['zero_prob_share']:.2f}% of dataset actions have probability 0 under pi_e: "
-                        "their episodes get weight 0 and KL(pi_b || pi_e) is infinite; the weighted estimates rest on "
-                        "the remaining episodes only")
+                        "their episodes get weight 0 (the weighted estimates rest on the others), KL is infinite")
     if diag["max_log10_weight"] > 300:
         warnings.append(f"the largest episode weight is 10^{diag['max_log10_weight']:.0f}: IS and PDIS overflow "
                         "float64 (inf/nan); the self-normalised estimators still work")
     return rows
 
 
-def table_row(ds: Dataset, values: str, disc, undisc, ess, counts, n: int, notes: list, name: str) -> dict:
-    """One estimator's row: estimates from resample(terms), 95% CIs from resample(terms, counts). A weighted row whose
-    ESS is below MIN_ESS_SHARE of the n episodes gets no interval (resampling a handful of dominant episodes gives
-    tight, meaningless ones) and is marked unreliable, which leaves it out of the rank metrics."""
-    d, u = float(resample(disc)), float(resample(undisc)) if undisc is not None else float("nan")
-    low_ess = ess is not None and ess < MIN_ESS_SHARE * n
+def table_row(ds: Dataset, row: Row, counts: np.ndarray | None, n: int, notes: list, name: str) -> dict:
+    """One estimator's results: estimates from resample(terms), 95% CIs from resample(terms, counts), or from the
+    refits. A weighted row whose ESS is below MIN_ESS_SHARE of the n episodes gets no interval (resampling a handful
+    of dominant episodes gives tight, meaningless ones) and is marked unreliable: out of the rank metrics."""
+    d, u = float(resample(row.disc)), float(resample(row.undisc)) if row.undisc is not None else float("nan")
+    low_ess = row.ess is not None and row.ess < MIN_ESS_SHARE * n
     boot = None if low_ess else counts
-    boot_d = resample(disc, boot) if boot is not None else None
-    ci_d = percentile_ci(boot_d) if boot is not None else None
-    ci_u = percentile_ci(resample(undisc, boot)) if boot is not None and undisc is not None else None
+    boot_d = row.refits if row.refits is not None else resample(row.disc, boot) if boot is not None else None
+    ci_d = percentile_ci(boot_d) if boot_d is not None else None
+    ci_u = percentile_ci(resample(row.undisc, boot)) if boot is not None and row.undisc is not None else None
     if boot_d is not None and not np.isfinite(boot_d).all():  # percentile_ci keeps the finite ones only
         notes.append(f"{name}: {int((~np.isfinite(boot_d)).sum())} of {len(boot_d)} bootstrap resamples were not "
                      "finite and were left out of its interval" + ("" if ci_d else " (too many: no interval)"))
-    return dict(values=values, discounted=d, undiscounted=u, normalized=float(ds.normalized_score(u)),
+    return dict(values=row.values, discounted=d, undiscounted=u, normalized=float(ds.normalized_score(u)),
                 ci_discounted=ci_d, ci_undiscounted=ci_u,
                 ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None,
-                ess=ess, skipped=None, ci_mc_error=tail_mc_error(boot_d) if ci_d else None,
-                unreliable=f"ESS {ess:.1f} < {100 * MIN_ESS_SHARE:.0f}% of {n} episodes" if low_ess else None)
+                ess=row.ess, skipped=None, ci_mc_error=tail_mc_error(boot_d) if ci_d else None,
+                unreliable=f"ESS {row.ess:.1f} < {100 * MIN_ESS_SHARE:.0f}% of {n} episodes" if low_ess else None)
 
 
 def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, log_pb: np.ndarray,
                     args: Args, model: DynamicsEnsemble | None = None, rng: np.random.Generator | None = None,
                     label: str = "", coverage_model: BehaviorModel | None = None) -> dict:
-    """Every estimator for one policy: estimates (per estimator: which policy it values, discounted and undiscounted
-    estimates, normalized score, bootstrap CIs, ESS, or why it was skipped), diagnostics, notes and warnings."""
+    """Every estimator for one policy ({name: table_row, or why skipped}), diagnostics, notes and warnings."""
     counts = bootstrap_counts(ep.n, args.bootstrap, rng or np.random.default_rng(args.seed))
     res = dict(estimates={}, diagnostics={}, notes=list(target.notes), warnings=[])
     if counts is None and args.bootstrap > 0:
@@ -835,10 +865,10 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
     rows, q = model_estimates(ds, ep, target, data, stats, args, res, model, coverage_model, label)
     rows.update(weighted_estimates(ds, ep, target, data, stats, log_pb, args, res, q))
     skipped = dict.fromkeys(("values", "discounted", "undiscounted", "normalized", "ci_discounted", "ci_undiscounted",
-                             "ci_normalized", "ess"))
-    est = {name: table_row(ds, *row, counts, ep.n, res["notes"], name) if isinstance(row, tuple) else
-           dict(skipped, skipped=row, unreliable=None, ci_mc_error=None) for name, row in rows.items()}
-    return {**res, "estimates": {k: est[k] for k in ESTIMATORS}}
+                             "ci_normalized", "ess", "skipped", "unreliable", "ci_mc_error"))
+    est = {name: table_row(ds, row, counts, ep.n, res["notes"], name) if isinstance(row, Row) else
+           dict(skipped, skipped=row) for name, row in rows.items()}
+    return {**res, "estimates": {name: est[name] for name in ESTIMATORS}}
 
 
 # ---- Ground truth, policy selection and the DOPE metrics (Fu et al. 2021) ------------------------------------------
@@ -885,13 +915,14 @@ def spearman(x, y) -> float:
 def regret_at_1(estimates, true_values) -> float:
     """True value of the best policy minus the true value of the one the estimator ranks first."""
     estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
-    return float(true_values.max() - true_values[int(np.argmax(estimates))]) if np.isfinite(estimates).all() else \
-        float("nan")
+    if not np.isfinite(estimates).all():
+        return float("nan")
+    return float(true_values.max() - true_values[int(np.argmax(estimates))])
 
 
 def normalized_regret_at_k(estimates, true_values, k: int) -> float:
-    """DOPE's normalized regret@k: (best true value - the best true value among the estimator's top k) divided by
-    the spread of the true values over the policy set (0: the top k hold the best policy; 1: the worst)."""
+    """DOPE's normalized regret@k: (best true value - best true value in the estimator's top k) / the true values'
+    spread over the policy set (0: the top k hold the best policy; 1: the worst)."""
     estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
     spread = true_values.max() - true_values.min()
     if not np.isfinite(estimates).all() or spread <= 0:
@@ -900,9 +931,8 @@ def normalized_regret_at_k(estimates, true_values, k: int) -> float:
 
 
 def policy_selection(results: dict[str, dict]) -> dict[str, dict]:
-    """Per estimator: the policies ranked by their discounted estimate, the recommended one, and those it cannot be
-    told apart from (their 95% interval overlaps the top one's). Rows skipped or with too low an ESS for an interval
-    for any policy leave the estimator out, with the reason."""
+    """Per estimator: the policies ranked by discounted estimate, the pick, and those whose 95% interval overlaps the
+    pick's. An estimator with a skipped or low-ESS row for any policy is left out, with the reason."""
     out = {}
     for name in ESTIMATORS:
         rows = {p: r["estimates"][name] for p, r in results.items()}
@@ -919,10 +949,10 @@ def policy_selection(results: dict[str, dict]) -> dict[str, dict]:
 
 
 def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Per estimator over the policy set, as DOPE's code: on the discounted values min-max normalised by the true ones
-    (estimates capped at 2), mean |error|, Spearman rank correlation, normalized regret@1 and @3, each with its std
-    over `n_boot` bootstrap resamples of the policies; and regret@1 in normalized-score points. Rows that value
-    another policy than the rollouts ('dist' against 'act') or have too low an ESS are left out, with the reason."""
+    """Per estimator over the policy set, as DOPE's code, on discounted values min-max normalised by the true ones
+    (estimates capped at 2): mean |error|, Spearman, normalized regret@1 and @3, each with its std over `n_boot`
+    resamples of the policies; and regret@1 in normalized-score points. Rows that value another policy than the
+    rollouts ('dist' against 'act'), were skipped or have too low an ESS are left out, with the reason."""
     out, paths = {}, list(results)
     truth = [results[p]["truth"] for p in paths]
     true_d, true_n = np.array([t["discounted"] for t in truth]), np.array([t["normalized"] for t in truth])
@@ -930,43 +960,43 @@ def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) ->
         true_n = np.array([t["undiscounted"] for t in truth])
     lo, spread = true_d.min(), max(true_d.max() - true_d.min(), 1e-12)
     boot = np.random.default_rng(seed).integers(0, len(paths), (n_boot, len(paths)))
+    keys = ("abs_error", "spearman", "regret_at_1", "regret_at_3")  # regret@3 needs more than 3 policies
     for name in ESTIMATORS:
         es = [results[p]["estimates"][name] for p in paths]
-        reasons = [(f"skipped for {sum(bool(e['skipped']) for e in es)} of {len(es)} policies",
-                    any(e["skipped"] for e in es)),
-                   (f"values pi_e's distribution, the rollouts ran '{truth[0]['values']}': rerun with "
-                    "--rollout-action sample to score it", any(e["values"] != t["values"] for e, t in zip(es, truth))),
-                   (f"ESS too low for {sum(bool(e.get('unreliable')) for e in es)} of {len(es)} policies",
-                    any(e.get("unreliable") for e in es))]
-        out[name] = dict(skipped=next((r for r, bad in reasons if bad), None))
-        if out[name]["skipped"]:
-            continue
-        est_d = np.array([e["discounted"] for e in es])
+        n_skipped, n_low = sum(bool(e["skipped"]) for e in es), sum(bool(e.get("unreliable")) for e in es)
+        if n_skipped:
+            out[name] = dict(skipped=f"skipped for {n_skipped} of {len(es)} policies")
+        elif any(e["values"] != t["values"] for e, t in zip(es, truth)):
+            out[name] = dict(skipped=f"values pi_e's distribution, the rollouts ran '{truth[0]['values']}': rerun with "
+                                     "--rollout-action sample to score it")
+        elif n_low:
+            out[name] = dict(skipped=f"ESS too low for {n_low} of {len(es)} policies")
+        else:
+            est_d = np.array([e["discounted"] for e in es])
 
-        def metrics(i: np.ndarray) -> np.ndarray:
-            v_true, v_est = (true_d[i] - lo) / spread, np.minimum((est_d[i] - lo) / spread, 2.0)
-            return np.array([np.abs(v_est - v_true).mean(), spearman(v_est, v_true),
-                             normalized_regret_at_k(v_est, v_true, 1), normalized_regret_at_k(v_est, v_true, 3)])
+            def metrics(i: np.ndarray) -> np.ndarray:
+                v_true, v_est = (true_d[i] - lo) / spread, np.minimum((est_d[i] - lo) / spread, 2.0)
+                return np.array([np.abs(v_est - v_true).mean(), spearman(v_est, v_true),
+                                 normalized_regret_at_k(v_est, v_true, 1), normalized_regret_at_k(v_est, v_true, 3)])
 
-        point = metrics(np.arange(len(paths)))
-        with np.errstate(invalid="ignore"):
-            std = np.nanstd(np.array([metrics(i) for i in boot]), axis=0)
-        keys = ("abs_error", "spearman", "regret_at_1", "regret_at_3")  # regret@3 needs more than 3 policies
+            def named(v):
+                return {k: float(x) if j < 3 or len(paths) > 3 else None for j, (k, x) in enumerate(zip(keys, v))}
 
-        def named(v):
-            return {k: float(x) if j < 3 or len(paths) > 3 else None for j, (k, x) in enumerate(zip(keys, v))}
-
-        out[name] = dict(named(point), std=named(std), regret_at_1_points=regret_at_1(est_d, true_n), skipped=None)
+            with np.errstate(invalid="ignore"):
+                std = np.nanstd(np.array([metrics(i) for i in boot]), axis=0)
+            out[name] = dict(named(metrics(np.arange(len(paths)))), std=named(std),
+                             regret_at_1_points=regret_at_1(est_d, true_n), skipped=None)
     return out
 
 
-# ---- Output: a short table per policy on the console; everything in {policy}.ope.json, the rows in .ope.csv --------
-def _f(x, width: int = 9, prec: int = 2) -> str:
-    return f"{'n/a':>{width}}" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:>{width}.{prec}f}"
-
-
-def _ci(ci, prec: int = 1) -> str:
-    return f"{'':>18}" if ci is None else f"[{ci[0]:>7.{prec}f},{ci[1]:>8.{prec}f}]"
+# ---- Output: a short table per policy and the selection on the console; everything in {policy}.ope.json ------------
+def cell(x, width: int = 9, prec: int = 2) -> str:
+    """x right-aligned in `width`: a number, an interval [low, high], text, or n/a (None, nan)."""
+    if isinstance(x, list | tuple):
+        x = f"[{x[0]:.{prec}f}, {x[1]:.{prec}f}]"
+    elif x is None or (isinstance(x, float) and math.isnan(x)):
+        x = "n/a"
+    return f"{x:>{width}}" if isinstance(x, str) else f"{x:>{width}.{prec}f}"
 
 
 def format_table(path: str, res: dict) -> str:
@@ -978,32 +1008,31 @@ def format_table(path: str, res: dict) -> str:
         lines.append(f"   KL(pi_b||pi_e) {d['kl_behavior_target']:.3f} nats/step, top episode holds "
                      f"{100 * d['top_episode_weight_share']:.0f}% of the weight, ESS {d['ess']:.1f}/{d['n_episodes']}, "
                      f"per-decision ESS {d['per_decision_ess']:.1f}")
-    lines.append(f"   {'estimator':<9} {'policy':<6} {'discounted':>10} {'95% CI':>18} {'undisc.':>9} "
+    lines.append(f"   {'estimator':<9} {'policy':<6} {'discounted':>10} {'95% CI':>20} {'undisc.':>9} "
                  f"{'normalized':>10} {'95% CI':>18} {'ESS':>7}" + (" |  err disc |err norm|" if truth else ""))
-    for name, e in res["estimates"].items():
-        if e["skipped"]:
+    for name, e in {**res["estimates"], **({"truth": truth} if truth else {})}.items():
+        if e.get("skipped"):
             lines.append(f"   {name:<9} skipped: {e['skipped'][:90]}")
             continue
-        no_ci = f"{'no CI: ESS low !':>18}" if e["unreliable"] else None
-        row = (f"   {name:<9} {e['values']:<6} {_f(e['discounted'], 10)} {no_ci or _ci(e['ci_discounted'], 2)} "
-               f"{_f(e['undiscounted'], 9, 1)} {_f(e['normalized'], 10, 1)} {no_ci or _ci(e['ci_normalized'])} "
-               f"{_f(e['ess'], 7, 1)}")
-        if truth:  # * marks a row that values another policy than the rollouts ran
-            flag = "*" if e["values"] != truth["values"] else " "
-            row += f" | {_f(e['error_discounted'], 9)}{flag} {_f(e['abs_error_normalized'], 9, 1)}"
+        no_ci = "no CI: ESS low !" if e.get("unreliable") else None
+        row = (f"   {name:<9} {e['values']:<6} {cell(e['discounted'], 10)} {cell(no_ci or e['ci_discounted'], 20)} "
+               f"{cell(e['undiscounted'], 9, 1)} {cell(e['normalized'], 10, 1)} "
+               f"{cell(no_ci or e['ci_normalized'], 18, 1)}")
+        if name == "truth":
+            row += f"   ({truth['episodes']} rollout episode{'s' if truth['episodes'] > 1 else ''})"
+        else:
+            row += " " + cell(e["ess"], 7, 1)
+            if truth:  # * marks a row that values another policy than the rollouts ran
+                flag = "*" if e["values"] != truth["values"] else " "
+                row += f" | {cell(e['error_discounted'])}{flag} {cell(e['abs_error_normalized'], 9, 1)}"
         lines.append(row)
-    if truth:
-        lines.append(f"   {'truth':<9} {truth['values']:<6} {_f(truth['discounted'], 10)} "
-                     f"{_ci(truth['ci_discounted'], 2)} {_f(truth['undiscounted'], 9, 1)} "
-                     f"{_f(truth['normalized'], 10, 1)} {_ci(truth['ci_normalized'])}   "
-                     f"({truth['episodes']} rollout episode{'s' if truth['episodes'] > 1 else ''})")
     if any(e["unreliable"] for e in res["estimates"].values()):
         lines.append(f"   ! ESS below {100 * MIN_ESS_SHARE:.0f}% of the episodes: no interval (it would be "
                      "meaningless), and the row is left out of the rank metrics")
     if "hcope" in d:
         h = d["hcope"]
         verdict = "better than" if h["lower_bound_discounted"] > h["data_discounted"] else "not shown better than"
-        lines.append(f"   95% lower bound on the discounted value: {_f(h['lower_bound_discounted'], 0).strip()}; the "
+        lines.append(f"   95% lower bound on the discounted value: {cell(h['lower_bound_discounted'], 0)}; the "
                      f"data's {h['data_discounted']:.2f}: pi_e is {verdict} the data with 95% confidence")
     return "\n".join(lines + [f"   note: {n}" for n in res["notes"]] + [f"   WARNING: {w}" for w in res["warnings"]])
 
@@ -1015,20 +1044,20 @@ def format_summary(res: dict) -> str:
         lines.append(f"   {name:<9} " + (f"left out: {sel['skipped']}" if sel["skipped"] else f"deploy "
                      f"{sel['recommended']} (cannot tell apart from: {', '.join(sel['cannot_tell_apart']) or 'none'})"))
     if "dope_metrics" in res:
+        keys = ("abs_error", "spearman", "regret_at_1", "regret_at_3")
         lines += ["\nDOPE metrics (values min-max normalised by the true ones; +- std over 1000 resamples of the "
-                  "policies; points: normalized score lost by the pick)", f"   {'estimator':<9} {'|error|':>15} "
-                  f"{'spearman':>15} {'regret@1':>15} {'regret@3':>15} {'points':>7}"]
+                  "policies; points: normalized score lost by the pick)",
+                  f"   {'estimator':<9} " + " ".join(f"{k:>15}" for k in keys) + f" {'points':>7}"]
         for name in ESTIMATORS:
             m = res["dope_metrics"][name]
-            cells = [f"{_f(m[k], 6)} +-{_f(m['std'][k], 5)}" if m.get(k) is not None else f"{'n/a':>15}"
-                     for k in ("abs_error", "spearman", "regret_at_1", "regret_at_3")]
+            cells = [f"{cell(m.get(k), 6)} +-{cell(m.get('std', {}).get(k), 5)}" for k in keys]
             lines.append(f"   {name:<9} " + (f"left out: {m['skipped']}" if m["skipped"] else
-                                             f"{' '.join(cells)} {_f(m['regret_at_1_points'], 7, 1)}"))
+                                             f"{' '.join(cells)} {cell(m['regret_at_1_points'], 7, 1)}"))
     return "\n".join(lines)
 
 
-def write_outputs(path: str, res: dict) -> None:
-    """{policy}.ope.json (everything; nan and inf as null) and {policy}.ope.csv (one row per estimator)."""
+def write_json(path: str, res: dict) -> None:
+    """{policy}.ope.json: everything, nan and inf as null."""
     def clean(x):
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
@@ -1037,15 +1066,6 @@ def write_outputs(path: str, res: dict) -> None:
         return (float(x) if math.isfinite(x) else None) if isinstance(x, float | np.floating) else x
 
     Path(path + ".ope.json").write_text(json.dumps(clean(res), indent=2))
-    with open(path + ".ope.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["estimator", "values", "discounted", "ci_discounted_low", "ci_discounted_high", "undiscounted",
-                    "normalized", "ci_normalized_low", "ci_normalized_high", "ess", "error_discounted",
-                    "abs_error_normalized", "skipped"])
-        for name, e in res["estimates"].items():
-            w.writerow([name, e["values"], e["discounted"], *(e["ci_discounted"] or [None, None]), e["undiscounted"],
-                        e["normalized"], *(e["ci_normalized"] or [None, None]), e["ess"], e.get("error_discounted"),
-                        e.get("abs_error_normalized"), e["skipped"]])
 
 
 def plot_estimates(path: str, results: dict[str, dict]) -> None:
@@ -1088,20 +1108,14 @@ def read_checkpoint(path: str, device: str | torch.device = "cpu") -> dict:
 
 def load_target_policy(path: str, ds: Dataset, device: torch.device) -> Policy:
     """Rebuild a checkpoint with the `load_policy` of the script that saved it, and check it fits the dataset."""
-    ckpt = read_checkpoint(path, device)
-    algo = ckpt.get("algo") if isinstance(ckpt, dict) else None
-    if algo is None and Path(path).stem in ("iql", "cql", "bcq"):
-        algo = Path(path).stem  # checkpoints without the key: fall back to the file name the scripts use
-    if algo is None:
-        raise OPEError(f"{path}: the checkpoint has no 'algo' key naming the script that saved it")
+    algo = read_checkpoint(path, device)["algo"]  # load_checkpoint checked it is there
     try:
         module = importlib.import_module(algo)
     except ImportError as e:
         raise OPEError(f"{path}: saved by '{algo}', but there is no {algo}.py to rebuild it ({e})") from e
     policy = module.load_policy(path, device)
     if not isinstance(policy, Policy):
-        raise OPEError(f"{algo}.load_policy returned {type(policy).__name__}, not common.Policy (act + dist in "
-                       "environment units, as iql.py's)")
+        raise OPEError(f"{algo}.load_policy returned {type(policy).__name__}, not common.Policy")
     obs_dim, act_dim, n_actions = dataset_dims(ds)
     ck = policy.checkpoint if isinstance(policy.checkpoint, dict) else {}
     trained = f"trained on {ck.get('args', {}).get('dataset', '?')}"
@@ -1143,7 +1157,7 @@ RANGES = {"discount": "[0, 1]", "bootstrap": "[0, inf)", "bc_steps": "[0, inf)",
           "weight_threshold": "(0, inf)", "fqe_steps": "[0, inf)", "fqe_tau": "(0, 1]", "learning_rate": "(0, inf)",
           "batch_size": "[1, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "v_samples": "[1, inf)",
           "mb_ensemble": "[1, inf)", "mb_steps": "[0, inf)", "rollouts": "[0, inf)", "threads": "[1, inf)",
-          "smoothing_width": "[0, inf)"}  # checked first: a one-line error names the flag and its range
+          "smoothing_width": "[0, inf)", "refit_bootstrap": "[0, inf)"}  # checked first: one line names the flag
 
 
 def main(args: Args) -> dict[str, dict]:
@@ -1164,27 +1178,25 @@ def main(args: Args) -> dict[str, dict]:
     rng, device = np.random.default_rng(args.seed), pick_device(args.device)
     checkpoints = [read_checkpoint(p) for p in args.policy]  # fail on a missing file before any work
     if args.dataset is None:
-        args.dataset = checkpoints[0].get("args", {}).get("dataset") if isinstance(checkpoints[0], dict) else None
+        args.dataset = checkpoints[0]["args"].get("dataset")
         if args.dataset is None:
             raise OPEError(f"{args.policy[0]} does not say which dataset it was trained on: pass --dataset")
     ds = load_dataset(args.dataset)
     ep = split_episodes(ds)
-    obs_dim, act_dim, n_actions = dims = dataset_dims(ds)
     print(f"ope.py: {ds.name}: {len(ds):,} transitions, {ep.n} episodes (longest {int(ep.lengths.max())} steps), "
           f"gamma {args.discount}", flush=True)
     data, stats = device_data(ds, device)
+    obs_dim, act_dim, n_actions = dims = dataset_dims(ds)
     targets = {path: Target(load_target_policy(path, ds, device), n_actions, stats.get("low"), stats.get("high"),
                             args.smoothing_width, probe_obs=data["obs"][:1])
                for path in args.policy}  # rebuild and check every policy before any fitting: a wrong file fails fast
-
-    # Behaviour log-probabilities: exact when logged, else a cross-fitted behaviour-cloning model
     if args.behavior == "logged" or (args.behavior == "auto" and ds.behavior_log_probs is not None):
         if ds.behavior_log_probs is None:
             raise OPEError(f"{ds.name} has no behavior_log_probs: use --behavior fitted (or auto)")
         log_pb = ds.behavior_log_probs.astype(np.float64)
         check_behavior_log_probs(log_pb, ds.name)
         behavior = "logged exact log pi_b(a|s) from the dataset"
-    else:
+    else:  # a cross-fitted behaviour-cloning model
         print(f"fitting the behaviour policy ({args.bc_folds}-fold cross-fitted, {args.bc_steps} steps each) ...",
               flush=True)
         log_pb, loglik, folds = timed("behaviour policy", fit_behavior, data, ep, stats, dims, args, rng)
@@ -1192,8 +1204,7 @@ def main(args: Args) -> dict[str, dict]:
         behavior = (f"ESTIMATED by behaviour cloning ({'categorical' if ds.discrete else 'truncated Gaussian'}, "
                     f"{fit} mean log-lik {loglik:.3f})")
         if ds.behavior_log_probs is not None:
-            behavior += (f"; mean |fitted - logged log pi_b| "
-                         f"{np.abs(log_pb - ds.behavior_log_probs.astype(np.float64)).mean():.3f}")
+            behavior += f"; mean |fitted - logged log pi_b| {np.abs(log_pb - ds.behavior_log_probs).mean():.3f}"
     print(f"behaviour policy: {behavior}", flush=True)
     coverage_model = model = None
     if args.coverage and args.bc_steps > 0:  # one behaviour model on all the data (the cross-fitted ones miss a fold)
@@ -1209,8 +1220,8 @@ def main(args: Args) -> dict[str, dict]:
     for i, (path, target) in enumerate(targets.items(), 1):
         label = f"(policy {i}/{len(targets)})"
         print(f"evaluating {path} (FQE {args.fqe_steps} steps) ...", flush=True)
-        res = timed("estimates", evaluate_policy, ds, ep, target, data, stats, log_pb, args, model, rng, label,
-                    coverage_model)
+        res = results[path] = timed("estimates", evaluate_policy, ds, ep, target, data, stats, log_pb, args, model,
+                                    rng, label, coverage_model)
         res.update(policy=path, dataset=ds.name, density=target.density, behavior=behavior, discount=args.discount,
                    weight_threshold=args.weight_threshold, args=asdict(args))
         ck = target.policy.checkpoint
@@ -1234,17 +1245,16 @@ def main(args: Args) -> dict[str, dict]:
                     e["error_discounted"] = e["discounted"] - truth["discounted"]
                     e["abs_error_normalized"] = abs(e["normalized"] - truth["normalized"])
         print(format_table(path, res), flush=True)
-        results[path] = res
 
     if len(results) > 1:
         selection = policy_selection(results)
         metrics = dict(policies=list(results), **dope_metrics(results)) if args.rollouts > 0 else None
         for res in results.values():
             res.update(selection=selection, **({"dope_metrics": metrics} if metrics else {}))
-        print(format_summary(results[path]))
+        print(format_summary(res))
     for path, res in results.items():
-        write_outputs(path, res)
-        print(f"wrote {path}.ope.json and {path}.ope.csv")
+        write_json(path, res)
+        print(f"wrote {path}.ope.json")
     if args.plot:
         plot_estimates(args.plot, results)
         print(f"wrote {args.plot}" + ("" if args.rollouts > 0 else " (no --rollouts: no ground truth on it)"))

@@ -34,8 +34,8 @@ def test_the_ess_gate_sits_at_min_ess_share_and_keeps_low_ess_rows_out_of_select
     _, ds = chain
     terms, counts = ope.mean_terms(np.arange(20.0)), ope.bootstrap_counts(20, 200, np.random.default_rng(0))
     # 20 episodes: the gate is at MIN_ESS_SHARE * 20 = 2 effective episodes
-    ok = ope.table_row(ds, "dist", terms, terms, 2.0, counts, 20, [], "IS")
-    low = ope.table_row(ds, "dist", terms, terms, 1.9, counts, 20, [], "IS")
+    ok = ope.table_row(ds, ope.Row("dist", terms, terms, 2.0), counts, 20, [], "IS")
+    low = ope.table_row(ds, ope.Row("dist", terms, terms, 1.9), counts, 20, [], "IS")
     assert ok["unreliable"] is None and ok["ci_discounted"] is not None and ok["ci_mc_error"] is not None
     assert low["unreliable"] == "ESS 1.9 < 10% of 20 episodes"
     assert low["ci_discounted"] is None and low["ci_undiscounted"] is None and low["ci_mc_error"] is None
