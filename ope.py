@@ -973,20 +973,19 @@ def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) ->
             out[name] = dict(skipped=f"ESS too low for {n_low} of {len(es)} policies")
         else:
             est_d = np.array([e["discounted"] for e in es])
-
-            def metrics(i: np.ndarray) -> np.ndarray:
-                v_true, v_est = (true_d[i] - lo) / spread, np.minimum((est_d[i] - lo) / spread, 2.0)
-                return np.array([np.abs(v_est - v_true).mean(), spearman(v_est, v_true),
-                                 normalized_regret_at_k(v_est, v_true, 1), normalized_regret_at_k(v_est, v_true, 3)])
-
-            def named(v):
-                return {k: float(x) if j < 3 or len(paths) > 3 else None for j, (k, x) in enumerate(zip(keys, v))}
-
+            v_true, v_est = (true_d - lo) / spread, np.minimum((est_d - lo) / spread, 2.0)
             with np.errstate(invalid="ignore"):
-                std = np.nanstd(np.array([metrics(i) for i in boot]), axis=0)
-            out[name] = dict(named(metrics(np.arange(len(paths)))), std=named(std),
-                             regret_at_1_points=regret_at_1(est_d, true_n), skipped=None)
+                std = np.nanstd(np.array([set_metrics(v_est[i], v_true[i]) for i in boot]), axis=0)
+            named = [{k: float(x) if j < 3 or len(paths) > 3 else None for j, (k, x) in enumerate(zip(keys, v))}
+                     for v in (set_metrics(v_est, v_true), std)]
+            out[name] = dict(named[0], std=named[1], regret_at_1_points=regret_at_1(est_d, true_n), skipped=None)
     return out
+
+
+def set_metrics(v_est: np.ndarray, v_true: np.ndarray) -> np.ndarray:
+    """DOPE's four metrics of one policy set: mean |error|, Spearman, normalized regret@1 and @3."""
+    return np.array([np.abs(v_est - v_true).mean(), spearman(v_est, v_true),
+                     normalized_regret_at_k(v_est, v_true, 1), normalized_regret_at_k(v_est, v_true, 3)])
 
 
 # ---- Output: a short table per policy and the selection on the console; everything in {policy}.ope.json ------------
