@@ -1,0 +1,123 @@
+"""OPE validation at scale (docs/ope.md, "Validation"): on each dataset, train policies of widely different quality
+(checkpoints along IQL, CQL and BCQ training, behaviour cloning, and CQL without its term, the alpha = 0 failure),
+value every one with each ope.py estimator from the data alone and with real rollouts, and keep the .ope.json files.
+
+    python benchmark/ope_validation.py --dataset lunarlander-medium   # train (once, resumable), then ope.py
+    python benchmark/ope_validation.py --summary                       # results.md from the committed JSON
+
+Runs in benchmark/results/ope-validation/ (training runs in runs/, not committed); each dataset's JSON files are
+copied to json/{dataset}/ and committed. One torch thread per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmark" / "results" / "ope-validation"
+
+# (label, script, flags, total steps, checkpoint every): 11-12 policies per dataset, from bad to good
+BOX = [("iql", "iql", [], 12000, 3000), ("bc", "iql", ["--beta", "0"], 6000, 3000),
+       ("sac", "cql", ["--cql-alpha", "0"], 6000, 2000), ("bcq", "bcq", [], 6000, 3000)]
+POLICIES = {
+    "lunarlander-medium": [("iql-beta0.3", "iql", ["--beta", "0.3"], 12000, 3000),
+                           ("iql-beta3", "iql", ["--beta", "3"], 6000, 1500),
+                           ("dqn", "cql", ["--cql-alpha", "0"], 10000, 2500)],
+    "pendulum-medium": BOX,
+    "lunarlander-continuous-medium": BOX,
+}
+# FQE budgets as the earlier six-policy validation (docs/ope.md); greedy/deterministic policies (CQL Discrete, BCQ)
+# have no density, so IS ... WDR value them smoothed (--smoothing-width 0.1), and so do the rollouts (sample)
+OPE_FLAGS = ["--mb-steps", "5000", "--rollouts", "20", "--rollout-action", "sample", "--fqe-action", "sample",
+             "--smoothing-width", "0.1"]
+FQE = {"lunarlander-medium": ["--fqe-steps", "20000", "--fqe-tau", "0.02"],
+       "pendulum-medium": ["--fqe-steps", "10000", "--fqe-tau", "0.01"],
+       "lunarlander-continuous-medium": ["--fqe-steps", "20000", "--fqe-tau", "0.02"]}
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def checkpoints(dataset: str) -> dict[str, str]:
+    """Train each policy family once (skipped when its last checkpoint exists); {label/stepN: checkpoint path}."""
+    found = {}
+    for label, script, flags, steps, every in POLICIES[dataset]:
+        pattern = f"runs/{dataset}__ope-{label}__1__*/{script}_step{{}}.pt"
+        if not glob.glob(str(OUT / pattern.format(steps))):
+            cmd = [sys.executable, str(ROOT / f"{script}.py"), "--dataset", dataset, *flags, "--total-steps",
+                   str(steps), "--checkpoint-every", str(every), "--save-model", "--eval-every", str(every),
+                   "--exp-name", f"ope-{label}", "--seed", "1"]
+            print("train:", " ".join(cmd[1:]), flush=True)
+            subprocess.run(cmd, cwd=OUT, env=ENV, check=True, stdout=subprocess.DEVNULL)
+        for step in range(every, steps + 1, every):
+            found[f"{label}/step{step}"] = sorted(glob.glob(str(OUT / pattern.format(step))))[-1]
+    return found
+
+
+def validate(dataset: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    policies = checkpoints(dataset)
+    cmd = [sys.executable, str(ROOT / "ope.py"), "--dataset", dataset, *FQE[dataset], *OPE_FLAGS,
+           *[x for p in policies.values() for x in ("--policy", p)]]
+    print("ope:", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=OUT, env=ENV, check=True)
+    dest = OUT / "json" / dataset
+    dest.mkdir(parents=True, exist_ok=True)
+    for label, path in policies.items():
+        shutil.copy(path + ".ope.json", dest / (label.replace("/", "__") + ".ope.json"))
+    (dest / "command.txt").write_text(" ".join(["python", *cmd[1:]]) + "\n")
+
+
+def summary() -> str:
+    """A DOPE-metrics table per dataset and each policy's truth, FQE estimate and coverage share."""
+    lines = ["# OPE validation", "",
+             "Regenerate: `python benchmark/ope_validation.py --dataset D` for each dataset below, then "
+             "`python benchmark/ope_validation.py --summary`. Metrics as DOPE (Fu et al. 2021) on discounted values "
+             "min-max normalised by the true ones, +- std over 1000 resamples of the policies; points: the normalized "
+             "score lost by deploying the estimator's pick.", ""]
+    for dest in sorted((OUT / "json").iterdir()):
+        res = {p.name.removesuffix(".ope.json").replace("__", "/"): json.loads(p.read_text())
+               for p in sorted(dest.glob("*.ope.json"))}
+        first = next(iter(res.values()))
+        lines += [f"## {dest.name} ({len(res)} policies)", "",
+                  "| estimator | mean abs. error | Spearman | norm. regret@1 | norm. regret@3 | regret@1, points |",
+                  "|---|---|---|---|---|---|"]
+        for name, m in first["dope_metrics"].items():
+            if name == "policies":  # the policy list, not an estimator
+                continue
+            if m["skipped"]:
+                lines.append(f"| {name} | left out: {m['skipped']} | | | | |")
+                continue
+            cells = [f"{m[k]:.2f} ± {m['std'][k]:.2f}" if m[k] is not None else "n/a"
+                     for k in ("abs_error", "spearman", "regret_at_1", "regret_at_3")]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['regret_at_1_points']:.1f} |")
+        lines += ["", "| policy | truth, normalized | truth, discounted | FQE, discounted | low-coverage share | "
+                  "warnings |", "|---|---|---|---|---|---|"]
+        for label, r in sorted(res.items(), key=lambda kv: kv[1]["truth"]["discounted"]):
+            fqe, cov = r["estimates"]["FQE"], r["diagnostics"].get("low_coverage_share")
+            warn = sum("extrapolate" in w for w in r["warnings"])  # the coverage warning
+            lines.append(f"| {label} | {r['truth']['normalized']:.1f} | {r['truth']['discounted']:.1f} | "
+                         f"{fqe['discounted']:.1f} | " + (f"{100 * cov:.1f}%" if cov is not None else "n/a")
+                         + f" | {'coverage warning' if warn else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=POLICIES, action="append", default=[])
+    p.add_argument("--summary", action="store_true", help="write results.md from json/ (and print it)")
+    a = p.parse_args()
+    if not a.dataset and not a.summary:
+        p.error("give --dataset (repeatable) and/or --summary")
+    for d in a.dataset:
+        validate(d)
+    if a.summary:
+        text = summary()
+        (OUT / "results.md").write_text(text + "\n")
+        print(text)
