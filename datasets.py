@@ -17,6 +17,10 @@ Behaviour policies are one family, parameterised per episode by (eps, sigma):
 random: eps = 1;  expert: small noise;  medium: eps tuned so the return sits 30-60% of the way from
 random to expert;  medium-expert: half medium episodes, half expert;  mixed: eps annealed from 1 to the
 medium value across episodes (the analogue of a learning run's replay buffer).
+
+MuJoCo locomotion ({hopper,halfcheetah,walker2d}-{random,medium,medium-replay,expert,medium-expert}, Gymnasium v5)
+follow D4RL's recipe instead: SAC actors trained by tools/train_behaviour.py, stored in behaviour_policies/
+(section "MuJoCo locomotion" below; docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 class UserError(ValueError):
@@ -150,7 +157,7 @@ ENVS: dict[str, EnvRecipe] = {
                                         ref_min_score=-222.4, ref_max_score=279.6),
 }
 QUALITIES = ("random", "medium", "expert", "medium-expert", "mixed")
-BUILTIN_NAMES = tuple(f"{env}-{q}" for env in ENVS for q in QUALITIES)
+CLASSIC_NAMES = tuple(f"{env}-{q}" for env in ENVS for q in QUALITIES)  # BUILTIN_NAMES adds the MuJoCo ones below
 
 
 class BehaviorPolicy:
@@ -231,6 +238,8 @@ def rollout_episodes(recipe: EnvRecipe, eps_schedule: Callable[[int], float], n_
 def generate_builtin(name: str, size: int | None = None) -> Dataset:
     """Generate a built-in dataset deterministically (the seed is fixed by the name)."""
     env_name, quality = _split_name(name)
+    if env_name in LOCOMOTION:
+        return generate_locomotion(env_name, quality, size)
     recipe = ENVS[env_name]
     n = size or recipe.size
     seed = 1000 * list(ENVS).index(env_name) + QUALITIES.index(quality)
@@ -257,9 +266,10 @@ def _expected_episodes(recipe: EnvRecipe, n: int, seed: int) -> int:
 
 
 def _split_name(name: str) -> tuple[str, str]:
-    for q in sorted(QUALITIES, key=len, reverse=True):
-        if name.endswith("-" + q) and name[: -len(q) - 1] in ENVS:
-            return name[: -len(q) - 1], q
+    for envs, qualities in ((ENVS, QUALITIES), (LOCOMOTION, LOCOMOTION_QUALITIES)):
+        for q in sorted(qualities, key=len, reverse=True):
+            if name.endswith("-" + q) and name[: -len(q) - 1] in envs:
+                return name[: -len(q) - 1], q
     raise UserError(f"unknown dataset {name!r}: not a built-in name, an existing .npz file, or a Minari id "
                      f"(namespace/name-vN). Built-in names: {', '.join(BUILTIN_NAMES)}")
 
@@ -272,6 +282,285 @@ def measure_reference_scores(env_name: str, episodes: int = 200, seed: int = 123
 
 
 # ---------------------------------------------------------------------------------------------------------
+# MuJoCo locomotion (D4RL's recipe): hopper, halfcheetah, walker2d on Gymnasium's v5 environments
+# ---------------------------------------------------------------------------------------------------------
+# D4RL (Fu et al. 2020) made its locomotion data with SAC: random = uniform actions; expert = a trained SAC actor;
+# medium = an actor stopped early, at about a third of the expert's return; medium-replay = the run's replay buffer
+# up to the medium checkpoint; medium-expert = the medium and expert data concatenated. Actions are *sampled* from
+# the stochastic actor. Here the actors come from tools/train_behaviour.py, committed in behaviour_policies/.
+LOCOMOTION = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+LOCOMOTION_QUALITIES = ("random", "medium", "medium-replay", "expert", "medium-expert")
+LOCOMOTION_NAMES = tuple(f"{env}-{q}" for env in LOCOMOTION for q in LOCOMOTION_QUALITIES)
+LOCOMOTION_SIZE = 1_000_000  # transitions of random, medium and expert (whole episodes); medium-expert has both
+N_ENVS = 16  # environments stepped together, one batched actor forward per step
+# Mean return of 100 uniform-random episodes on the v5 environments (seed 12345; mujoco 3.2.7, gymnasium 1.4.0;
+# standard errors 1.4, 8.2, 0.5), made with
+#     python -c "import datasets as D; print({e: D.measure_random_return(e, 100) for e in D.LOCOMOTION})"
+# The v5 expert return is the expert file's eval_return_mean (behaviour_policies/{env}-expert.pt).
+V5_RANDOM_RETURN = {"hopper": 16.3, "halfcheetah": -291.0, "walker2d": -0.1}
+TRAIN_COMMAND = "python tools/train_behaviour.py --env {env}"
+
+
+class SquashedGaussianActor(nn.Module):
+    """The behaviour policies' actor (CleanRL's SAC actor): obs -> 256 -> 256 -> (mean, log_std), ReLU, log_std
+    squashed by tanh into [LOG_STD_MIN, LOG_STD_MAX]; action = tanh(u), u ~ N(mean, exp(log_std)^2). The locomotion
+    action boxes are [-1, 1]^d, so there is no rescaling. tools/train_behaviour.py trains this very class."""
+
+    LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mean, self.log_std = nn.Linear(hidden, act_dim), nn.Linear(hidden, act_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(obs)
+        log_std = torch.tanh(self.log_std(h))
+        return self.mean(h), self.LOG_STD_MIN + 0.5 * (self.LOG_STD_MAX - self.LOG_STD_MIN) * (log_std + 1)
+
+    def sample(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterised action and its log-density (SAC's training path; float32, same formula as below)."""
+        mean, log_std = self(obs)
+        z = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        u = mean + log_std.exp() * z
+        log_jac = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))  # log(1 - tanh(u)^2), stable for large |u|
+        return torch.tanh(u), (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi) - log_jac).sum(-1)
+
+
+def tanh_gaussian_log_prob(z: np.ndarray, log_std: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """log density of a = tanh(u), u = mean + exp(log_std) * z, in float64: log N(u) - sum log(1 - tanh(u)^2),
+    the Jacobian written 2 (log 2 - u - softplus(-2u)) so that it stays exact where tanh(u) rounds to +-1."""
+    log_jac = 2.0 * (math.log(2.0) - u - np.logaddexp(0.0, -2.0 * u))
+    return np.sum(-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi) - log_jac, axis=-1)
+
+
+class ActorSampler:
+    """Batched behaviour actions from a SquashedGaussianActor, noise from a numpy Generator (never a global RNG).
+    The log-prob is computed in float64 from the sampled u; the stored action is tanh(u) rounded to float32 (a
+    relative change of at most 6e-8, and exactly +-1 where |u| > 9), so recomputing the density from the stored
+    action (atanh) agrees only up to that rounding: the stored value is the exact one."""
+
+    def __init__(self, actor: SquashedGaussianActor, rng: np.random.Generator):
+        self.actor, self.rng = actor, rng
+
+    def __call__(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            mean, log_std = (x.double().numpy() for x in self.actor(torch.from_numpy(obs)))
+        z = self.rng.standard_normal(mean.shape)
+        u = mean + np.exp(log_std) * z
+        return np.tanh(u).astype(np.float32), tanh_gaussian_log_prob(z, log_std, u)
+
+
+class UniformSampler:
+    """Uniform actions in the box; log-prob -sum log(high - low)."""
+
+    def __init__(self, space: gym.spaces.Box, rng: np.random.Generator):
+        self.low, self.high, self.rng = space.low.astype(np.float64), space.high.astype(np.float64), rng
+        self.log_prob = -float(np.sum(np.log(self.high - self.low)))
+
+    def __call__(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a = self.rng.uniform(self.low, self.high, (len(obs), len(self.low))).astype(np.float32)
+        return a, np.full(len(obs), self.log_prob)
+
+
+class EnvPool:
+    """`n` copies of one environment stepped in a Python loop with one batched policy call per step. Each copy
+    buffers its running episode; `take` copies a finished episode into the output arrays, so episodes stay whole
+    and contiguous (s' of a row is the next row's s). Reset seeds come from `rng`, in a fixed order."""
+
+    def __init__(self, env_id: str, n: int, rng: np.random.Generator):
+        self.envs, self.rng = [gym.make(env_id) for _ in range(n)], rng
+        self.horizon = self.envs[0].spec.max_episode_steps
+        self.ep = _empty_arrays(self.envs[0], (n, self.horizon))
+        self.length = np.zeros(n, dtype=np.int64)
+        self.obs = np.stack([self._reset(i) for i in range(n)])
+
+    def _reset(self, i: int) -> np.ndarray:
+        return self.envs[i].reset(seed=int(self.rng.integers(2**31 - 1)))[0].astype(np.float32)
+
+    def step(self, policy: Callable, idx: Sequence[int]) -> list[int]:
+        """One step of the copies `idx`; returns those whose episode ended (terminal or time limit)."""
+        actions, log_probs = policy(self.obs[idx])
+        ended = []
+        for a, logp, i in zip(actions, log_probs, idx):
+            next_obs, r, term, trunc, _ = self.envs[i].step(a)
+            t, ep = self.length[i], self.ep
+            ep["observations"][i, t], ep["actions"][i, t], ep["rewards"][i, t] = self.obs[i], a, r
+            ep["next_observations"][i, t] = self.obs[i] = next_obs
+            # a terminal is the MDP's end even when the time limit falls on the same step
+            ep["terminals"][i, t], ep["timeouts"][i, t], ep["behavior_log_probs"][i, t] = term, trunc and not term, logp
+            self.length[i] += 1
+            if term or trunc:
+                ended.append(i)
+        return ended
+
+    def take(self, i: int, out: dict[str, np.ndarray] | None, pos: int, cut: bool = False) -> int:
+        """Copy copy i's episode to out[pos:] (None: drop it), start its next episode; return the next free row.
+        cut=True: the collection stops inside this episode, whose last row becomes a timeout (s' is a real state)."""
+        t = int(self.length[i])
+        if out is not None:
+            for k, v in self.ep.items():
+                out[k][pos:pos + t] = v[i, :t]
+            out["timeouts"][pos + t - 1] |= cut
+        self.length[i], self.obs[i] = 0, self._reset(i)
+        return pos + t
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def _empty_arrays(env: gym.Env, rows: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Preallocated transition arrays (filled in place: no lists of rows, no concatenation copies)."""
+    obs, act = env.observation_space.shape, env.action_space.shape
+    return dict(observations=np.zeros((*rows, *obs), np.float32), actions=np.zeros((*rows, *act), np.float32),
+                rewards=np.zeros(rows, np.float32), next_observations=np.zeros((*rows, *obs), np.float32),
+                terminals=np.zeros(rows, bool), timeouts=np.zeros(rows, bool),
+                behavior_log_probs=np.zeros(rows, np.float32))
+
+
+def behaviour_dir() -> Path:
+    """Folder of the behaviour policy files; override with the OFFLINE_RL_BEHAVIOUR environment variable."""
+    return Path(os.environ.get("OFFLINE_RL_BEHAVIOUR", Path(__file__).resolve().parent / "behaviour_policies"))
+
+
+def save_behaviour_policy(path: str | Path, actor: SquashedGaussianActor, **metadata) -> None:
+    """A plain dict: the actor's state_dict plus metadata (env_id, train_env_steps, eval_return_mean, seed, ...)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in actor.state_dict().items()}, **metadata}, tmp)
+    os.replace(tmp, path)
+
+
+def load_behaviour_policy(env_name: str, file_stem: str) -> tuple[SquashedGaussianActor, dict]:
+    """The actor in behaviour_dir()/{file_stem}.pt and its metadata; a missing file says how to make it."""
+    path = behaviour_dir() / f"{file_stem}.pt"
+    if not path.exists():
+        cmd = TRAIN_COMMAND.format(env=env_name)
+        raise UserError(f"behaviour policy {path} is missing; train and export it with `{cmd}` then `{cmd} --export`"
+                        " (hours on a CPU; docs/datasets.md)")
+    blob = torch.load(path, weights_only=True, map_location="cpu")
+    sd = blob.pop("state_dict")
+    hidden, obs_dim = sd["trunk.0.weight"].shape
+    actor = SquashedGaussianActor(obs_dim, sd["mean.weight"].shape[0], hidden)
+    actor.load_state_dict(sd)
+    return actor.eval(), blob
+
+
+def _locomotion_seed(env_name: str, quality: str) -> int:
+    return 1000 * (len(ENVS) + list(LOCOMOTION).index(env_name)) + LOCOMOTION_QUALITIES.index(quality)
+
+
+def _replay_schedule(env_name: str) -> list[tuple[str | None, int]]:
+    """medium-replay's (snapshot file stem or None for uniform, env steps) in the run's order: uniform actions up to
+    the first snapshot (the trainer takes it at learning_starts), then snapshot k for the steps the run collected
+    between snapshot k and k+1, the last one up to the medium checkpoint."""
+    _, meta = load_behaviour_policy(env_name, f"{env_name}-medium")
+    steps = [int(s) for s in meta["replay_steps"]] + [int(meta["train_env_steps"])]
+    if any(b <= a for a, b in zip(steps[:-1], steps[1:])):
+        raise UserError(f"{env_name}-medium.pt: replay_steps {steps[:-1]} must increase up to its step {steps[-1]}")
+    return [(None, steps[0])] + [(f"{env_name}-replay-{a:07d}", b - a) for a, b in zip(steps[:-1], steps[1:])]
+
+
+def behaviour_files(env_name: str, quality: str) -> list[Path]:
+    """The behaviour policy files a dataset is made from (none for random)."""
+    stems = {"random": [], "medium": ["medium"], "expert": ["expert"], "medium-expert": ["medium", "expert"],
+             "medium-replay": ["medium"]}[quality]
+    files = [behaviour_dir() / f"{env_name}-{s}.pt" for s in stems]
+    if quality == "medium-replay":
+        files += [behaviour_dir() / f"{stem}.pt" for stem, _ in _replay_schedule(env_name) if stem is not None]
+    return files
+
+
+def generate_locomotion(env_name: str, quality: str, size: int | None = None) -> Dataset:
+    """D4RL's recipe on the v5 environment. random / medium / expert: whole episodes until at least `size` rows
+    (default 1M; episodes still running then are dropped); medium-expert: medium(size/2) then expert(size/2), each
+    with its own dataset's seed, so it is exactly those two datasets concatenated (default 1M + 1M); medium-replay:
+    the training run's first `size` env steps (default: all of them up to the medium checkpoint), replayed."""
+    env_id = LOCOMOTION[env_name]
+    if quality == "medium-replay":
+        return _generate_replay(env_name, size)
+    n = size or (2 if quality == "medium-expert" else 1) * LOCOMOTION_SIZE
+    parts = [("medium", n // 2), ("expert", n - n // 2)] if quality == "medium-expert" else [(quality, n)]
+    probe = gym.make(env_id)
+    out = _empty_arrays(probe, (n + len(parts) * probe.spec.max_episode_steps,))  # whole episodes overshoot n
+    pos = 0
+    for q, rows in parts:
+        rng = np.random.default_rng(_locomotion_seed(env_name, q))
+        policy = (UniformSampler(probe.action_space, rng) if q == "random"
+                  else ActorSampler(load_behaviour_policy(env_name, f"{env_name}-{q}")[0], rng))
+        pool, start, end = EnvPool(env_id, N_ENVS, rng), pos, pos + rows
+        bar = tqdm(total=rows, unit="transition", desc=f"  {env_name}-{q}", leave=False, mininterval=1.0,
+                   disable=rows < 100_000)
+        while pos < end:
+            for i in pool.step(policy, range(N_ENVS)):
+                pos = pool.take(i, out, pos)
+                bar.update(min(pos, end) - start - bar.n)
+                if pos >= end:
+                    break
+        bar.close()
+        pool.close()
+    return _locomotion_dataset(env_name, f"{env_name}-{quality}", {k: v[:pos] for k, v in out.items()})
+
+
+def _generate_replay(env_name: str, size: int | None) -> Dataset:
+    """medium-replay, approximated: the run's buffer was filled by a policy that changed at every gradient step; here
+    snapshot k (every --snapshot-every steps) acts for all the steps the run collected between snapshot k and k+1,
+    so the policy is piecewise constant. Episodes run on across a snapshot change, as in the run; the N_ENVS episodes
+    still running at the end are kept, their last row marked a timeout (a cut, not an MDP end)."""
+    env_id, schedule = LOCOMOTION[env_name], _replay_schedule(env_name)
+    total = sum(steps for _, steps in schedule) if size is None else min(size, sum(steps for _, steps in schedule))
+    rng = np.random.default_rng(_locomotion_seed(env_name, "medium-replay"))
+    pool = EnvPool(env_id, N_ENVS, rng)
+    out, pos, done = _empty_arrays(pool.envs[0], (total,)), 0, 0
+    for stem, steps in schedule:
+        policy = (UniformSampler(pool.envs[0].action_space, rng) if stem is None
+                  else ActorSampler(load_behaviour_policy(env_name, stem)[0], rng))
+        steps = min(steps, total - done)
+        while steps > 0:
+            k = min(N_ENVS, steps)
+            for i in pool.step(policy, range(k)):
+                pos = pool.take(i, out, pos)
+            steps, done = steps - k, done + k
+    for i in range(N_ENVS):
+        if pool.length[i]:
+            pos = pool.take(i, out, pos, cut=True)
+    pool.close()
+    return _locomotion_dataset(env_name, f"{env_name}-medium-replay", out)
+
+
+def _locomotion_dataset(env_name: str, name: str, arrays: dict[str, np.ndarray]) -> Dataset:
+    lo, hi = D4RL_REFERENCE[env_name]  # what tables use; report() also shows the v5 normalization
+    return Dataset(**arrays, env_id=LOCOMOTION[env_name], ref_min_score=lo, ref_max_score=hi, name=name)
+
+
+def episode_returns_of(env_id: str, policy: Callable, n_episodes: int, rng: np.random.Generator) -> np.ndarray:
+    """Returns of `n_episodes` whole episodes, split evenly over the copies (so short episodes are not favoured)."""
+    pool = EnvPool(env_id, min(N_ENVS, n_episodes), rng)
+    n = len(pool.envs)
+    quota = [n_episodes // n + (i < n_episodes % n) for i in range(n)]
+    returns = []
+    while active := [i for i in range(n) if quota[i] > 0]:
+        for i in pool.step(policy, active):
+            returns.append(float(pool.ep["rewards"][i, :pool.length[i]].sum(dtype=np.float64)))
+            quota[i] -= 1
+            pool.take(i, None, 0)
+    pool.close()
+    return np.array(returns)
+
+
+def measure_random_return(env_name: str, episodes: int = 100, seed: int = 12345) -> float:
+    """Mean return of uniform-random episodes on the v5 environment: how V5_RANDOM_RETURN was made."""
+    rng = np.random.default_rng(seed)
+    space = gym.make(LOCOMOTION[env_name]).action_space
+    return float(episode_returns_of(LOCOMOTION[env_name], UniformSampler(space, rng), episodes, rng).mean())
+
+
+BUILTIN_NAMES = CLASSIC_NAMES + LOCOMOTION_NAMES
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Loading: built-in (cached), .npz, Minari; every source is validated the same way
 # ---------------------------------------------------------------------------------------------------------
 def cache_dir() -> Path:
@@ -279,18 +568,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OFFLINE_RL_DATA", Path.home() / ".cache" / "offline-rl-datasets"))
 
 
+def builtin_cache_path(name: str) -> Path:
+    """{name}-r{RECIPE_VERSION}.npz; a MuJoCo dataset's name also carries a digest of its behaviour policy files and
+    the mujoco version (simulations differ in the last bits between versions), so retrained weights are not mixed
+    up with an old cache."""
+    if name in CLASSIC_NAMES:
+        return cache_dir() / f"{name}-r{RECIPE_VERSION}.npz"
+    import hashlib
+
+    import mujoco
+
+    env_name, quality = _split_name(name)
+    digest = hashlib.sha256(mujoco.__version__.encode())
+    for f in behaviour_files(env_name, quality):
+        if not f.exists():
+            load_behaviour_policy(env_name, f.stem)  # raises the error that says how to make it
+        digest.update(f.read_bytes())
+    return cache_dir() / f"{name}-r{RECIPE_VERSION}-{digest.hexdigest()[:10]}.npz"
+
+
 def load_dataset(name_or_path: str) -> Dataset:
     """A built-in name (generated once, then cached), a path to an `.npz`, or a Minari dataset id."""
     if name_or_path.endswith(".npz") or (os.path.sep in name_or_path and Path(name_or_path).suffix):
         ds = load_npz(name_or_path)
     elif name_or_path in BUILTIN_NAMES:
-        path = cache_dir() / f"{name_or_path}-r{RECIPE_VERSION}.npz"
+        path = builtin_cache_path(name_or_path)
         if not path.exists():
             t0 = time.time()
             print(f"generating built-in dataset {name_or_path} (once; cached in {path.parent}) ...", flush=True)
             ds = generate_builtin(name_or_path)
+            n = len(ds)
             save_npz(ds, path)
-            print(f"  {len(ds)} transitions in {time.time() - t0:.1f}s", flush=True)
+            del ds  # free the generated arrays before loading the file: one copy in memory, not two
+            print(f"  {n} transitions in {time.time() - t0:.1f}s", flush=True)
         ds = load_npz(path)
     elif "/" in name_or_path:
         ds = load_minari(name_or_path)
@@ -436,7 +746,8 @@ def validate(ds: Dataset) -> None:
         raise UserError(f"{ds.name}: observations {ds.observations.shape} and next_observations "
                         f"{ds.next_observations.shape} must both be (N, obs_dim)")
     for k in ("observations", "actions", "rewards", "next_observations"):
-        bad = ~np.isfinite(getattr(ds, k).astype(np.float64))
+        v = getattr(ds, k)
+        bad = ~np.isfinite(v if np.issubdtype(v.dtype, np.floating) else v.astype(np.float64))  # no float64 copy
         if bad.any():
             rows_bad = np.unique(np.nonzero(bad)[0])
             raise UserError(f"{ds.name}: {k} has {bad.sum()} NaN/inf value(s), first at row(s) "
@@ -479,6 +790,18 @@ def validate(ds: Dataset) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Report: look at the data before choosing an algorithm
 # ---------------------------------------------------------------------------------------------------------
+def _v5_normalization(name: str, mean_return: float) -> list[str]:
+    """The MuJoCo datasets' second normalization: v5 random return (measured) and this repo's expert's v5 return."""
+    env_name = _split_name(name)[0]
+    lo, path = V5_RANDOM_RETURN[env_name], behaviour_dir() / f"{env_name}-expert.pt"
+    lines = ["               ^ with D4RL's reference returns (measured on v2 envs): the one tables use"]
+    if not path.exists():
+        return lines + [f"  normalized (v5)   n/a   (v5 random {lo:.1f} = 0; no {path} for the expert's v5 return)"]
+    hi = float(torch.load(path, weights_only=True)["eval_return_mean"])
+    return lines + [f"  normalized (v5) {100 * (mean_return - lo) / (hi - lo):7.1f}   (v5 random {lo:.1f} = 0, "
+                    f"this repo's expert {hi:.1f} = 100, from {path.name})"]
+
+
 def report(ds: Dataset) -> str:
     rets = ds.episode_returns()
     lines = [f"dataset {ds.name}   env {ds.env_id} {ds.env_kwargs or ''}",
@@ -489,6 +812,8 @@ def report(ds: Dataset) -> str:
     if ds.ref_min_score is not None and ds.ref_max_score is not None:
         lines.append(f"  normalized   {float(ds.normalized_score(rets.mean())):9.1f}   "
                      f"(random {ds.ref_min_score:.1f} = 0, expert {ds.ref_max_score:.1f} = 100)")
+    if ds.name in LOCOMOTION_NAMES:
+        lines += _v5_normalization(ds.name, float(rets.mean()))
     counts, edges = np.histogram(rets, bins=10)
     lines.append("  return histogram")
     for c, lo, hi in zip(counts, edges[:-1], edges[1:]):
@@ -526,6 +851,11 @@ if __name__ == "__main__":
     else:
         try:
             for name in BUILTIN_NAMES if args[0] == "--all" else args:
-                print(report(load_dataset(name)), end="\n\n")
+                try:
+                    print(report(load_dataset(name)), end="\n\n")
+                except UserError as e:
+                    if args[0] != "--all" or name not in LOCOMOTION_NAMES:
+                        raise
+                    print(f"skipped {name}: {e}\n", flush=True)  # --all goes on without the untrained ones
         except UserError as e:  # a user mistake: one line, no traceback
             raise SystemExit(f"datasets.py: error: {e}") from None

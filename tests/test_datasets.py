@@ -9,26 +9,59 @@ import pytest
 
 import datasets as D
 
-SMALL = 3000  # transitions per generated dataset in these tests (the real ones have 100k)
+SMALL = 3000  # transitions per generated dataset in these tests (the real ones have 100k, MuJoCo ones 1M)
+HOPPER = tuple(n for n in D.LOCOMOTION_NAMES if n.startswith("hopper-"))  # the MuJoCo names generated here
+GENERATED = D.CLASSIC_NAMES + HOPPER
+REPLAY_STEPS, MEDIUM_STEP = [200, 700, 1500], 3000  # the tiny hopper "training run" (medium-replay = SMALL rows)
+
+
+def write_tiny_behaviour(folder) -> None:
+    """Untrained actors (hidden 32, distinct seeds) in the behaviour policy format, for all three environments;
+    hopper's files describe a run with replay snapshots at REPLAY_STEPS and the medium checkpoint at MEDIUM_STEP."""
+    import torch
+
+    for e, (env, env_id) in enumerate(D.LOCOMOTION.items()):
+        space = gym.make(env_id)
+        dims = (space.observation_space.shape[0], space.action_space.shape[0])
+        meta = dict(env_id=env_id, eval_return_std=1.0, seed=0, learning_starts=REPLAY_STEPS[0])
+        files = {f"{env}-replay-{s:07d}": dict(train_env_steps=s, eval_return_mean=10.0) for s in REPLAY_STEPS}
+        files[f"{env}-medium"] = dict(train_env_steps=MEDIUM_STEP, eval_return_mean=300.0, replay_steps=REPLAY_STEPS)
+        files[f"{env}-expert"] = dict(train_env_steps=10_000, eval_return_mean=1000.0)
+        for i, (stem, extra) in enumerate(files.items()):
+            torch.manual_seed(100 * e + i)
+            D.save_behaviour_policy(folder / f"{stem}.pt", D.SquashedGaussianActor(*dims, hidden=32), **meta, **extra)
 
 
 @pytest.fixture(scope="module")
-def small() -> dict[str, D.Dataset]:
-    return {name: D.generate_builtin(name, SMALL) for name in D.BUILTIN_NAMES}
+def behaviour(tmp_path_factory):
+    """The tiny behaviour policies, found through OFFLINE_RL_BEHAVIOUR (never the committed behaviour_policies/)."""
+    folder = tmp_path_factory.mktemp("behaviour")
+    write_tiny_behaviour(folder)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OFFLINE_RL_BEHAVIOUR", str(folder))
+        yield folder
 
 
-def test_there_are_twenty_builtin_names():
-    assert len(D.BUILTIN_NAMES) == 20
+@pytest.fixture(scope="module")
+def small(behaviour) -> dict[str, D.Dataset]:
+    return {name: D.generate_builtin(name, SMALL) for name in GENERATED}
+
+
+def test_there_are_thirty_five_builtin_names():
+    assert len(D.BUILTIN_NAMES) == 35 and len(set(D.BUILTIN_NAMES)) == 35
+    assert D.BUILTIN_NAMES[:20] == D.CLASSIC_NAMES  # the first 20 (and their seeds) are unchanged
     assert "lunarlander-continuous-medium-expert" in D.BUILTIN_NAMES
+    assert {"walker2d-medium-replay", "halfcheetah-medium-expert", "hopper-random"} <= set(D.BUILTIN_NAMES)
+    assert D._split_name("halfcheetah-medium-replay") == ("halfcheetah", "medium-replay")
 
 
-@pytest.mark.parametrize("name", D.BUILTIN_NAMES)
+@pytest.mark.parametrize("name", GENERATED)
 def test_builtin_shapes_dtypes_and_metadata(small, name):
     ds = small[name]
     D.validate(ds)
     env = gym.make(ds.env_id, **ds.env_kwargs)
     n = len(ds)
-    assert n >= SMALL
+    assert n == SMALL if name.endswith("medium-replay") else n >= SMALL
     assert ds.observations.dtype == np.float32 and ds.observations.shape == (n, *env.observation_space.shape)
     assert ds.next_observations.shape == ds.observations.shape
     if isinstance(env.action_space, gym.spaces.Discrete):
@@ -265,7 +298,7 @@ def test_observation_shape_must_match_the_environment(tmp_path, small):
 
 
 # --- the report --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", D.BUILTIN_NAMES)
+@pytest.mark.parametrize("name", GENERATED)
 def test_report_prints_for_every_builtin(small, name):
     text = D.report(small[name])
     assert f"dataset {name}" in text and "normalized" in text and "return histogram" in text
@@ -343,3 +376,171 @@ def test_two_processes_generating_the_same_dataset_at_once_both_succeed(tmp_path
     assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in outs]
     assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1
     assert not list(tmp_path.glob("*.tmp.npz"))
+
+
+# --- MuJoCo locomotion (D4RL's recipe), with the tiny untrained behaviour policies -------------------------------
+def _independent_log_prob(actor, obs: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """log pi(a|s) recomputed from the stored float32 action: u = atanh(a) in float64, Gaussian density of u, minus
+    log |d tanh/du| = log(1 - a^2); written directly (not through the library's stable formula)."""
+    import torch
+
+    a = actions.astype(np.float64)
+    u = np.arctanh(a)
+    with torch.no_grad():
+        mean, log_std = (x.double().numpy() for x in actor(torch.from_numpy(obs)))
+    std = np.exp(log_std)
+    return (-0.5 * ((u - mean) / std) ** 2 - np.log(std * np.sqrt(2 * np.pi)) - np.log1p(-a**2)).sum(-1)
+
+
+@pytest.mark.parametrize("quality", ["medium", "expert"])
+def test_locomotion_log_probs_are_the_actors_density_of_the_stored_action(small, quality):
+    ds = small[f"hopper-{quality}"]
+    actor, _ = D.load_behaviour_policy("hopper", f"hopper-{quality}")
+    # away from |a| = 1, where the float32 rounding of the stored action moves atanh(a) noticeably
+    ok = np.abs(ds.actions).max(1) < 0.99
+    assert ok.mean() > 0.95
+    recomputed = _independent_log_prob(actor, ds.observations[ok], ds.actions[ok])
+    np.testing.assert_allclose(ds.behavior_log_probs[ok], recomputed, rtol=0, atol=2e-5)
+    other, _ = D.load_behaviour_policy("hopper", "hopper-expert" if quality == "medium" else "hopper-medium")
+    assert np.abs(_independent_log_prob(other, ds.observations[ok], ds.actions[ok]) - recomputed).mean() > 0.1
+
+
+def test_locomotion_random_is_uniform_on_the_box(small):
+    ds = small["hopper-random"]
+    np.testing.assert_array_equal(ds.behavior_log_probs, np.float32(-3 * math.log(2.0)))
+    assert ds.actions.min() >= -1 and ds.actions.max() <= 1
+    np.testing.assert_allclose(ds.actions.mean(0), 0.0, atol=0.03)
+    np.testing.assert_allclose(ds.actions.std(0), 1 / math.sqrt(3), atol=0.02)
+
+
+def test_tanh_gaussian_density_integrates_to_one_and_matches_the_trainers_formula():
+    import torch
+
+    # one action dimension, a mean far from 0 so that the mass piles up near a = 1: the Jacobian matters there
+    mean, log_std = 1.5, math.log(0.8)
+    a = np.linspace(-1, 1, 400_001)[1:-1]
+    u = np.arctanh(a)
+    dens = np.exp(D.tanh_gaussian_log_prob(((u - mean) / math.exp(log_std))[:, None], np.full((len(a), 1), log_std),
+                                           u[:, None]))
+    assert np.trapezoid(dens, a) == pytest.approx(1.0, abs=1e-3)
+    # the stable Jacobian where tanh(u) is 1 in floating point: log(1 - tanh(u)^2) = 2 (log 2 - |u| - log(1 + e^-2|u|))
+    assert D.tanh_gaussian_log_prob(np.zeros((1, 1)), np.zeros((1, 1)), np.full((1, 1), 20.0))[0] == pytest.approx(
+        -0.5 * math.log(2 * math.pi) - 2 * (math.log(2) - 20.0), rel=1e-12)
+    # SquashedGaussianActor.sample (what SAC trains with) gives the same log-density as the datasets' float64 path
+    torch.manual_seed(0)
+    actor = D.SquashedGaussianActor(4, 3, hidden=16)
+    obs = torch.randn(50, 4)
+    act, logp = actor.sample(obs, torch.Generator().manual_seed(1))
+    z = torch.randn(50, 3, generator=torch.Generator().manual_seed(1)).double().numpy()
+    with torch.no_grad():
+        m, ls = (x.double().numpy() for x in actor(obs))
+    u = m + np.exp(ls) * z
+    np.testing.assert_allclose(act.detach().numpy(), np.tanh(u), atol=1e-6)
+    np.testing.assert_allclose(logp.detach().numpy(), D.tanh_gaussian_log_prob(z, ls, u), atol=1e-4)
+
+
+def _hopper_unhealthy(next_obs: np.ndarray) -> np.ndarray:
+    """Hopper-v5 terminates when z <= 0.7, |angle| >= 0.2 or any of obs[1:] leaves (-100, 100)."""
+    z, angle = next_obs[:, 0], next_obs[:, 1]
+    return ~((z > 0.7) & (angle > -0.2) & (angle < 0.2) & (np.abs(next_obs[:, 1:]) < 100).all(1))
+
+
+@pytest.mark.parametrize("quality", ["random", "medium"])
+def test_hopper_terminals_are_exactly_the_unhealthy_states(small, quality):
+    ds = small[f"hopper-{quality}"]
+    np.testing.assert_array_equal(ds.terminals, _hopper_unhealthy(ds.next_observations))
+    assert ds.terminals.sum() > 20 and not ds.timeouts.any()  # these short episodes never reach the time limit
+    assert ds.terminals[-1]
+
+
+def test_halfcheetah_never_terminates_and_times_out_at_1000(behaviour):
+    ds = D.generate_builtin("halfcheetah-random", 2000)
+    assert len(ds) == 2000 and not ds.terminals.any()
+    np.testing.assert_array_equal(np.flatnonzero(ds.timeouts), [999, 1999])
+    cont = ~ds.timeouts[:-1]
+    np.testing.assert_array_equal(ds.next_observations[:-1][cont], ds.observations[1:][cont])
+
+
+def test_medium_expert_is_medium_followed_by_expert(small):
+    me = D.generate_builtin("hopper-medium-expert", 2 * SMALL)
+    med, exp = small["hopper-medium"], small["hopper-expert"]  # each generated with size SMALL
+    assert len(me) == len(med) + len(exp)
+    for k in (*D.ARRAY_KEYS, "behavior_log_probs"):
+        np.testing.assert_array_equal(getattr(me, k), np.concatenate([getattr(med, k), getattr(exp, k)]), err_msg=k)
+    assert me.ref_min_score == -20.272305 and me.ref_max_score == 3234.3  # D4RL's hopper reference returns
+
+
+def test_medium_replay_replays_the_snapshots_in_order_for_their_step_counts(small):
+    ds = small["hopper-medium-replay"]
+    # which policy took each row: the candidate whose density of the stored action equals the stored log-prob
+    actors = [D.load_behaviour_policy("hopper", f"hopper-replay-{s:07d}")[0] for s in REPLAY_STEPS]
+    cand = [np.full(len(ds), -3 * math.log(2.0))]  # uniform before the first snapshot (the learning-starts steps)
+    cand += [_independent_log_prob(a, ds.observations, ds.actions) for a in actors]
+    diff = np.abs(np.stack(cand) - ds.behavior_log_probs)
+    source = diff.argmin(0)
+    assert np.median(diff.min(0)) < 1e-5 and (np.sort(diff, 0)[1] > 1e-3).mean() > 0.99  # unambiguous
+    steps = np.diff([0, *REPLAY_STEPS, MEDIUM_STEP])  # 200 uniform, then 500, 800, 1500 steps of the snapshots
+    np.testing.assert_array_equal(np.bincount(source, minlength=4), steps)
+    # in order: episodes are stored as they end, so the policy that ended each episode never goes back, and
+    # inside an episode (which runs on across a snapshot change, as in the training run) neither does the policy
+    ends = ds.episode_ends()
+    assert (np.diff(source[ends]) >= 0).all()
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    for s, e in zip(starts, ends):
+        assert (np.diff(source[s:e + 1]) >= 0).all()
+    # the episodes still running at the end are cut: last rows marked timeouts, never terminals
+    assert 0 < ds.timeouts.sum() <= D.N_ENVS and not (ds.terminals & ds.timeouts).any()
+    # a smaller size replays the first steps of the run only
+    first = D.generate_builtin("hopper-medium-replay", 600)
+    assert len(first) == 600 and (first.behavior_log_probs == np.float32(-3 * math.log(2.0))).sum() == 200
+
+
+def test_locomotion_generation_is_deterministic(small):
+    for name in ("hopper-medium", "hopper-medium-replay"):
+        again = D.generate_builtin(name, SMALL)
+        for k in (*D.ARRAY_KEYS, "behavior_log_probs"):
+            assert getattr(again, k).tobytes() == getattr(small[name], k).tobytes(), (name, k)
+    # different names draw different noise and resets, even where the weights are shared
+    assert small["hopper-medium"].observations[0].tobytes() != small["hopper-expert"].observations[0].tobytes()
+
+
+def test_missing_behaviour_files_name_the_training_command(tmp_path, monkeypatch, behaviour):
+    monkeypatch.setenv("OFFLINE_RL_BEHAVIOUR", str(tmp_path))
+    cmd = "python tools/train_behaviour.py --env walker2d"
+    with pytest.raises(D.UserError, match=r"walker2d-medium\.pt is missing.*" + cmd):
+        D.generate_builtin("walker2d-medium", 100)
+    with pytest.raises(D.UserError, match=r"walker2d-expert\.pt is missing.*" + cmd):
+        D.load_dataset("walker2d-expert")
+    assert len(D.generate_builtin("walker2d-random", 100)) >= 100  # random needs no weights
+    # medium-replay: the medium file lists its snapshots; a missing one is named
+    for f in behaviour.glob("hopper-*.pt"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "hopper-replay-0000700.pt").unlink()
+    with pytest.raises(D.UserError, match=r"hopper-replay-0000700\.pt is missing.*--env hopper"):
+        D.load_dataset("hopper-medium-replay")
+
+
+def test_cache_file_changes_with_the_behaviour_weights(tmp_path, monkeypatch, behaviour):
+    for f in behaviour.glob("hopper-*.pt"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setenv("OFFLINE_RL_BEHAVIOUR", str(tmp_path))
+    before = {q: D.builtin_cache_path(f"hopper-{q}") for q in ("medium", "expert", "medium-expert", "medium-replay")}
+    assert D.builtin_cache_path("cartpole-medium").name == f"cartpole-medium-r{D.RECIPE_VERSION}.npz"
+    (tmp_path / "hopper-expert.pt").write_bytes((behaviour / "hopper-medium.pt").read_bytes())  # "retrained"
+    after = {q: D.builtin_cache_path(f"hopper-{q}") for q in before}
+    assert [before[q] == after[q] for q in before] == [True, False, False, True]
+
+
+def test_report_gives_both_normalizations_and_says_tables_use_d4rls(small):
+    ds = small["hopper-medium"]
+    text = D.report(ds)
+    mean = ds.episode_returns().mean()
+    assert f"normalized   {100 * (mean + 20.272305) / (3234.3 + 20.272305):9.1f}" in text
+    assert "D4RL's reference returns" in text and "the one tables use" in text
+    v5 = 100 * (mean - D.V5_RANDOM_RETURN["hopper"]) / (1000.0 - D.V5_RANDOM_RETURN["hopper"])  # expert meta: 1000
+    assert f"normalized (v5) {v5:7.1f}" in text and "expert 1000.0 = 100" in text
+
+
+def test_v5_random_returns_match_a_fresh_measurement():
+    for env, se in (("hopper", 1.4), ("walker2d", 0.5)):  # standard errors of the 100-episode constants
+        assert D.measure_random_return(env, episodes=100, seed=3) == pytest.approx(D.V5_RANDOM_RETURN[env], abs=6 * se)
