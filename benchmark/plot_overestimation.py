@@ -23,18 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import load_dataset  # noqa: E402
 
 
-def curves(folder: Path, dataset: str) -> dict[str, np.ndarray]:
-    """Per seed, at each evaluation step: the policy's Q at the start states, the discounted return it earned
-    from them, and the normalized score."""
-    tags = {"q_start": "eval/q_start", "earned": "eval/discounted_return", "score": "eval/normalized_score"}
+EVAL_TAGS = {"q_start": "eval/q_start", "earned": "eval/discounted_return", "score": "eval/normalized_score"}
+
+
+def curves(folder: Path, dataset: str, algo: str = "", tags: dict[str, str] = EVAL_TAGS) -> dict[str, np.ndarray]:
+    """Per seed (runs of `algo` only, when given), at each logged step of the first tag: by default the policy's Q at
+    the start states, the discounted return it earned from them, and the normalized score."""
     out: dict[str, list] = {k: [] for k in tags}
     steps = []
-    for run in sorted((folder / "runs").glob(f"{dataset}__*")):
+    for run in sorted((folder / "runs").glob(f"{dataset}__{algo + '-' if algo else ''}*")):
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
         for k, tag in tags.items():
             out[k].append([e.value for e in acc.Scalars(tag)])
-        steps.append([e.step for e in acc.Scalars(tags["score"])])
-    n = min(map(len, out["score"]))
+        steps.append([e.step for e in acc.Scalars(next(iter(tags.values())))])
+    n = min(len(x) for v in out.values() for x in v)
     return dict(steps=np.array(steps[0][:n]), **{k: np.array([x[:n] for x in v]) for k, v in out.items()})
 
 
