@@ -45,13 +45,13 @@ class Args:
     """seeds the network initialisation, the training environment, exploration and minibatch sampling"""
     learning_starts: int = 5_000
     """uniform-random environment steps before the first update; the first snapshot is taken here"""
-    snapshot_every: int = 50_000
+    snapshot_every: int = 20_000
     """every N env steps (and at --learning-starts and the end) save the actor alone to snapshots/{env}-{step}.pt and
     evaluate it with --eval-episodes stochastic episodes on separate environments and RNG, so evaluation never touches
     the training stream; each evaluation appends {step, eval_return_mean, eval_return_std, wall_s} to eval.jsonl"""
     eval_episodes: int = 10
     """stochastic episodes per snapshot evaluation (actions sampled as in the datasets)"""
-    checkpoint_every: int = 100_000
+    checkpoint_every: int = 20_000
     """every N env steps (and at the end) write checkpoint.pt, the full state for --resume: networks, optimisers,
     log-alpha, replay buffer arrays, numpy and torch RNG states; written to a temporary file, then renamed"""
     resume: bool = False
