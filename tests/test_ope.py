@@ -94,6 +94,7 @@ def table_policy(pi: np.ndarray, with_density: bool = True) -> Policy:
 
 
 def run_pipeline(ds: Dataset, policy: Policy, smoothing=None, **kw) -> dict:
+    coverage_model = kw.pop("coverage_model", None)
     args = ope.Args(policy=["unused"], bootstrap=kw.pop("bootstrap", 50), smoothing_width=smoothing,
                     **{"discount": 0.9, "fqe_steps": 0, "mb_steps": 0, "hidden_dim": 32, **kw})
     torch.manual_seed(0)
@@ -105,7 +106,7 @@ def run_pipeline(ds: Dataset, policy: Policy, smoothing=None, **kw) -> dict:
         model = ope.DynamicsEnsemble(args.mb_ensemble, ds.observations.shape[1], 1, 2, stats, args)
         ope.fit_model(model, data, args.mb_ensemble, args.mb_steps, args.learning_rate, args.batch_size)
     return ope.evaluate_policy(ds, ep, target, data, stats, ds.behavior_log_probs.astype(np.float64), args, model,
-                               np.random.default_rng(0))
+                               np.random.default_rng(0), coverage_model=coverage_model)
 
 
 # ---------------------------------------------------------------------------------------------------------

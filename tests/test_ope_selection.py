@@ -140,6 +140,13 @@ def test_policy_selection_ranks_recommends_and_says_when_it_cannot_tell():
     assert sel["FQE"]["ranking"] == ["b", "a", "c"] and sel["FQE"]["recommended"] == "b"
     assert sel["FQE"]["cannot_tell_apart"] == ["a"]
     assert sel["IS"]["skipped"] == "no usable estimate for 3 of 3 policies"
+    assert not sel["FQE"]["low_coverage"]  # no coverage check ran
+    # the pick's coverage warning fired: the selection says so (for FQE and MB, which extrapolate; IS does not)
+    for share, flagged in ((0.3, True), (0.01, False)):
+        results["b"]["diagnostics"] = {"low_coverage_share": share}
+        sel = ope.policy_selection(results)
+        assert sel["FQE"]["low_coverage"] == flagged
+        assert ("its coverage warning fired" in ope.format_summary({"selection": sel})) == flagged
 
 
 def test_hcope_bound_by_hand():
@@ -195,6 +202,20 @@ def test_low_coverage_share_is_the_policy_mass_on_actions_the_data_rarely_takes(
     # "low density", so the share is pi_e's probability of action 1
     share = ope.low_coverage_share(_KnownBehaviour(), target, data, "sample", 1)
     assert share == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("share,warned", [(0.30, True), (0.06, True), (0.05, False), (0.01, False)])
+def test_the_coverage_warning_fires_above_the_datas_own_share(chain, monkeypatch, share, warned):  # noqa: F811
+    # the data's own actions put 5% of their mass below the 5th percentile by construction; the warning fires above
+    # that (docs/ope.md: every alpha = 0 policy of the validation had 6.1-11.9%, every conservative one 0-4.4%)
+    _, ds = chain
+    monkeypatch.setattr(ope, "low_coverage_share", lambda *a, **k: share)
+    res = run_pipeline(ds, table_policy(PI_B), coverage_model=_KnownBehaviour(), bootstrap=0)
+    assert res["diagnostics"]["low_coverage_share"] == share
+    hits = [w for w in res["warnings"] if "FQE and MB extrapolate" in w]
+    assert len(hits) == warned
+    if warned:
+        assert hits[0].startswith(f"{100 * share:.0f}% of pi_e's action mass")
 
 
 def test_tail_mc_error_is_the_spread_of_the_endpoints_over_batches():
