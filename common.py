@@ -259,9 +259,10 @@ def isolated(*modules: nn.Module) -> Iterator[None]:
 
 def evaluate(ds: Dataset, policy: Callable[[torch.Tensor], torch.Tensor], n_episodes: int, seed: int,
              device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-             discount: float = 0.99) -> Evaluation:
+             discount: float = 0.99, on_episode: Callable[[], object] | None = None) -> Evaluation:
     """Run `n_episodes` of `policy` (a batch of raw observations -> a batch of actions) in the dataset's
-    environment, each episode seeded `seed + i`, on a forked random stream (see `isolated`)."""
+    environment, each episode seeded `seed + i`, on a forked random stream (see `isolated`); `on_episode` is called
+    after each episode (a progress bar's update)."""
     if ds.env_id is None:
         raise UserError(f"{ds.name}: no env_id in the dataset metadata, so policies cannot be evaluated; "
                         "pass --eval-episodes 0 to train without evaluation")
@@ -279,6 +280,8 @@ def evaluate(ds: Dataset, policy: Callable[[torch.Tensor], torch.Tensor], n_epis
                 returns[i] += r
                 discounted[i] += discount**t * r
                 done, t = term or trunc, t + 1
+            if on_episode is not None:
+                on_episode()
     env.close()
     start_obs = torch.as_tensor(np.asarray(starts), dtype=torch.float32, device=device).reshape(n_episodes, -1)
     return Evaluation(returns, discounted, start_obs)

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
@@ -24,8 +23,8 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from common import (Dataset, Policy, UserError, action_bounds, check_ranges, dataset_dims, load_checkpoint,
-                    load_dataset, mlp, pick_device, report_user_errors, set_seed)
+from common import (Dataset, Policy, UserError, action_bounds, check_ranges, dataset_dims, evaluate,
+                    load_checkpoint, load_dataset, mlp, pick_device, report_user_errors, set_seed)
 
 
 @dataclass
@@ -90,7 +89,8 @@ class Args:
     """rollout length of the model; unset: the dataset's longest episode"""
     # Validation against the real environment
     rollouts: int = 0
-    """run each policy this many episodes in the dataset's environment and report each estimator's error"""
+    """run each policy this many episodes in the dataset's environment and report each estimator's error (on their own
+    random streams: every estimate is the same with or without them)"""
     rollout_action: Literal["act", "sample"] = "act"
     """what the rollouts run: `act` (the evaluation action) or `sample` (pi_e's distribution, what IS ... WDR value)"""
     plot: str | None = None
@@ -873,27 +873,22 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
 
 
 # ---- Ground truth, policy selection and the DOPE metrics (Fu et al. 2021) ------------------------------------------
-@torch.no_grad()
-def rollout_returns(ds: Dataset, act_fn, n_episodes: int, seed: int, gamma: float, device: torch.device,
-                    desc: str = "ground-truth rollouts") -> tuple[np.ndarray, np.ndarray]:
-    """Run n_episodes in the dataset's environment (episode i seeded seed + i); (discounted, undiscounted) returns."""
+def ground_truth(ds: Dataset, target: Target, args: Args, device: torch.device, label: str = "") -> dict:
+    """--rollouts: the policy --rollout-action names, run in the dataset's environment (episode i seeded
+    seed + 100 + i, the same for every policy), with its 95% CI. common.evaluate runs it on a forked torch stream and
+    the CI has its own numpy stream, so no estimate of this or a later policy depends on --rollouts."""
     if ds.env_id is None:
         raise OPEError(f"{ds.name}: no env_id in the dataset metadata, so --rollouts cannot run the policy")
-    env = gym.make(ds.env_id, **ds.env_kwargs)
-    disc, undisc = np.zeros(n_episodes), np.zeros(n_episodes)
-    with progress_bar(n_episodes, desc, unit="episode") as bar:
-        for i in range(n_episodes):
-            obs, _ = env.reset(seed=seed + i)
-            done, t = False, 0
-            while not done:
-                a = act_fn(torch.as_tensor(obs, dtype=torch.float32, device=device)[None])[0].cpu().numpy()
-                obs, r, term, trunc, _ = env.step(int(a) if ds.discrete else a)
-                disc[i] += gamma**t * r
-                undisc[i] += r
-                done, t = term or trunc, t + 1
-            bar.update()
-    env.close()
-    return disc, undisc
+    with progress_bar(args.rollouts, f"ground-truth rollouts {label}".rstrip(), unit="episode") as bar:
+        ev = evaluate(ds, target.act if args.rollout_action == "act" else target.sample, args.rollouts,
+                      args.seed + 100, device, discount=args.discount, on_episode=bar.update)
+    boot = bootstrap_counts(args.rollouts, args.bootstrap, np.random.default_rng([args.seed, 2]))
+    ci_d, ci_u = (percentile_ci(resample(mean_terms(x), boot)) if boot is not None else None
+                  for x in (ev.discounted_returns, ev.returns))
+    return dict(values="act" if args.rollout_action == "act" or target.density is None else "dist",
+                episodes=args.rollouts, discounted=float(ev.discounted_returns.mean()),
+                undiscounted=float(ev.returns.mean()), normalized=float(ds.normalized_score(ev.returns.mean())),
+                ci_discounted=ci_d, ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None)
 
 
 def spearman(x, y) -> float:
@@ -1235,18 +1230,8 @@ def main(args: Args) -> dict[str, dict]:
         trained_on = ck.get("args", {}).get("dataset") if isinstance(ck, dict) else None
         if trained_on not in (None, ds.name, args.dataset):
             res["notes"].append(f"the policy was trained on {trained_on}, evaluated here on {ds.name}")
-        if args.rollouts > 0:  # ground truth: the policy --rollout-action names, the same seeds for every policy
-            disc, undisc = timed("ground-truth rollouts", rollout_returns, ds, target.act if args.rollout_action ==
-                                 "act" else target.sample, args.rollouts, args.seed + 100, args.discount, device,
-                                 desc=f"ground-truth rollouts {label}")
-            boot = bootstrap_counts(len(disc), args.bootstrap, rng)
-            ci_d, ci_u = (percentile_ci(resample(mean_terms(x), boot)) if boot is not None else None
-                          for x in (disc, undisc))
-            res["truth"] = truth = dict(
-                values="act" if args.rollout_action == "act" or target.density is None else "dist",
-                episodes=args.rollouts, discounted=float(disc.mean()), undiscounted=float(undisc.mean()),
-                normalized=float(ds.normalized_score(undisc.mean())), ci_discounted=ci_d,
-                ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None)
+        if args.rollouts > 0:
+            res["truth"] = truth = timed("ground-truth rollouts", ground_truth, ds, target, args, device, label)
             for e in res["estimates"].values():
                 if not e["skipped"]:
                     e["error_discounted"] = e["discounted"] - truth["discounted"]

@@ -2,12 +2,14 @@
 policy-selection metrics on hand cases (and only on rows that value the policy the rollouts ran), FQE and time
 limits."""
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+import common
 import ope
 from tests.test_ope import PI_B, chain, run_pipeline, table_policy  # noqa: F401 (chain is a fixture)
 
@@ -238,3 +240,22 @@ def test_out_of_range_flags_are_refused_before_any_work(flag, value):
     args = ope.Args(policy=["does-not-exist.pt"], **{flag: value})  # the range check comes before reading files
     with pytest.raises(ope.UserError, match=f"--{flag.replace('_', '-')} .* is out of range"):
         ope.main(args)
+
+
+def test_ground_truth_rollouts_leave_the_random_streams_alone(chain):  # noqa: F811
+    # the chain's 4-dim observations and 2 actions fit CartPole: a sampled policy, run for real
+    _, ds = chain
+    ds = dataclasses.replace(ds, env_id="CartPole-v1")
+    target = ope.Target(table_policy(PI_B), 2, None, None, None)
+    args = ope.Args(policy=["unused"], rollouts=3, rollout_action="sample", bootstrap=50)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    truth = ope.ground_truth(ds, target, args, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)  # so no later estimate depends on --rollouts
+    assert truth["values"] == "dist" and truth["episodes"] == 3
+    ev = common.evaluate(ds, target.sample, 3, args.seed + 100, torch.device("cpu"), discount=args.discount)
+    assert truth["discounted"] == pytest.approx(ev.discounted_returns.mean())
+    assert truth["undiscounted"] == pytest.approx(ev.returns.mean())
+    assert truth["ci_discounted"][0] <= truth["discounted"] <= truth["ci_discounted"][1]
+    with pytest.raises(ope.OPEError, match="no env_id"):
+        ope.ground_truth(dataclasses.replace(ds, env_id=None), target, args, torch.device("cpu"))
