@@ -209,7 +209,7 @@ def test_low_coverage_share_is_the_policy_mass_on_actions_the_data_rarely_takes(
 @pytest.mark.parametrize("share,warned", [(0.30, True), (0.06, True), (0.05, False), (0.01, False)])
 def test_the_coverage_warning_fires_above_the_datas_own_share(chain, monkeypatch, share, warned):  # noqa: F811
     # the data's own actions put 5% of their mass below the 5th percentile by construction; the warning fires above
-    # that (docs/ope.md: every alpha = 0 policy of the validation had 6.1-11.9%, every conservative one 0-4.4%)
+    # that (docs/ope.md: 8 of the validation's 34 policies had 6.1-11.9%, all alpha = 0; the other 26 0-4.4%)
     _, ds = chain
     monkeypatch.setattr(ope, "low_coverage_share", lambda *a, **k: share)
     res = run_pipeline(ds, table_policy(PI_B), coverage_model=_KnownBehaviour(), bootstrap=0)
