@@ -247,7 +247,7 @@ def test_ground_truth_rollouts_leave_the_random_streams_alone(chain):  # noqa: F
     _, ds = chain
     ds = dataclasses.replace(ds, env_id="CartPole-v1")
     target = ope.Target(table_policy(PI_B), 2, None, None, None)
-    args = ope.Args(policy=["unused"], rollouts=3, rollout_action="sample", bootstrap=50)
+    args = ope.Args(policy=["unused"], rollouts=3, rollout_action="sample", bootstrap=50, discount=0.9)
     torch.manual_seed(0)
     before = torch.get_rng_state()
     truth = ope.ground_truth(ds, target, args, torch.device("cpu"))
