@@ -46,6 +46,8 @@ def main() -> None:
             if not list((a.folder / "runs").glob(f"{d}__{algo}-*")):
                 continue
             c, s = curves(a.folder, d, algo), curves(a.folder, d, algo, STD_TAGS)
+            if not len(c["steps"]):  # no finished run yet
+                continue
             for ax, data, keys in ((row[0], c, ("q_start", "earned")), (row[1], s, ("q_std_data", "q_std_pi")),
                                    (row[2], c, ("score",))):
                 for key, style in zip(keys, ("-", "--")):

@@ -28,16 +28,25 @@ EVAL_TAGS = {"q_start": "eval/q_start", "earned": "eval/discounted_return", "sco
 
 def curves(folder: Path, dataset: str, algo: str = "", tags: dict[str, str] = EVAL_TAGS) -> dict[str, np.ndarray]:
     """Per seed (runs of `algo` only, when given), at each logged step of the first tag: by default the policy's Q at
-    the start states, the discounted return it earned from them, and the normalized score."""
-    out: dict[str, list] = {k: [] for k in tags}
-    steps = []
+    the start states, the discounted return it earned from them, and the normalized score. Runs with fewer logged
+    steps than the longest, or (with `algo`) without benchmark/run.py's done marker, are left out (still running, or
+    stopped), with a line on stderr."""
+    runs = {}
     for run in sorted((folder / "runs").glob(f"{dataset}__{algo + '-' if algo else ''}*")):
+        marker = folder / "done" / f"{algo}__{dataset}__{run.name.split('__')[2]}.json"
+        if algo and marker.parent.is_dir() and not marker.exists():
+            print(f"left out {run.name}: not done ({marker.name} missing)", file=sys.stderr)
+            continue
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
-        for k, tag in tags.items():
-            out[k].append([e.value for e in acc.Scalars(tag)])
-        steps.append([e.step for e in acc.Scalars(next(iter(tags.values())))])
-    n = min(len(x) for v in out.values() for x in v)
-    return dict(steps=np.array(steps[0][:n]), **{k: np.array([x[:n] for x in v]) for k, v in out.items()})
+        logged = acc.Tags()["scalars"]
+        runs[run.name] = [[e for e in acc.Scalars(tag)] if tag in logged else [] for tag in tags.values()]
+    n = max((min(len(x) for x in series) for series in runs.values()), default=0)
+    for name in [name for name, series in runs.items() if min(len(x) for x in series) < n]:
+        print(f"left out {name}: fewer than {n} evaluations logged (unfinished?)", file=sys.stderr)
+        del runs[name]
+    out = {k: np.array([[e.value for e in series[i][:n]] for series in runs.values()]) for i, k in enumerate(tags)}
+    steps = [e.step for e in next(iter(runs.values()))[0][:n]] if runs else []
+    return dict(steps=np.array(steps), **out)
 
 
 def main() -> None:
