@@ -124,9 +124,9 @@ def plot(path: Path) -> None:
         res = [json.loads(p.read_text()) for p in sorted(dest.glob("*.ope.json"))]
         truth = [r["truth"]["discounted"] for r in res]
         cov = [100 * (r["diagnostics"].get("low_coverage_share") or 0.0) for r in res]
+        edge = ["red" if c > 100 * COVERAGE_WARN else "k" for c in cov]  # ope.py warns for the red-edged ones
         for name, marker in (("FQE", "o"), ("MB", "s")):
             est = [r["estimates"][name]["discounted"] for r in res]
-            edge = ["red" if c > 100 * COVERAGE_WARN else "k" for c in cov]  # ope.py warns for the red-edged ones
             sc = ax.scatter(truth, est, c=cov, marker=marker, cmap="viridis", vmin=0, vmax=12, label=name,
                             edgecolors=edge, linewidths=[1.5 if e == "red" else 0.5 for e in edge])
         lo, hi = min(truth), max(truth)

@@ -39,9 +39,10 @@ def curves(folder: Path, dataset: str, algo: str = "", tags: dict[str, str] = EV
             continue
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
         logged = acc.Tags()["scalars"]
-        runs[run.name] = [[e for e in acc.Scalars(tag)] if tag in logged else [] for tag in tags.values()]
-    n = max((min(len(x) for x in series) for series in runs.values()), default=0)
-    for name in [name for name, series in runs.items() if min(len(x) for x in series) < n]:
+        runs[run.name] = [list(acc.Scalars(tag)) if tag in logged else [] for tag in tags.values()]
+    length = {name: min(map(len, series)) for name, series in runs.items()}  # evaluations every tag has
+    n = max(length.values(), default=0)
+    for name in [name for name in runs if length[name] < n]:
         print(f"left out {name}: fewer than {n} evaluations logged (unfinished?)", file=sys.stderr)
         del runs[name]
     out = {k: np.array([[e.value for e in series[i][:n]] for series in runs.values()]) for i, k in enumerate(tags)}
