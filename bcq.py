@@ -10,7 +10,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import tyro
 
 from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
-                    load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device, report_saved_policy,
-                    report_user_errors, set_seed)
+                    load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device, read_training_state,
+                    report_saved_policy, report_user_errors, restore_training_state, save_training_state, set_seed)
 
 
 @dataclass
@@ -43,6 +43,11 @@ class Args:
     """path to a saved `bcq.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
     checkpoint_every: int = 0
     """with --save-model, also save `bcq_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
+    resume_every: int = 0
+    """save the whole training state to `runs/{run_name}/resume.pt` every N steps (0: never), for --resume"""
+    resume: str | None = None
+    """continue an interrupted run from its `resume.pt`, with that run's flags (others given here are ignored), in
+    its run folder; on CPU the result is the same as a run never stopped"""
     dataset: str | None = None
     """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path;
     unset: `lunarlander-continuous-medium`, or with --load-model the dataset the checkpoint was trained on"""
@@ -331,6 +336,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
     report_user_errors("bcq.py")
+    resumed = read_training_state(args.resume, "bcq.py") if args.resume else None
+    if resumed:  # the interrupted run's own flags
+        args = replace(Args(**resumed["args"]), resume=args.resume)
     check_ranges(args, RANGES)
     torch.set_num_threads(args.threads)
     set_seed(args.seed, args.torch_deterministic)
@@ -353,7 +361,7 @@ if __name__ == "__main__":
         args.learning_rate = 3e-4 if discrete else 1e-3
     check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
     rb = ReplayBuffer(ds, device, args.normalize_obs)
-    run_name, writer = make_run(args, "bcq.py")
+    run_name, writer = make_run(args, "bcq.py", resumed["run_name"] if resumed else None)
 
     # ALGO LOGIC: networks, target copies and optimisers
     if discrete:
@@ -361,6 +369,7 @@ if __name__ == "__main__":
         q_target = copy.deepcopy(agent.q)  # only the Q network has a target; G is only used online
         opt = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)  # ONE optimiser for Q and G
         update = partial(update_discrete, agent=agent, q_target=q_target, opt=opt, args=args)
+        trained = dict(agent=agent, q_target=q_target, opt=opt)  # what --resume-every saves
     else:
         agent = BoxBCQ(obs_dim, act_dim, args).to(device)
         actor_target, critic_target = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic)  # no target VAE
@@ -368,6 +377,8 @@ if __name__ == "__main__":
                                           for m in (agent.vae, agent.critic, agent.actor))
         update = partial(update_box, agent=agent, actor_target=actor_target, critic_target=critic_target,
                          vae_opt=vae_opt, critic_opt=critic_opt, actor_opt=actor_opt, args=args)
+        trained = dict(agent=agent, actor_target=actor_target, critic_target=critic_target, vae_opt=vae_opt,
+                       critic_opt=critic_opt, actor_opt=actor_opt)
 
     if args.compile:  # the same update, compiled; random draws stay eager's (fallback_random), so seeds agree
         torch._inductor.config.fallback_random = True
@@ -389,7 +400,8 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: the training loop
     progress = Progress("bcq.py", args.total_steps)
-    for step in range(1, args.total_steps + 1):
+    start = restore_training_state(resumed, trained, progress) if resumed else 0
+    for step in range(start + 1, args.total_steps + 1):
         batch = rb.sample(args.batch_size)
         logs = update(batch, step)
 
@@ -416,6 +428,8 @@ if __name__ == "__main__":
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_model(f"runs/{run_name}/bcq_step{step}.pt")
+        if args.resume_every > 0 and step % args.resume_every == 0:
+            save_training_state(f"runs/{run_name}/resume.pt", "bcq.py", step, args, run_name, progress, trained)
 
     model_path = save_model(f"runs/{run_name}/bcq.pt") if args.save_model else None
     writer.close()

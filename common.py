@@ -7,6 +7,7 @@ Dataset recipes, loading and validation live in datasets.py (`load_dataset` is r
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
 import time
@@ -25,7 +26,8 @@ from datasets import BUILTIN_NAMES, Dataset, UserError, load_dataset
 __all__ = ["BUILTIN_NAMES", "Dataset", "UserError", "load_dataset", "Policy", "ReplayBuffer", "mlp", "evaluate",
            "Evaluation", "isolated", "set_seed", "pick_device", "make_run", "Progress", "dataset_dims",
            "return_range_scale", "report_user_errors", "check_ranges", "COMMON_RANGES", "load_checkpoint",
-           "log_evaluation", "format_score", "report_saved_policy", "OnlineCollector"]
+           "log_evaluation", "format_score", "report_saved_policy", "OnlineCollector",
+           "save_training_state", "read_training_state", "restore_training_state"]
 
 
 @dataclass
@@ -337,6 +339,7 @@ def report_user_errors(script: str) -> None:
 # Valid ranges of the flags every training script has, as intervals ("inf" is unbounded); None values are skipped
 COMMON_RANGES = {"total_steps": "[1, inf)", "batch_size": "[1, inf)", "eval_every": "[1, inf)",
                  "eval_episodes": "[0, inf)", "log_every": "[1, inf)", "checkpoint_every": "[0, inf)",
+                 "resume_every": "[0, inf)",
                  "threads": "[1, inf)", "discount": "[0, 1)", "tau": "(0, 1]"}
 
 
@@ -370,10 +373,67 @@ def load_checkpoint(path: str, device: str | torch.device = "cpu", algo: str | N
     return ckpt
 
 
-def make_run(args, script: str) -> tuple[str, SummaryWriter]:
-    """runs/{dataset}__{exp_name}__{seed}__{timestamp}, with the hyperparameters logged as a markdown table."""
+# Resumable runs (--resume-every, --resume): one file with everything that changes as a run trains
+Trained = nn.Module | torch.optim.Optimizer | torch.optim.lr_scheduler.LRScheduler | torch.Tensor
+
+
+def save_training_state(path: str, script: str, step: int, args, run_name: str, progress: Progress,
+                        trained: dict[str, Trained]) -> None:
+    """What an interrupted run needs to go on exactly as if never stopped: the step, the flags, the run folder, the
+    evaluations so far, the state of each network, optimiser, scheduler and learned scalar in `trained`, and the
+    random streams. Written to a temporary file and renamed, so a run killed mid-write keeps the previous one."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    rng = dict(torch=torch.get_rng_state(), numpy=(name, key.tolist(), pos, has_gauss, gauss),
+               python=random.getstate(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    state = dict(script=script, step=step, args=asdict(args), run_name=run_name, evals=progress.evals, rng=rng,
+                 trained={k: v.detach().clone() if isinstance(v, torch.Tensor) else v.state_dict()
+                          for k, v in trained.items()})
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def read_training_state(path: str, script: str) -> dict:
+    """A file written by --resume-every (a UserError for a missing or foreign one)."""
+    if not Path(path).is_file():
+        raise UserError(f"--resume {path}: no such file (a run with --resume-every N writes runs/<run>/resume.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--resume {path}: not a file written by --resume-every ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "trained" not in state:
+        raise UserError(f"--resume {path}: not a file written by --resume-every (a --save-model file? those hold "
+                        "the policy only; continue runs from runs/<run>/resume.pt)")
+    if state["script"] != script:
+        raise UserError(f"--resume {path} was written by {state['script']}: continue it with `python "
+                        f"{state['script']} --resume {path}`")
+    return state
+
+
+def restore_training_state(state: dict, trained: dict[str, Trained], progress: Progress) -> int:
+    """Load `trained` and the random streams from a read_training_state dict; return the step it was saved at."""
+    for k, v in trained.items():
+        if isinstance(v, torch.Tensor):
+            with torch.no_grad():
+                v.copy_(state["trained"][k])
+        else:
+            v.load_state_dict(state["trained"][k])
+    torch.set_rng_state(state["rng"]["torch"])
+    name, key, pos, has_gauss, gauss = state["rng"]["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    progress.evals = [tuple(e) for e in state["evals"]]
+    progress.last_step = state["step"]
+    print(f"resuming run {state['run_name']} at step {state['step']}", flush=True)
+    return state["step"]
+
+
+def make_run(args, script: str, run_name: str | None = None) -> tuple[str, SummaryWriter]:
+    """runs/{dataset}__{exp_name}__{seed}__{timestamp}, with the hyperparameters logged as a markdown table; with
+    `run_name` (--resume), that run's folder, where TensorBoard drops the steps logged after its saved state."""
     dataset = Path(args.dataset).stem if args.dataset.endswith(".npz") else args.dataset.replace("/", "-")
-    run_name = f"{dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = run_name or f"{dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))

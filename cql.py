@@ -5,7 +5,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 
 import torch
@@ -15,7 +15,8 @@ import tyro
 
 from common import (COMMON_RANGES, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
                     dataset_dims, evaluate, isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp,
-                    pick_device, report_saved_policy, report_user_errors, set_seed)
+                    pick_device, read_training_state, report_saved_policy, report_user_errors, restore_training_state,
+                    save_training_state, set_seed)
 
 
 @dataclass
@@ -38,6 +39,12 @@ class Args:
     """path to a saved `cql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
     checkpoint_every: int = 0
     """with --save-model, also save `cql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
+    resume_every: int = 0
+    """save the whole training state to `runs/{run_name}/resume.pt` every N steps (0: never), for --resume; offline
+    training only (an environment's state mid-episode cannot be saved)"""
+    resume: str | None = None
+    """continue an interrupted run from its `resume.pt`, with that run's flags (others given here are ignored), in
+    its run folder; on CPU the result is the same as a run never stopped"""
     dataset: str | None = None
     """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path;
     unset: `lunarlander-continuous-medium`, or with --load-model the dataset the checkpoint was trained on"""
@@ -439,6 +446,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
     report_user_errors("cql.py")
+    resumed = read_training_state(args.resume, "cql.py") if args.resume else None
+    if resumed:  # the interrupted run's own flags
+        args = replace(Args(**resumed["args"]), resume=args.resume)
     check_ranges(args, RANGES)
     torch.set_num_threads(args.threads)
     set_seed(args.seed, args.torch_deterministic)
@@ -453,6 +463,9 @@ if __name__ == "__main__":
     args.dataset = args.dataset or DEFAULT_DATASET
     if args.online_steps == 0:
         check_ranges(args, {"total_steps": "[1, inf)"})  # 0 offline steps only with an online phase
+    if args.online_steps > 0 and args.resume_every > 0:
+        raise UserError("--resume-every saves offline training only (an environment mid-episode cannot be saved): "
+                        "drop it or --online-steps")
     ds = load_dataset(args.dataset)
     check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
     discrete = ds.discrete
@@ -463,7 +476,7 @@ if __name__ == "__main__":
     rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias, capacity=args.online_steps)
     if args.cal_ql:  # Cal-QL's floor G: discounted returns-to-go of each episode, on the transformed rewards
         rb.returns_to_go(args.discount)
-    run_name, writer = make_run(args, "cql.py")
+    run_name, writer = make_run(args, "cql.py", resumed["run_name"] if resumed else None)
 
     # ALGO LOGIC: networks and optimisers. Target networks start as exact copies of the online ones.
     if discrete:
@@ -473,6 +486,7 @@ if __name__ == "__main__":
         update = partial(update_discrete, qnet=qnet, qnet_target=qnet_target, q_opt=q_opt, args=args)
         q_value, greedy, critics = partial(discrete_q, qnet), qnet.act, None
         explore, explorer = partial(explore_discrete, qnet, args.online_epsilon), qnet
+        trained = dict(qnet=qnet, qnet_target=qnet_target, q_opt=q_opt)  # what --resume-every saves
     else:
         critics = QEnsemble(obs_dim, act_dim, args).to(device)
         critics_target = copy.deepcopy(critics)  # draws nothing (as the twin targets did): the actor's init is kept
@@ -488,6 +502,9 @@ if __name__ == "__main__":
                          alpha_opt=alpha_opt, alpha_prime_opt=alpha_prime_opt, args=args)
         q_value, greedy = partial(pessimistic_q, critics, lcb=args.q_lcb), actor.act
         explore, explorer = partial(explore_box, actor), actor
+        trained = dict(critics=critics, critics_target=critics_target, actor=actor, log_alpha=log_alpha,
+                       log_alpha_prime=log_alpha_prime, q_opt=q_opt, actor_opt=actor_opt, alpha_opt=alpha_opt,
+                       alpha_prime_opt=alpha_prime_opt)
 
     if args.compile:  # the same update, compiled; random draws stay eager's (fallback_random), so seeds agree
         torch._inductor.config.fallback_random = True
@@ -518,7 +535,8 @@ if __name__ == "__main__":
     n_updates = args.total_steps + args.online_steps * args.utd
     collector = OnlineCollector(ds, rb, args.seed) if args.online_steps > 0 else None
     progress = Progress("cql.py", n_updates)
-    for step in range(1, n_updates + 1):
+    start = restore_training_state(resumed, trained, progress) if resumed else 0
+    for step in range(start + 1, n_updates + 1):
         if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:
             episode = collector.step(explore, explorer)
             if episode is not None:
@@ -559,6 +577,8 @@ if __name__ == "__main__":
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_model(f"runs/{run_name}/cql_step{step}.pt")
+        if args.resume_every > 0 and step % args.resume_every == 0:
+            save_training_state(f"runs/{run_name}/resume.pt", "cql.py", step, args, run_name, progress, trained)
 
     model_path = save_model(f"runs/{run_name}/cql.pt") if args.save_model else None
     writer.close()

@@ -4,7 +4,7 @@
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Literal
 
@@ -15,7 +15,8 @@ import tyro
 
 from common import (COMMON_RANGES, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
                     dataset_dims, evaluate, isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp,
-                    pick_device, report_saved_policy, report_user_errors, return_range_scale, set_seed)
+                    pick_device, read_training_state, report_saved_policy, report_user_errors, restore_training_state,
+                    return_range_scale, save_training_state, set_seed)
 
 
 @dataclass
@@ -38,6 +39,12 @@ class Args:
     """path to a saved `iql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
     checkpoint_every: int = 0
     """with --save-model, also save `iql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
+    resume_every: int = 0
+    """save the whole training state to `runs/{run_name}/resume.pt` every N steps (0: never), for --resume; offline
+    training only (an environment's state mid-episode cannot be saved)"""
+    resume: str | None = None
+    """continue an interrupted run from its `resume.pt`, with that run's flags (others given here are ignored), in
+    its run folder; on CPU the result is the same as a run never stopped"""
     dataset: str | None = None
     """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path;
     unset: `lunarlander-continuous-medium`, or with --load-model the dataset the checkpoint was trained on"""
@@ -313,6 +320,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
     report_user_errors("iql.py")
+    resumed = read_training_state(args.resume, "iql.py") if args.resume else None
+    if resumed:  # the interrupted run's own flags
+        args = replace(Args(**resumed["args"]), resume=args.resume)
     check_ranges(args, RANGES)
     torch.set_num_threads(args.threads)
     set_seed(args.seed, args.torch_deterministic)
@@ -327,6 +337,9 @@ if __name__ == "__main__":
     args.dataset = args.dataset or DEFAULT_DATASET
     if args.online_steps == 0:
         check_ranges(args, {"total_steps": "[1, inf)"})  # 0 offline steps only with an online phase
+    if args.online_steps > 0 and args.resume_every > 0:
+        raise UserError("--resume-every saves offline training only (an environment mid-episode cannot be saved): "
+                        "drop it or --online-steps")
     if args.online_steps > 0 and args.deterministic_actor:
         raise UserError("--online-steps collects with a sample of the policy: the Gaussian actor (drop "
                         "--deterministic-actor)")
@@ -337,7 +350,7 @@ if __name__ == "__main__":
     reward_scale, reward_bias = {"none": (1.0, 0.0), "return-range": (return_range_scale(ds), 0.0),
                                  "minus-one": (1.0, -1.0)}[args.reward_scaling]
     rb = ReplayBuffer(ds, device, args.normalize_obs, reward_scale, reward_bias, capacity=args.online_steps)
-    run_name, writer = make_run(args, "iql.py")
+    run_name, writer = make_run(args, "iql.py", resumed["run_name"] if resumed else None)
 
     # ALGO LOGIC: networks and optimisers. Target Qs start as exact copies; V has no target network.
     critics = QEnsemble(obs_dim, act_dim, n_actions, args).to(device)
@@ -350,6 +363,8 @@ if __name__ == "__main__":
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
     actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, max(args.total_steps, 1)) if args.cosine_lr
                    else torch.optim.lr_scheduler.LambdaLR(actor_opt, constant_lr))
+    trained = dict(critics=critics, critics_target=critics_target, vf=vf, actor=actor, q_opt=q_opt, v_opt=v_opt,
+                   actor_opt=actor_opt, actor_sched=actor_sched)  # what --resume-every saves
 
     if args.compile:  # the same update, compiled; random draws stay eager's (fallback_random), so seeds agree
         torch._inductor.config.fallback_random = True
@@ -376,7 +391,8 @@ if __name__ == "__main__":
     n_updates = args.total_steps + args.online_steps * args.utd
     collector = OnlineCollector(ds, rb, args.seed) if args.online_steps > 0 else None
     progress = Progress("iql.py", n_updates)
-    for step in range(1, n_updates + 1):
+    start = restore_training_state(resumed, trained, progress) if resumed else 0
+    for step in range(start + 1, n_updates + 1):
         if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:
             if step == args.total_steps + 1 and args.cosine_lr:  # online, the actor's lr stays at --learning-rate
                 actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, constant_lr)
@@ -419,6 +435,8 @@ if __name__ == "__main__":
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             save_model(f"runs/{run_name}/iql_step{step}.pt")
+        if args.resume_every > 0 and step % args.resume_every == 0:
+            save_training_state(f"runs/{run_name}/resume.pt", "iql.py", step, args, run_name, progress, trained)
 
     model_path = save_model(f"runs/{run_name}/iql.pt") if args.save_model else None
     writer.close()

@@ -88,6 +88,11 @@ def test_user_errors_are_one_or_two_lines_without_a_traceback(tmp_path, script):
     fail(script, "--load-model", "missing.pt", cwd=tmp_path)
     (tmp_path / "corrupt.pt").write_text("not a checkpoint")
     fail(script, "--load-model", "corrupt.pt", cwd=tmp_path)
+    fail(script, "--resume", "missing.pt", cwd=tmp_path)
+    assert "not a file written by --resume-every" in fail(script, "--resume", "corrupt.pt", cwd=tmp_path).stderr
+    if script != "bcq.py":  # the online phase cannot be saved
+        assert "--resume-every saves offline training only" in fail(
+            script, "--resume-every", "5", "--online-steps", "10", cwd=tmp_path).stderr
     if not torch.cuda.is_available():
         fail(script, "--device", "cuda", cwd=tmp_path)
     fail(script, "--device", "tpu", cwd=tmp_path)
@@ -111,6 +116,69 @@ def test_a_checkpoint_of_another_script_says_which_script_loads_it(tmp_path):
                "--eval-episodes", "0", "--save-model", cwd=tmp_path)
     ckpt = next((tmp_path / "runs").glob("*/iql.pt"))
     assert "python iql.py --load-model" in fail("cql.py", "--load-model", str(ckpt), cwd=tmp_path).stderr
+
+
+# A run stopped at step 30 (Progress.line raises there, as if the machine went away) and continued with --resume
+# from the resume.pt it wrote at step 20 ends where a run never stopped ends: the same weights, the same losses.
+STOP_AT_30 = """
+import runpy, sys
+import common
+class Stop(common.Progress):
+    def line(self, step, extra=""):
+        if step == 30:
+            raise SystemExit(9)
+        return super().line(step, extra)
+common.Progress = Stop
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("dataset", ["pendulum-medium", "cartpole-medium"])  # Box and Discrete
+def test_a_resumed_run_ends_where_a_run_never_stopped_ends(tmp_path, script, dataset):
+    flags = ["--dataset", dataset, "--total-steps", "40", "--batch-size", "32", "--seed", "3", "--log-every", "10",
+             "--eval-every", "20", "--eval-episodes", "1", "--resume-every", "20", "--save-model", *EXTRA[script]]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    best = [part for part in run_script(script, *flags, cwd=a).splitlines()[-1].split(" | ") if "best" in part]
+    stopped = subprocess.run([sys.executable, "-c", STOP_AT_30, str(ROOT / script), *flags], cwd=b, text=True,
+                             capture_output=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert stopped.returncode == 9 and "step       20/40" in stopped.stdout, stopped.stderr
+    assert not list(b.glob(f"runs/*/{script[:-3]}.pt"))  # it did not finish
+    (state,) = b.glob("runs/*/resume.pt")
+    assert torch.load(state, weights_only=True)["step"] == 20
+
+    out = run_script(script, "--resume", str(state), cwd=b)
+    assert "resuming run" in out and "at step 20" in out and "step       30/40" in out
+    step30 = next(line for line in out.splitlines() if line.startswith("step       30/40"))
+    assert "at step 20" in step30  # the evaluations before the stop are kept: progress lines, best score
+    assert best and all(part in out.splitlines()[-1] for part in best)
+    assert len(list((b / "runs").iterdir())) == 1  # the same run folder
+    (wa,), (wb,) = (d.glob(f"runs/*/{script[:-3]}.pt") for d in (a, b))
+    ca, cb = torch.load(wa, weights_only=True), torch.load(wb, weights_only=True)
+    tensors = [k for k, v in ca.items() if isinstance(v, (torch.Tensor, dict)) and k != "args"]
+    assert tensors
+    for k in tensors:
+        va, vb = ca[k], cb[k]
+        if isinstance(va, dict):
+            assert va.keys() == vb.keys() and all(torch.equal(va[n], vb[n]) for n in va), k
+        else:
+            assert torch.equal(va, vb), k
+    la, lb = (scalars(next((d / "runs").iterdir()), "losses/") for d in (a, b))
+    assert la == lb and all(set(v) == {10, 20, 30, 40} for v in la.values())
+    ea, eb = (scalars(next((d / "runs").iterdir()), "eval/return") for d in (a, b))
+    assert ea == eb and set(ea["eval/return"]) == {20, 40}
+
+
+@pytest.mark.slow
+def test_a_resume_file_of_another_script_says_which_script_continues_it(tmp_path):
+    run_script("iql.py", "--dataset", "cartpole-medium", "--total-steps", "5", "--batch-size", "16",
+               "--eval-episodes", "0", "--resume-every", "5", cwd=tmp_path)
+    state = next((tmp_path / "runs").glob("*/resume.pt"))
+    assert f"python iql.py --resume {state}" in fail("bcq.py", "--resume", str(state), cwd=tmp_path).stderr
 
 
 @pytest.mark.slow
