@@ -8,7 +8,8 @@
 Each run is `python {algo}.py --dataset D --seed S --total-steps N --exp-name {algo}-{tag}` started in
 `benchmark/results/{tag}/` (so its TensorBoard log lands in `benchmark/results/{tag}/runs/`), with one torch
 thread per process. When a run exits cleanly the runner writes `done/{algo}__{dataset}__{seed}.json`
-(command, wall time); runs with such a file are skipped next time. A progress line (runs done / total, elapsed,
+(command, wall time); runs with such a file are skipped next time, and a run stopped part-way that saved its state
+(--resume-every) continues from it (`--resume`). A progress line (runs done / total, elapsed,
 ETA) is printed as each run ends, and every --status-every minutes while none does.
 """
 
@@ -64,6 +65,14 @@ PRESETS = {
     "ensemble": dict(algos=["sac", "sacn", "cql"], seeds=[1, 2, 3], total_steps=5000, eval_every=1000,
                      eval_episodes=10, extra={},
                      datasets=["lunarlander-continuous-medium", "lunarlander-continuous-expert"]),
+    # docs/mujoco.md: the locomotion datasets at research scale, one seed (IQL with the authors' locomotion reward
+    # scaling). Pick the datasets with --datasets: hopper-medium, hopper-medium-replay, halfcheetah-medium, ...
+    # Runs save their state every 10,000 steps; one stopped part-way goes on from there when the preset is rerun
+    "mujoco": dict(algos=["iql", "bcq"], seeds=[1], total_steps=300000, eval_every=25000, eval_episodes=10,
+                   extra={"iql": ["--reward-scaling", "return-range", "--resume-every", "10000"],
+                          "bcq": ["--resume-every", "10000"]},
+                   datasets=["hopper-medium", "hopper-medium-replay", "halfcheetah-medium", "walker2d-medium",
+                             "halfcheetah-medium-expert"]),
     # the learning table of the docs: 3 seeds, every quality but random
     "full": dict(algos=["iql", "cql", "bcq"], seeds=[1, 2, 3], total_steps=100000, eval_every=5000,
                  eval_episodes=10, extra=DISCRETE_IQL_BETA,
@@ -87,8 +96,9 @@ SECONDS_PER_1K_STEPS = {("iql", True): 10, ("iql", False): 10, ("bc", True): 10,
 
 
 def is_box(dataset: str) -> bool:
-    """Whether a built-in dataset has a Box action space (from its name: lunarlander-continuous-*, pendulum-*)."""
-    return "continuous" in dataset or "pendulum" in dataset
+    """Whether a dataset has a Box action space, from its name: every one but the discrete lunarlander-* and
+    cartpole-* (Minari ids and .npz files count as Box)."""
+    return "continuous" in dataset or dataset.split("-")[0] not in ("lunarlander", "cartpole")
 
 
 def extra_flags(extra: dict[str, list[str]], algo: str, dataset: str) -> list[str]:
@@ -98,8 +108,7 @@ def extra_flags(extra: dict[str, list[str]], algo: str, dataset: str) -> list[st
 
 def expected_seconds(algo: str, dataset: str, total_steps: int) -> float:
     """A run's expected wall time on one core (SECONDS_PER_1K_STEPS; Minari and .npz datasets count as Box)."""
-    box = is_box(dataset) or dataset.split("-")[0] not in ("lunarlander", "cartpole")
-    return SECONDS_PER_1K_STEPS.get((algo, box), 50) * total_steps / 1000
+    return SECONDS_PER_1K_STEPS.get((algo, is_box(dataset)), 50) * total_steps / 1000
 
 
 def schedule(costs: list[float], workers: int) -> float:
@@ -140,22 +149,31 @@ def job_list(cfg: dict) -> list[tuple[str, str, int]]:
             if f"{algo}@{'box' if is_box(d) else 'discrete'}" not in skip]
 
 
+def command(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> tuple[list[str], bool]:
+    """The command of one run, and whether it continues a run stopped part-way: one that saved its state
+    (--resume-every in its flags) goes on from its latest runs/.../resume.pt with its own flags."""
+    saved = sorted((out / "runs").glob(f"{dataset.replace('/', '-')}__{algo}-{cfg['tag']}__{seed}__*/resume.pt"))
+    if algo.startswith("d3rlpy_"):  # the same run with d3rlpy, in its own virtual environment
+        cmd = [cfg["d3rlpy_python"], str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", algo.removeprefix("d3rlpy_")]
+    else:
+        script, alias_flags = ALIASES.get(algo, (algo, []))
+        if saved:
+            return [sys.executable, str(ROOT / f"{script}.py"), "--resume", str(saved[-1])], True
+        cmd = [sys.executable, str(ROOT / f"{script}.py"), "--device", cfg["device"], *alias_flags]
+    return cmd + ["--dataset", dataset, "--seed", str(seed), "--total-steps", str(cfg["total_steps"]),
+                  "--eval-every", str(cfg["eval_every"]), "--eval-episodes", str(cfg["eval_episodes"]),
+                  "--exp-name", f"{algo}-{cfg['tag']}", *extra_flags(cfg["extra"], algo, dataset)], False
+
+
 def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
     key = job_key(algo, dataset, seed)
     marker = out / "done" / f"{key}.json"
     if marker.exists():
         return f"skip {key} (done)"
-    if algo.startswith("d3rlpy_"):  # the same run with d3rlpy, in its own virtual environment
-        cmd = [cfg["d3rlpy_python"], str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", algo.removeprefix("d3rlpy_")]
-    else:
-        script, alias_flags = ALIASES.get(algo, (algo, []))
-        cmd = [sys.executable, str(ROOT / f"{script}.py"), "--device", cfg["device"], *alias_flags]
-    cmd += ["--dataset", dataset, "--seed", str(seed), "--total-steps", str(cfg["total_steps"]),
-            "--eval-every", str(cfg["eval_every"]), "--eval-episodes", str(cfg["eval_episodes"]),
-            "--exp-name", f"{algo}-{cfg['tag']}", *extra_flags(cfg["extra"], algo, dataset)]
+    cmd, resumed = command(algo, dataset, seed, cfg, out)
     log = out / "logs" / f"{key}.log"
     t0 = time.time()
-    with open(log, "w") as f:
+    with open(log, "a" if resumed else "w") as f:  # a resumed run's console log goes on after the first part
         proc = subprocess.run(cmd, cwd=out, stdout=f, stderr=subprocess.STDOUT,
                               env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
     info = dict(cmd=" ".join(cmd[1:]), algo=algo, dataset=dataset, seed=seed)

@@ -52,6 +52,9 @@ def test_extra_flags_can_target_one_action_space():
     assert extra_flags(extra, "cql", "pendulum-medium") == ["--cql-alpha", "10"]
     assert extra_flags(extra, "cql", "cartpole-medium") == [] and extra_flags(extra, "bcq", "pendulum-medium") == []
     assert extra_flags(PRESETS["small"]["extra"], "iql", "cartpole-medium") == ["--beta", "0.3"]
+    # MuJoCo and Minari datasets are Box: the discrete IQL beta is not theirs
+    for box in ("hopper-medium", "halfcheetah-medium-expert", "mujoco/hopper/medium-v0", "data.npz"):
+        assert extra_flags(PRESETS["small"]["extra"], "iql", box) == [], box
 
 
 def test_bc_runs_iql_with_beta_zero_and_presets_can_skip_an_action_space():
@@ -72,6 +75,23 @@ def test_bc_runs_iql_with_beta_zero_and_presets_can_skip_an_action_space():
     assert ("calql", "lunarlander-medium", 1) in ft_jobs
     assert ("calql", "lunarlander-continuous-medium", 1) not in ft_jobs
     assert ("scratch", "lunarlander-continuous-medium", 1) in ft_jobs and len(ft_jobs) == 6
+
+
+def test_a_run_stopped_part_way_goes_on_from_its_saved_state(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from run import PRESETS, command
+
+    cfg = dict(PRESETS["mujoco"], tag="mujoco", device="cpu", d3rlpy_python="python")
+    fresh, resumed = command("bcq", "hopper-medium", 1, cfg, tmp_path)
+    assert not resumed and fresh[-2:] == ["--resume-every", "10000"] and "--dataset" in fresh
+    run = tmp_path / "runs" / "hopper-medium__bcq-mujoco__1__1700000000"
+    run.mkdir(parents=True)
+    assert command("bcq", "hopper-medium", 1, cfg, tmp_path)[1] is False  # a folder without a saved state
+    (run / "resume.pt").write_bytes(b"")
+    cmd, resumed = command("bcq", "hopper-medium", 1, cfg, tmp_path)
+    assert resumed and cmd[1:] == [str(ROOT / "bcq.py"), "--resume", str(run / "resume.pt")]  # its own flags
+    assert not command("bcq", "hopper-medium", 2, cfg, tmp_path)[1]  # another seed starts afresh
+    assert not command("iql", "hopper-medium", 1, cfg, tmp_path)[1]
 
 
 def test_longest_runs_start_first_and_the_wall_time_estimate_packs_them():
