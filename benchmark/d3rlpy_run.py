@@ -53,9 +53,10 @@ def enc(*hidden: int) -> VectorEncoderFactory:
     return VectorEncoderFactory(hidden_units=list(hidden))
 
 
-def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler, compile_graph: bool = False):
+def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler, compile_graph: bool = False,
+              reward_scaler=None):
     """The d3rlpy algorithm configured with our scripts' defaults (iql.py, cql.py, bcq.py); `compile_graph`: d3rlpy's
-    torch.compile + CUDA-graph option (2.7+)."""
+    torch.compile + CUDA-graph option (2.7+); `reward_scaler`: IQL's (iql.py --reward-scaling)."""
     extra = dict(compile_graph=True) if compile_graph else {}
     if algo == "iql":
         if discrete:
@@ -68,7 +69,7 @@ def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler, compil
             actor_encoder_factory=enc(256, 256), critic_encoder_factory=enc(256, 256),
             value_encoder_factory=enc(256, 256),
             actor_optim_factory=AdamFactory(lr_scheduler_factory=CosineAnnealingLRFactory(T_max=total_steps)),
-            action_scaler=action_scaler)
+            action_scaler=action_scaler, reward_scaler=reward_scaler)
     if algo == "cql":
         if discrete:  # cql.py discrete: 3x256 Q network, lr 3e-4, batch 256, alpha 1.0
             return d3rlpy.algos.DiscreteCQLConfig(**extra,
@@ -107,6 +108,9 @@ def main() -> None:
                    "runs/{dataset}__{exp_name}__{seed}__{time}, as our scripts write")
     p.add_argument("--device", default="cpu:0", help="d3rlpy's device string, e.g. cuda:0")
     p.add_argument("--compile-graph", action="store_true", help="d3rlpy's compile_graph=True (CUDA only)")
+    p.add_argument("--reward-scaling", choices=["none", "return-range"], default="none",
+                   help="IQL: as iql.py's flag; return-range is d3rlpy's ReturnBasedRewardScaler(multiplier=1000), "
+                        "r * 1000 / (max - min episode return), the authors' locomotion setting")
     a = p.parse_args()
 
     ds = load_dataset(a.dataset)
@@ -125,7 +129,12 @@ def main() -> None:
         low, high = action_bounds(ds)
         scaler = d3rlpy.preprocessing.MinMaxActionScaler(minimum=low.astype(np.float32),
                                                          maximum=high.astype(np.float32))
-    algo = make_algo(a.algo, ds.discrete, a.total_steps, scaler, a.compile_graph).create(device=a.device)
+    if a.reward_scaling == "return-range" and a.algo != "iql":
+        raise SystemExit("--reward-scaling applies to --algo iql (as in our scripts)")
+    reward_scaler = (d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0)
+                     if a.reward_scaling == "return-range" else None)
+    algo = make_algo(a.algo, ds.discrete, a.total_steps, scaler, a.compile_graph,
+                     reward_scaler).create(device=a.device)
     algo.build_with_dataset(data)
 
     exp_name = a.exp_name or f"d3rlpy_{a.algo}"

@@ -70,7 +70,7 @@ PRESETS = {
     # Runs save their state every 10,000 steps; one stopped part-way goes on from there when the preset is rerun
     "mujoco": dict(algos=["iql", "bcq"], seeds=[1], total_steps=300000, eval_every=25000, eval_episodes=10,
                    extra={"iql": ["--reward-scaling", "return-range", "--resume-every", "10000"],
-                          "bcq": ["--resume-every", "10000"]},
+                          "bcq": ["--resume-every", "10000"], "d3rlpy_iql": ["--reward-scaling", "return-range"]},
                    datasets=["hopper-medium", "hopper-medium-replay", "halfcheetah-medium", "walker2d-medium",
                              "halfcheetah-medium-expert"]),
     # the learning table of the docs: 3 seeds, every quality but random
