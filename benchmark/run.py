@@ -38,6 +38,7 @@ ALIASES = {"bc": ("iql", ["--beta", "0"]),
            # docs/cql.md, critic ensembles: plain SAC (CQL without its term) and SAC-N with ten critics
            "sac": ("cql", ["--cql-alpha", "0"]), "sacn": ("cql", ["--cql-alpha", "0", "--n-critics", "10"])}
 ONLINE = ["--online-steps", "50000"]
+SAVE_EVERY_50K = ["--resume-every", "10000", "--save-model", "--checkpoint-every", "50000"]
 
 PRESETS = {
     # one seed of the eight core datasets, short runs: 41 minutes on 2 cores from a fresh clone (benchmark/README.md),
@@ -67,10 +68,11 @@ PRESETS = {
                      datasets=["lunarlander-continuous-medium", "lunarlander-continuous-expert"]),
     # docs/mujoco.md: the locomotion datasets at research scale, one seed (IQL with the authors' locomotion reward
     # scaling). Pick the datasets with --datasets: hopper-medium, hopper-medium-replay, halfcheetah-medium, ...
-    # Runs save their state every 10,000 steps; one stopped part-way goes on from there when the preset is rerun
+    # Runs save their state every 10,000 steps (one stopped part-way goes on from there when the preset is rerun)
+    # and their policy every 50,000 (the policies ope.py is validated on, docs/ope.md)
     "mujoco": dict(algos=["iql", "bcq"], seeds=[1], total_steps=300000, eval_every=25000, eval_episodes=10,
-                   extra={"iql": ["--reward-scaling", "return-range", "--resume-every", "10000"],
-                          "bcq": ["--resume-every", "10000"], "d3rlpy_iql": ["--reward-scaling", "return-range"]},
+                   extra={"iql": ["--reward-scaling", "return-range", *SAVE_EVERY_50K],
+                          "bcq": SAVE_EVERY_50K, "d3rlpy_iql": ["--reward-scaling", "return-range"]},
                    datasets=["hopper-medium", "hopper-medium-replay", "halfcheetah-medium", "walker2d-medium",
                              "halfcheetah-medium-expert"]),
     # the learning table of the docs: 3 seeds, every quality but random
