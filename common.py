@@ -67,11 +67,15 @@ class ReplayBuffer:
         self.device, self.size = device, len(ds)
         self.n_offline = self.ready = self.episode_start = self.size  # rows [0, ready) may be sampled
         self.reward_scale, self.reward_bias, self.discrete = reward_scale, reward_bias, ds.discrete
-        obs = ds.observations.astype(np.float64)
-        self.obs_mean = t(obs.mean(0) if normalize_obs else np.zeros(obs.shape[1]))
-        self.obs_std = t(obs.std(0) + 1e-3 if normalize_obs else np.ones(obs.shape[1]))
-        self.observations = with_room(self.normalize(t(ds.observations)))
-        self.next_observations = with_room(self.normalize(t(ds.next_observations)))
+        obs, dim = ds.observations, ds.observations.shape[1]  # float64 statistics, without a float64 copy of the data
+        self.obs_mean = t(obs.mean(0, dtype=np.float64) if normalize_obs else np.zeros(dim))
+        self.obs_std = t(obs.std(0, dtype=np.float64) + 1e-3 if normalize_obs else np.ones(dim))
+        if normalize_obs:
+            self.observations = with_room(self.normalize(t(ds.observations)))
+            self.next_observations = with_room(self.normalize(t(ds.next_observations)))
+        else:  # on the CPU these share the dataset's arrays: no second copy of the largest arrays (2M-row MuJoCo)
+            self.observations = with_room(t(ds.observations))
+            self.next_observations = with_room(t(ds.next_observations))
         if ds.discrete:
             self.actions = with_room(t(ds.actions, torch.long))
         else:  # Box actions are rescaled to [-1, 1] for the networks; `unscale_action` maps policy outputs back

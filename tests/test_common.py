@@ -35,6 +35,22 @@ def test_observation_normalisation_is_the_dataset_standardisation(pend):
     assert torch.equal(C.ReplayBuffer(pend, torch.device("cpu")).observations, torch.as_tensor(pend.observations))
 
 
+def test_the_buffer_holds_no_second_copy_of_the_observations_on_the_cpu(pend):
+    # 2M-row MuJoCo data: the observation arrays are most of the bytes, so the buffer's tensors are the dataset's
+    rb = C.ReplayBuffer(pend, torch.device("cpu"))
+    assert rb.observations.data_ptr() == pend.observations.ctypes.data
+    assert rb.next_observations.data_ptr() == pend.next_observations.ctypes.data
+    # with room for online rows, or normalised, they are new tensors (the dataset's arrays are never written)
+    online = C.ReplayBuffer(pend, torch.device("cpu"), capacity=10)
+    assert online.observations.data_ptr() != pend.observations.ctypes.data
+    normalized = C.ReplayBuffer(pend, torch.device("cpu"), normalize_obs=True)
+    assert normalized.observations.data_ptr() != pend.observations.ctypes.data
+    # float64 statistics, as from a float64 copy of the data
+    obs64 = pend.observations.astype(np.float64)
+    assert torch.equal(normalized.obs_mean, torch.as_tensor(obs64.mean(0), dtype=torch.float32))
+    assert torch.equal(normalized.obs_std, torch.as_tensor(obs64.std(0) + 1e-3, dtype=torch.float32))
+
+
 def test_timeouts_do_not_stop_bootstrapping(pend):
     rb = C.ReplayBuffer(pend, torch.device("cpu"))
     assert pend.timeouts.any() and rb.terminals.sum() == 0  # Pendulum only times out
