@@ -28,12 +28,16 @@ from ope import COVERAGE_WARN  # noqa: E402 (the summary marks the policies ope.
 # (label, script, flags, total steps, checkpoint every): 11-12 policies per dataset, from bad to good
 BOX = [("iql", "iql", [], 12000, 3000), ("bc", "iql", ["--beta", "0"], 6000, 3000),
        ("sac", "cql", ["--cql-alpha", "0"], 6000, 2000), ("bcq", "bcq", [], 6000, 3000)]
+# hopper (docs/mujoco.md): IQL with the authors' locomotion reward scaling; its episodes run to 1,000 steps
+HOPPER = [("iql", "iql", ["--reward-scaling", "return-range"], 12000, 3000), ("bc", "iql", ["--beta", "0"], 6000, 3000),
+          ("sac", "cql", ["--cql-alpha", "0"], 6000, 2000), ("bcq", "bcq", [], 6000, 3000)]
 POLICIES = {
     "lunarlander-medium": [("iql-beta0.3", "iql", ["--beta", "0.3"], 12000, 3000),
                            ("iql-beta3", "iql", ["--beta", "3"], 6000, 1500),
                            ("dqn", "cql", ["--cql-alpha", "0"], 10000, 2500)],
     "pendulum-medium": BOX,
     "lunarlander-continuous-medium": BOX,
+    "hopper-medium": HOPPER,
 }
 # FQE budgets as the earlier six-policy validation (docs/ope.md); greedy/deterministic policies (CQL Discrete, BCQ)
 # have no density, so IS ... WDR value them smoothed (--smoothing-width 0.1), and so do the rollouts (sample)
@@ -41,7 +45,8 @@ OPE_FLAGS = ["--mb-steps", "5000", "--rollouts", "20", "--rollout-action", "samp
              "--smoothing-width", "0.1"]
 FQE = {"lunarlander-medium": ["--fqe-steps", "20000", "--fqe-tau", "0.02"],
        "pendulum-medium": ["--fqe-steps", "10000", "--fqe-tau", "0.01"],
-       "lunarlander-continuous-medium": ["--fqe-steps", "20000", "--fqe-tau", "0.02"]}
+       "lunarlander-continuous-medium": ["--fqe-steps", "20000", "--fqe-tau", "0.02"],
+       "hopper-medium": ["--fqe-steps", "20000", "--fqe-tau", "0.02"]}
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
