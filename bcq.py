@@ -10,7 +10,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
@@ -20,7 +20,8 @@ import tyro
 
 from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate, isolated,
                     load_checkpoint, load_dataset, log_evaluation, make_run, mlp, pick_device, read_training_state,
-                    report_saved_policy, report_user_errors, restore_training_state, save_training_state, set_seed)
+                    report_saved_policy, report_user_errors, restore_training_state, resumed_args, save_training_state,
+                    set_seed)
 
 
 @dataclass
@@ -337,8 +338,8 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
     report_user_errors("bcq.py")
     resumed = read_training_state(args.resume, "bcq.py") if args.resume else None
-    if resumed:  # the interrupted run's own flags
-        args = replace(Args(**resumed["args"]), resume=args.resume)
+    if resumed:  # the interrupted run's own flags; --device and --threads from this command
+        args = resumed_args(args, resumed)
     check_ranges(args, RANGES)
     torch.set_num_threads(args.threads)
     set_seed(args.seed, args.torch_deterministic)
@@ -361,7 +362,7 @@ if __name__ == "__main__":
         args.learning_rate = 3e-4 if discrete else 1e-3
     check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
     rb = ReplayBuffer(ds, device, args.normalize_obs)
-    run_name, writer = make_run(args, "bcq.py", resumed["run_name"] if resumed else None)
+    run_name, writer = make_run(args, "bcq.py", resumed)
 
     # ALGO LOGIC: networks, target copies and optimisers
     if discrete:

@@ -12,7 +12,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import gymnasium as gym
@@ -27,7 +27,7 @@ __all__ = ["BUILTIN_NAMES", "Dataset", "UserError", "load_dataset", "Policy", "R
            "Evaluation", "isolated", "set_seed", "pick_device", "make_run", "Progress", "dataset_dims",
            "return_range_scale", "report_user_errors", "check_ranges", "COMMON_RANGES", "load_checkpoint",
            "log_evaluation", "format_score", "report_saved_policy", "OnlineCollector",
-           "save_training_state", "read_training_state", "restore_training_state"]
+           "save_training_state", "read_training_state", "resumed_args", "restore_training_state"]
 
 
 @dataclass
@@ -385,14 +385,17 @@ def save_training_state(path: str, script: str, step: int, args, run_name: str, 
                         trained: dict[str, Trained]) -> None:
     """What an interrupted run needs to go on exactly as if never stopped: the step, the flags, the run folder, the
     evaluations so far, the state of each network, optimiser, scheduler and learned scalar in `trained`, and the
-    random streams. Written to a temporary file and renamed, so a run killed mid-write keeps the previous one."""
+    random streams. Written to a temporary file, synced and renamed: a run killed mid-write keeps the previous one."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
     rng = dict(torch=torch.get_rng_state(), numpy=(name, key.tolist(), pos, has_gauss, gauss),
-               python=random.getstate(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+               python=random.getstate(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
     state = dict(script=script, step=step, args=asdict(args), run_name=run_name, evals=progress.evals, rng=rng,
                  trained={k: v.detach().clone() if isinstance(v, torch.Tensor) else v.state_dict()
                           for k, v in trained.items()})
-    torch.save(state, f"{path}.tmp")
+    with open(f"{path}.tmp", "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
 
 
@@ -410,7 +413,27 @@ def read_training_state(path: str, script: str) -> dict:
     if state["script"] != script:
         raise UserError(f"--resume {path} was written by {state['script']}: continue it with `python "
                         f"{state['script']} --resume {path}`")
+    folder = Path("runs", state["run_name"])
+    if Path(path).resolve().parent != folder.resolve():  # the run goes on writing to runs/{run_name} from here
+        raise UserError(f"--resume {path}: run this from the folder that holds {folder}/ "
+                        f"(cd {Path(path).resolve().parent.parent.parent})")
     return state
+
+
+def resumed_args(args, state: dict):
+    """The interrupted run's flags, with --resume, --device and --threads from this command (where it runs, not
+    what); other flags given on this command line are ignored, with a note."""
+    here = ("resume", "device", "threads")
+    try:
+        saved = type(args)(**{**state["args"], **{k: getattr(args, k) for k in here}})
+    except TypeError as e:
+        raise UserError(f"--resume: the file's flags do not fit this version of the script ({e})") from None
+    default = type(args)()
+    ignored = [f"--{f.name.replace('_', '-')}" for f in fields(args)
+               if f.name not in here and getattr(args, f.name) != getattr(default, f.name)]
+    if ignored:
+        print(f"note: {' '.join(ignored)} ignored: a resumed run keeps its own flags", flush=True)
+    return saved
 
 
 def restore_training_state(state: dict, trained: dict[str, Trained], progress: Progress) -> int:
@@ -429,15 +452,20 @@ def restore_training_state(state: dict, trained: dict[str, Trained], progress: P
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     progress.evals = [tuple(e) for e in state["evals"]]
     progress.last_step = state["step"]
-    print(f"resuming run {state['run_name']} at step {state['step']}", flush=True)
+    print(f"resuming at step {state['step']}", flush=True)
     return state["step"]
 
 
-def make_run(args, script: str, run_name: str | None = None) -> tuple[str, SummaryWriter]:
+def make_run(args, script: str, resumed: dict | None = None) -> tuple[str, SummaryWriter]:
     """runs/{dataset}__{exp_name}__{seed}__{timestamp}, with the hyperparameters logged as a markdown table; with
-    `run_name` (--resume), that run's folder, where TensorBoard drops the steps logged after its saved state."""
+    `resumed` (--resume), that run's folder, where TensorBoard drops what the run logged after its saved step."""
     dataset = Path(args.dataset).stem if args.dataset.endswith(".npz") else args.dataset.replace("/", "-")
-    run_name = run_name or f"{dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if resumed:
+        run_name = resumed["run_name"]
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["step"] + 1)
+        print(f"{script}: resuming run {run_name} (tensorboard --logdir runs)", flush=True)
+        return run_name, writer
+    run_name = f"{dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))

@@ -5,7 +5,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import torch
@@ -16,7 +16,7 @@ import tyro
 from common import (COMMON_RANGES, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
                     dataset_dims, evaluate, isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp,
                     pick_device, read_training_state, report_saved_policy, report_user_errors, restore_training_state,
-                    save_training_state, set_seed)
+                    resumed_args, save_training_state, set_seed)
 
 
 @dataclass
@@ -447,8 +447,8 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
     report_user_errors("cql.py")
     resumed = read_training_state(args.resume, "cql.py") if args.resume else None
-    if resumed:  # the interrupted run's own flags
-        args = replace(Args(**resumed["args"]), resume=args.resume)
+    if resumed:  # the interrupted run's own flags; --device and --threads from this command
+        args = resumed_args(args, resumed)
     check_ranges(args, RANGES)
     torch.set_num_threads(args.threads)
     set_seed(args.seed, args.torch_deterministic)
@@ -476,7 +476,7 @@ if __name__ == "__main__":
     rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias, capacity=args.online_steps)
     if args.cal_ql:  # Cal-QL's floor G: discounted returns-to-go of each episode, on the transformed rewards
         rb.returns_to_go(args.discount)
-    run_name, writer = make_run(args, "cql.py", resumed["run_name"] if resumed else None)
+    run_name, writer = make_run(args, "cql.py", resumed)
 
     # ALGO LOGIC: networks and optimisers. Target networks start as exact copies of the online ones.
     if discrete:

@@ -4,7 +4,7 @@
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal
 
@@ -16,7 +16,7 @@ import tyro
 from common import (COMMON_RANGES, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
                     dataset_dims, evaluate, isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp,
                     pick_device, read_training_state, report_saved_policy, report_user_errors, restore_training_state,
-                    return_range_scale, save_training_state, set_seed)
+                    resumed_args, return_range_scale, save_training_state, set_seed)
 
 
 @dataclass
@@ -321,8 +321,8 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
     report_user_errors("iql.py")
     resumed = read_training_state(args.resume, "iql.py") if args.resume else None
-    if resumed:  # the interrupted run's own flags
-        args = replace(Args(**resumed["args"]), resume=args.resume)
+    if resumed:  # the interrupted run's own flags; --device and --threads from this command
+        args = resumed_args(args, resumed)
     check_ranges(args, RANGES)
     torch.set_num_threads(args.threads)
     set_seed(args.seed, args.torch_deterministic)
@@ -350,7 +350,7 @@ if __name__ == "__main__":
     reward_scale, reward_bias = {"none": (1.0, 0.0), "return-range": (return_range_scale(ds), 0.0),
                                  "minus-one": (1.0, -1.0)}[args.reward_scaling]
     rb = ReplayBuffer(ds, device, args.normalize_obs, reward_scale, reward_bias, capacity=args.online_steps)
-    run_name, writer = make_run(args, "iql.py", resumed["run_name"] if resumed else None)
+    run_name, writer = make_run(args, "iql.py", resumed)
 
     # ALGO LOGIC: networks and optimisers. Target Qs start as exact copies; V has no target network.
     critics = QEnsemble(obs_dim, act_dim, n_actions, args).to(device)

@@ -134,12 +134,20 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# the state that outlives step 20: CQL's Lagrange multiplier and a BC phase across the stop, IQL's dropout draws,
+# discrete BCQ's hard target copies
+RESUME_EXTRA = {("cql.py", "pendulum-medium"): ["--cql-lagrange", "--bc-steps", "25"],
+                ("iql.py", "pendulum-medium"): ["--actor-dropout", "0.1"],
+                ("bcq.py", "cartpole-medium"): ["--target-update-every", "7"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("dataset", ["pendulum-medium", "cartpole-medium"])  # Box and Discrete
 def test_a_resumed_run_ends_where_a_run_never_stopped_ends(tmp_path, script, dataset):
     flags = ["--dataset", dataset, "--total-steps", "40", "--batch-size", "32", "--seed", "3", "--log-every", "10",
-             "--eval-every", "20", "--eval-episodes", "1", "--resume-every", "20", "--save-model", *EXTRA[script]]
+             "--eval-every", "20", "--eval-episodes", "1", "--resume-every", "20", "--save-model",
+             *RESUME_EXTRA.get((script, dataset), [])]
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     best = [part for part in run_script(script, *flags, cwd=a).splitlines()[-1].split(" | ") if "best" in part]
@@ -151,8 +159,9 @@ def test_a_resumed_run_ends_where_a_run_never_stopped_ends(tmp_path, script, dat
     (state,) = b.glob("runs/*/resume.pt")
     assert torch.load(state, weights_only=True)["step"] == 20
 
-    out = run_script(script, "--resume", str(state), cwd=b)
-    assert "resuming run" in out and "at step 20" in out and "step       30/40" in out
+    out = run_script(script, "--resume", str(state), "--total-steps", "99", "--threads", "1", cwd=b)
+    assert "resuming run" in out and "resuming at step 20" in out and "step       30/40" in out
+    assert "note: --total-steps ignored: a resumed run keeps its own flags" in out
     step30 = next(line for line in out.splitlines() if line.startswith("step       30/40"))
     assert "at step 20" in step30  # the evaluations before the stop are kept: progress lines, best score
     assert best and all(part in out.splitlines()[-1] for part in best)
@@ -169,16 +178,23 @@ def test_a_resumed_run_ends_where_a_run_never_stopped_ends(tmp_path, script, dat
             assert torch.equal(va, vb), k
     la, lb = (scalars(next((d / "runs").iterdir()), "losses/") for d in (a, b))
     assert la == lb and all(set(v) == {10, 20, 30, 40} for v in la.values())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(state.parent)).Reload()  # what the stopped part logged after step 20 is dropped
+    assert [e.step for e in acc.Scalars(next(iter(la)))] == [10, 20, 30, 40]
     ea, eb = (scalars(next((d / "runs").iterdir()), "eval/return") for d in (a, b))
     assert ea == eb and set(ea["eval/return"]) == {20, 40}
 
 
 @pytest.mark.slow
-def test_a_resume_file_of_another_script_says_which_script_continues_it(tmp_path):
+def test_a_resume_file_of_another_script_or_folder_says_what_to_do(tmp_path):
     run_script("iql.py", "--dataset", "cartpole-medium", "--total-steps", "5", "--batch-size", "16",
                "--eval-episodes", "0", "--resume-every", "5", cwd=tmp_path)
     state = next((tmp_path / "runs").glob("*/resume.pt"))
     assert f"python iql.py --resume {state}" in fail("bcq.py", "--resume", str(state), cwd=tmp_path).stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()  # the run would go on in a new runs/ folder here
+    assert f"(cd {tmp_path})" in fail("iql.py", "--resume", str(state), cwd=elsewhere).stderr
 
 
 @pytest.mark.slow
