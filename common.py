@@ -459,12 +459,12 @@ def restore_training_state(state: dict, trained: dict[str, Trained], progress: P
 def make_run(args, script: str, resumed: dict | None = None) -> tuple[str, SummaryWriter]:
     """runs/{dataset}__{exp_name}__{seed}__{timestamp}, with the hyperparameters logged as a markdown table; with
     `resumed` (--resume), that run's folder, where TensorBoard drops what the run logged after its saved step."""
-    dataset = Path(args.dataset).stem if args.dataset.endswith(".npz") else args.dataset.replace("/", "-")
     if resumed:
         run_name = resumed["run_name"]
         writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["step"] + 1)
         print(f"{script}: resuming run {run_name} (tensorboard --logdir runs)", flush=True)
         return run_name, writer
+    dataset = Path(args.dataset).stem if args.dataset.endswith(".npz") else args.dataset.replace("/", "-")
     run_name = f"{dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
     writer = SummaryWriter(f"runs/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
