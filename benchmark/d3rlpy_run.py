@@ -112,6 +112,8 @@ def main() -> None:
                    help="IQL: as iql.py's flag; return-range is d3rlpy's ReturnBasedRewardScaler(multiplier=1000), "
                         "r * 1000 / (max - min episode return), the authors' locomotion setting")
     a = p.parse_args()
+    if a.reward_scaling == "return-range" and a.algo != "iql":  # before loading the data
+        raise SystemExit("--reward-scaling applies to --algo iql (as in our scripts)")
 
     ds = load_dataset(a.dataset)
     _, _, n_actions = dataset_dims(ds)
@@ -129,8 +131,6 @@ def main() -> None:
         low, high = action_bounds(ds)
         scaler = d3rlpy.preprocessing.MinMaxActionScaler(minimum=low.astype(np.float32),
                                                          maximum=high.astype(np.float32))
-    if a.reward_scaling == "return-range" and a.algo != "iql":
-        raise SystemExit("--reward-scaling applies to --algo iql (as in our scripts)")
     reward_scaler = (d3rlpy.preprocessing.ReturnBasedRewardScaler(multiplier=1000.0)
                      if a.reward_scaling == "return-range" else None)
     algo = make_algo(a.algo, ds.discrete, a.total_steps, scaler, a.compile_graph,

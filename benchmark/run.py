@@ -154,11 +154,11 @@ def job_list(cfg: dict) -> list[tuple[str, str, int]]:
 def command(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> tuple[list[str], bool]:
     """The command of one run, and whether it continues a run stopped part-way: one that saved its state
     (--resume-every in its flags) goes on from its latest runs/.../resume.pt with its own flags."""
-    saved = sorted((out / "runs").glob(f"{dataset.replace('/', '-')}__{algo}-{cfg['tag']}__{seed}__*/resume.pt"))
     if algo.startswith("d3rlpy_"):  # the same run with d3rlpy, in its own virtual environment
         cmd = [cfg["d3rlpy_python"], str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", algo.removeprefix("d3rlpy_")]
     else:
         script, alias_flags = ALIASES.get(algo, (algo, []))
+        saved = sorted((out / "runs").glob(f"{dataset.replace('/', '-')}__{algo}-{cfg['tag']}__{seed}__*/resume.pt"))
         if saved:
             return [sys.executable, str(ROOT / f"{script}.py"), "--resume", str(saved[-1])], True
         cmd = [sys.executable, str(ROOT / f"{script}.py"), "--device", cfg["device"], *alias_flags]
