@@ -461,6 +461,35 @@ def test_halfcheetah_never_terminates_and_times_out_at_1000(behaviour):
     np.testing.assert_array_equal(ds.next_observations[:-1][cont], ds.observations[1:][cont])
 
 
+class _FallsAtTheTimeLimit(gym.Env):
+    """Terminates on its 3rd step, the step its 3-step time limit also cuts."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.full(1, self.t, np.float32), 1.0, self.t == 3, False, {}
+
+
+def test_a_terminal_on_the_time_limits_step_is_a_terminal_not_a_timeout():
+    gym.register("FallsAtTheTimeLimit-v0", entry_point=_FallsAtTheTimeLimit, max_episode_steps=3)
+    try:
+        pool = D.EnvPool("FallsAtTheTimeLimit-v0", 1, np.random.default_rng(0))
+        policy = D.UniformSampler(pool.envs[0].action_space, np.random.default_rng(1))
+        assert [pool.step(policy, [0]) for _ in range(3)] == [[], [], [0]]
+        np.testing.assert_array_equal(pool.ep["terminals"][0], [False, False, True])
+        np.testing.assert_array_equal(pool.ep["timeouts"][0], [False, False, False])  # TimeLimit set truncated too
+        pool.close()
+    finally:
+        gym.registry.pop("FallsAtTheTimeLimit-v0")
+
+
 def test_medium_expert_is_medium_followed_by_expert(small):
     me = D.generate_builtin("hopper-medium-expert", 2 * SMALL)
     med, exp = small["hopper-medium"], small["hopper-expert"]  # each generated with size SMALL

@@ -603,6 +603,46 @@ def test_online_runs_are_the_same_whatever_the_logging_and_evaluation(tmp_path, 
     assert all(la["losses/q_loss"][s] != lc["losses/q_loss"][s] for s in range(30, 81, 10))
 
 
+# runs a script with two spies: the discount the replay buffer's returns-to-go get, and the mode of every module
+# the acting policy uses while it acts
+SPY = """
+import runpy, sys
+import torch.nn as nn
+import common
+returns_to_go, step = common.ReplayBuffer.returns_to_go, common.OnlineCollector.step
+def spy_returns(self, discount):
+    print("returns_to_go discount", discount)
+    return returns_to_go(self, discount)
+def spy_step(self, explore, *modules):
+    def acting(obs):
+        used = [m for m in explore.args if isinstance(m, nn.Module)]
+        print("acting with", [m.training for m in used], "dropout layers", sum(
+            isinstance(x, nn.Dropout) for m in used for x in m.modules()))
+        return explore(obs)
+    return step(self, acting, *modules)
+common.ReplayBuffer.returns_to_go, common.OnlineCollector.step = spy_returns, spy_step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, extra", [("iql.py", ["--actor-dropout", "0.1"]),
+                                           ("cql.py", ["--cal-ql", "--discount", "0.9", "--cql-n-actions", "2"])])
+def test_the_acting_policy_runs_in_eval_mode_and_cal_ql_returns_use_the_discount(tmp_path, script, extra):
+    flags = ["--dataset", "pendulum-medium", "--total-steps", "5", "--online-steps", "4", "--batch-size", "16",
+             "--hidden-dim", "16", "--eval-episodes", "0", *extra]
+    proc = subprocess.run([sys.executable, "-c", SPY, str(ROOT / script), *flags], cwd=tmp_path, text=True,
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    acting = [line for line in proc.stdout.splitlines() if line.startswith("acting with")]
+    # one action per environment step, every module it uses in eval mode (IQL's actor has dropout layers to switch)
+    assert acting == ["acting with [False] dropout layers " + ("2" if script == "iql.py" else "0")] * 4
+    returns = [line for line in proc.stdout.splitlines() if line.startswith("returns_to_go")]
+    assert returns == (["returns_to_go discount 0.9"] if script == "cql.py" else [])
+
+
 def fail_one_line(script: str, *flags: str, cwd: Path) -> str:
     """Run a script that must refuse its flags with status 1 and a one-line error (small settings first, so that a
     script that wrongly accepts them ends in seconds)."""
