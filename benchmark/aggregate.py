@@ -105,7 +105,8 @@ def main(folder: Path) -> None:
             if g:
                 speed.append(f"| {a} | {kind} | {np.median([r['sps'] for r in g]):.0f} | {len(g)} | "
                              f"{np.mean([r['wall'] for r in g]) / 60:.1f} min |")
-    text = (f"# Results: {folder.name}\n\nNormalized score (100 = the scripted expert, 0 = uniform random), "
+    text = (f"# Results: {folder.name}\n\nNormalized score (0 = the random, 100 = the expert reference return: "
+            "the scripted expert's on the classic-control and LunarLander data, D4RL's on MuJoCo; docs/datasets.md), "
             "final evaluation, mean ± std over seeds; 'data' is the dataset's own score; 'best' is the best "
             "evaluation during training (optimistic, "
             "for reference only).\n\n" + "\n".join(lines) + "\n\n## Speed (gradient steps per second, "
