@@ -94,7 +94,10 @@ SECONDS_PER_1K_STEPS = {("iql", True): 10, ("iql", False): 10, ("bc", True): 10,
                         ("cql", True): 178, ("cql", False): 5, ("sac", True): 40, ("sacn", True): 100,
                         ("bcq", True): 42, ("bcq", False): 3, ("d3rlpy_iql", True): 14, ("d3rlpy_iql", False): 1,
                         ("d3rlpy_cql", True): 166, ("d3rlpy_cql", False): 11, ("d3rlpy_bcq", True): 61,
-                        ("d3rlpy_bcq", False): 5}
+                        ("d3rlpy_bcq", False): 5,
+                        # docs/finetune.md's aliases: Cal-QL costs what CQL costs; "scratch" is SAC (Box) or double
+                        # DQN (Discrete), timed in the finetune preset (50k online steps in 575 s on LunarLander)
+                        ("calql", True): 178, ("calql", False): 5, ("scratch", True): 40, ("scratch", False): 12}
 
 
 def is_box(dataset: str) -> bool:
@@ -108,9 +111,20 @@ def extra_flags(extra: dict[str, list[str]], algo: str, dataset: str) -> list[st
     return extra.get(algo, []) + extra.get(f"{algo}@{'box' if is_box(dataset) else 'discrete'}", [])
 
 
-def expected_seconds(algo: str, dataset: str, total_steps: int) -> float:
-    """A run's expected wall time on one core (SECONDS_PER_1K_STEPS; Minari and .npz datasets count as Box)."""
-    return SECONDS_PER_1K_STEPS.get((algo, is_box(dataset)), 50) * total_steps / 1000
+def flag_value(flags: list[str], name: str, default: float) -> float:
+    """The value of `name` in a run's flags, the last one given winning (as tyro reads them), or `default`."""
+    values = [flags[i + 1] for i in range(len(flags) - 1) if flags[i] == name]
+    return float(values[-1]) if values else default
+
+
+def expected_seconds(algo: str, dataset: str, total_steps: int, flags: list[str] | None = None) -> float:
+    """A run's expected wall time on one core (SECONDS_PER_1K_STEPS; Minari and .npz datasets count as Box). Its
+    gradient steps are --total-steps (a --total-steps in its extra `flags` overrides the preset's) plus
+    --online-steps x --utd: an online step costs about what a gradient step does (the finetune preset's runs)."""
+    flags = flags or []
+    steps = flag_value(flags, "--total-steps", total_steps)
+    steps += flag_value(flags, "--online-steps", 0) * flag_value(flags, "--utd", 1)
+    return SECONDS_PER_1K_STEPS.get((algo, is_box(dataset)), 50) * steps / 1000
 
 
 def schedule(costs: list[float], workers: int) -> float:
@@ -239,13 +253,14 @@ def main() -> None:
         if j not in todo:
             print(f"skip {job_key(*j)} (done)")
     # longest first: a long run started last would leave the other cores idle at the end
-    todo.sort(key=lambda j: -expected_seconds(j[0], j[1], cfg["total_steps"]))
-    eta = schedule([expected_seconds(j[0], j[1], cfg["total_steps"]) for j in todo], a.workers)
+    cost = {(algo, d, seed): expected_seconds(algo, d, cfg["total_steps"], extra_flags(cfg["extra"], algo, d))
+            for algo, d, seed in todo}
+    todo.sort(key=lambda j: -cost[j])
+    eta = schedule([cost[j] for j in todo], a.workers)
     print(f"{len(jobs)} runs ({len(jobs) - len(todo)} already done), {a.workers} at a time, results in {out}; "
           f"expected wall time ~{eta / 60:.0f} min on a 2-core CPU like ours" + (" with the scripts' defaults (--extra "
           "flags may change it)" if a.extra else ""), flush=True)
     t0 = time.time()
-    cost = {j: expected_seconds(j[0], j[1], cfg["total_steps"]) for j in todo}
     started: dict[tuple, float] = {}  # written by the worker threads as each run starts
     finished: list[tuple[float, float]] = []  # (expected, actual seconds) of the runs that completed normally
     ended: set[tuple] = set()  # every run that has returned (done, failed or not available)

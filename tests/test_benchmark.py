@@ -107,6 +107,12 @@ def test_longest_runs_start_first_and_the_wall_time_estimate_packs_them():
                                                             ("iql", "lunarlander-medium")]}
     assert max(costs, key=costs.get) == "cql" and min(costs, key=costs.get) == "bcq"
     assert expected_seconds("iql", "cartpole-medium", 2000) == 2 * expected_seconds("iql", "cartpole-medium", 1000)
+    # fine-tuning runs: the online steps (x --utd) count, and a --total-steps among the extra flags overrides
+    d = "lunarlander-medium"
+    assert expected_seconds("iql", d, 20000, ["--online-steps", "50000"]) == expected_seconds("iql", d, 70000)
+    assert expected_seconds("iql", d, 0, ["--online-steps", "1000", "--utd", "3"]) == expected_seconds("iql", d, 3000)
+    scratch = ["--online-steps", "50000", "--total-steps", "0"]
+    assert expected_seconds("scratch", d, 20000, scratch) == expected_seconds("scratch", d, 50000) > 0
 
 
 def test_eta_scales_the_expected_costs_by_how_fast_the_finished_runs_went():
