@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -136,15 +137,28 @@ def schedule(costs: list[float], workers: int) -> float:
     return max(slots)
 
 
-def eta_seconds(finished: list[tuple[float, float]], running: list[tuple[float, float]], queued: list[float],
-                workers: int) -> float:
-    """Wall time left: the expected cost (expected_seconds) of each run still running, less the time it has run,
-    and of each queued run, packed on the slots as `schedule` does and scaled by how long the finished runs really
-    took against their expected cost. finished: (expected, actual seconds) of runs that completed normally;
-    running: (expected, seconds so far); queued: expected, in start order."""
+def logged_eta(log: Path) -> float | None:
+    """The ETA in seconds that a run's own console last printed ("| ETA   12.3 min |"), or None before its first
+    progress line (and for d3rlpy's runs, whose console has none)."""
+    if not log.exists():
+        return None
+    with open(log, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        found = re.findall(r"\| ETA +([0-9.]+) min", f.read().decode(errors="replace"))
+    return float(found[-1]) * 60 if found else None
+
+
+def eta_seconds(finished: list[tuple[float, float]], running: list[tuple[float, float, float | None]],
+                queued: list[float], workers: int) -> float:
+    """Wall time left: for each run still running, the ETA its own console printed, or else its expected cost
+    (expected_seconds) less the time it has run; for each queued run its expected cost; packed on the slots as
+    `schedule` does, the expected costs scaled by how long the finished runs really took against theirs.
+    finished: (expected, actual seconds) of runs that completed normally; running: (expected, seconds so far,
+    logged_eta or None); queued: expected, in start order."""
     expected_done = sum(e for e, _ in finished)
     speed = sum(a for _, a in finished) / expected_done if expected_done > 0 else 1.0
-    left = [max(e * speed - ran, 0.0) for e, ran in running] + [e * speed for e in queued]
+    left = [own if own is not None else max(e * speed - ran, 0.0) for e, ran, own in running]
+    left += [e * speed for e in queued]
     return schedule(left, workers) if left else 0.0
 
 
@@ -272,7 +286,8 @@ def main() -> None:
     def progress(n_done: int) -> str:
         now = time.time()
         left = [j for j in todo if j not in ended]
-        running = [(cost[j], now - started[j]) for j in left if j in started]
+        running = [(cost[j], now - started[j], logged_eta(out / "logs" / f"{job_key(*j)}.log"))
+                   for j in left if j in started]
         queued = [cost[j] for j in left if j not in started]
         line = f"[{n_done}/{len(todo)} runs, {duration(now - t0)} elapsed"
         return line + (f", ETA ~{duration(eta_seconds(finished, running, queued, a.workers))}]" if left else "]")

@@ -120,10 +120,26 @@ def test_eta_scales_the_expected_costs_by_how_fast_the_finished_runs_went():
     from run import eta_seconds
 
     assert eta_seconds([], [], [], workers=2) == 0.0
-    assert eta_seconds([], [(100, 30)], [50, 50], workers=2) == 100  # no run finished yet: the costs as they are
+    assert eta_seconds([], [(100, 30, None)], [50, 50], workers=2) == 100  # no run finished yet: the costs as they are
     # the finished runs took twice their expected cost: 200 - 30 left on the running one, 100 + 100 queued
-    assert eta_seconds([(10, 20)], [(100, 30)], [50, 50], workers=2) == 200
-    assert eta_seconds([(10, 5)], [(100, 80)], [], workers=1) == 0  # an overdue run: nothing left to predict
+    assert eta_seconds([(10, 20)], [(100, 30, None)], [50, 50], workers=2) == 200
+    assert eta_seconds([(10, 5)], [(100, 80, None)], [], workers=1) == 0  # overdue, and no ETA of its own
+    # a run whose console printed an ETA: that one, as it is (an overdue run still has time left)
+    assert eta_seconds([(10, 5)], [(100, 80, 300.0)], [], workers=1) == 300
+    assert eta_seconds([(10, 20)], [(100, 30, 60.0)], [50, 50], workers=2) == 160  # 60 + 100 on one slot, 100
+
+
+def test_the_eta_of_a_running_run_is_the_last_one_its_console_printed(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from run import logged_eta
+
+    log = tmp_path / "run.log"
+    assert logged_eta(log) is None  # not started yet
+    log.write_text("loading dataset hopper-medium ...\n")
+    assert logged_eta(log) is None  # no progress line yet
+    log.write_text("x" * 5000 + "\nstep  1000/300000 |  80 SPS | ETA   62.3 min | no eval yet\n"
+                   "step  2000/300000 |  85 SPS | ETA   58.5 min | no eval yet | q_data 1.0\n")
+    assert logged_eta(log) == 58.5 * 60
 
 
 def test_aggregator_leaves_out_unfinished_runs_and_keeps_a_redone_seed_once(capsys):
