@@ -173,8 +173,9 @@ def job_key(algo: str, dataset: str, seed: int) -> str:
 
 
 def job_list(cfg: dict) -> list[tuple[str, str, int]]:
-    """(algo, dataset, seed) of every run, less the "algo@box" / "algo@discrete" combinations in cfg["skip"]."""
-    skip = set(cfg.get("skip", []))
+    """(algo, dataset, seed) of every run, less the "algo@box" / "algo@discrete" combinations in cfg["skip"]: those
+    are left out for their cost on a CPU, so with a GPU (--device other than cpu) they run."""
+    skip = set(cfg.get("skip", [])) if cfg.get("device", "cpu") == "cpu" else set()
     return [(algo, d, s) for d in cfg["datasets"] for algo in cfg["algos"] for s in cfg["seeds"]
             if f"{algo}@{'box' if is_box(d) else 'discrete'}" not in skip]
 

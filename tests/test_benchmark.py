@@ -75,6 +75,9 @@ def test_bc_runs_iql_with_beta_zero_and_presets_can_skip_an_action_space():
     assert ("calql", "lunarlander-medium", 1) in ft_jobs
     assert ("calql", "lunarlander-continuous-medium", 1) not in ft_jobs
     assert ("scratch", "lunarlander-continuous-medium", 1) in ft_jobs and len(ft_jobs) == 6
+    # on a GPU the combinations skipped for their CPU cost run
+    gpu_jobs = job_list(dict(ft, seeds=[1], device="cuda"))
+    assert ("calql", "lunarlander-continuous-medium", 1) in gpu_jobs and len(gpu_jobs) == 8
 
 
 def test_a_run_stopped_part_way_goes_on_from_its_saved_state(tmp_path):
