@@ -12,7 +12,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import gymnasium as gym
@@ -385,11 +385,13 @@ def save_training_state(path: str, script: str, step: int, args, run_name: str, 
                         trained: dict[str, Trained]) -> None:
     """What an interrupted run needs to go on exactly as if never stopped: the step, the flags, the run folder, the
     evaluations so far, the state of each network, optimiser, scheduler and learned scalar in `trained`, and the
-    random streams. Written to a temporary file, synced and renamed: a run killed mid-write keeps the previous one."""
+    random streams. `args`: a script's Args, or an argparse namespace (benchmark/d3rlpy_run.py). Written to a
+    temporary file, synced and renamed: a run killed mid-write keeps the previous one."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
     rng = dict(torch=torch.get_rng_state(), numpy=(name, key.tolist(), pos, has_gauss, gauss),
                python=random.getstate(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
-    state = dict(script=script, step=step, args=asdict(args), run_name=run_name, evals=progress.evals, rng=rng,
+    flags = asdict(args) if is_dataclass(args) else vars(args)
+    state = dict(script=script, step=step, args=flags, run_name=run_name, evals=progress.evals, rng=rng,
                  trained={k: v.detach().clone() if isinstance(v, torch.Tensor) else v.state_dict()
                           for k, v in trained.items()})
     with open(f"{path}.tmp", "wb") as f:

@@ -42,8 +42,9 @@ from d3rlpy.optimizers import AdamFactory  # noqa: E402
 from d3rlpy.optimizers.lr_schedulers import CosineAnnealingLRFactory  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from common import action_bounds, dataset_dims, evaluate  # noqa: E402
-from datasets import load_dataset  # noqa: E402
+from common import (Progress, action_bounds, dataset_dims, evaluate, read_training_state,  # noqa: E402
+                    restore_training_state, save_training_state)
+from datasets import UserError, load_dataset  # noqa: E402
 
 
 NOT_AVAILABLE = 3  # exit status for "d3rlpy has no such algorithm for this action space" (run.py reports n/a)
@@ -98,8 +99,8 @@ def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler, compil
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algo", required=True, choices=["iql", "cql", "bcq"])
-    p.add_argument("--dataset", required=True, help="a built-in name or an .npz path (as in our scripts)")
+    p.add_argument("--algo", choices=["iql", "cql", "bcq"], help="required, unless --resume")
+    p.add_argument("--dataset", help="a built-in name or an .npz path (as in our scripts); required, unless --resume")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--total-steps", type=int, default=5000, help="gradient steps")
     p.add_argument("--eval-every", type=int, default=1000, help="evaluate every this many gradient steps")
@@ -111,9 +112,34 @@ def main() -> None:
     p.add_argument("--reward-scaling", choices=["none", "return-range"], default="none",
                    help="IQL: as iql.py's flag; return-range is d3rlpy's ReturnBasedRewardScaler(multiplier=1000), "
                         "r * 1000 / (max - min episode return), the authors' locomotion setting")
+    p.add_argument("--resume-every", type=int, default=0,
+                   help="save the whole training state (networks, optimisers, schedulers, random streams, "
+                        "evaluations) to runs/{run}/resume.pt every N gradient steps (0: never), as our scripts do")
+    p.add_argument("--resume", default=None, help="continue an interrupted run from its resume.pt, with that run's "
+                   "flags (--device from this command), from the folder that holds its runs/")
     a = p.parse_args()
+    if a.resume is None and (a.algo is None or a.dataset is None):
+        p.error("the following arguments are required: --algo, --dataset (or --resume)")
+    try:
+        train(a)
+    except UserError as e:
+        raise SystemExit(f"d3rlpy_run.py: {e}") from None
+
+
+def train(a: argparse.Namespace) -> None:
+    resumed = read_training_state(a.resume, "d3rlpy_run.py") if a.resume else None
+    if resumed:  # the interrupted run's own flags; where it runs (--device) from this command
+        a = argparse.Namespace(**{**resumed["args"], "resume": a.resume, "device": a.device})
     if a.reward_scaling == "return-range" and a.algo != "iql":  # before loading the data
-        raise SystemExit("--reward-scaling applies to --algo iql (as in our scripts)")
+        raise UserError("--reward-scaling applies to --algo iql (as in our scripts)")
+    if a.eval_every <= 0 or a.resume_every < 0:
+        raise UserError("--eval-every must be above 0 and --resume-every at least 0")
+    # d3rlpy runs whole epochs: one between two evaluations or saves, so the steps must fit them exactly
+    epoch = math.gcd(a.eval_every, a.resume_every) if a.resume_every > 0 else a.eval_every
+    if a.total_steps % epoch != 0:
+        raise UserError(f"--total-steps {a.total_steps} is not a multiple of --eval-every {a.eval_every}"
+                        + (f" and --resume-every {a.resume_every}" if a.resume_every > 0 else "")
+                        + ": d3rlpy trains in whole epochs between evaluations; pick multiples")
 
     ds = load_dataset(a.dataset)
     _, _, n_actions = dataset_dims(ds)
@@ -136,40 +162,51 @@ def main() -> None:
     algo = make_algo(a.algo, ds.discrete, a.total_steps, scaler, a.compile_graph,
                      reward_scaler).create(device=a.device)
     algo.build_with_dataset(data)
+    # every network and optimiser (with its scheduler) d3rlpy checkpoints: what --resume-every saves
+    trained = algo.impl.modules.create_checkpointer(a.device).modules
 
-    exp_name = a.exp_name or f"d3rlpy_{a.algo}"
-    dataset = Path(a.dataset).stem if a.dataset.endswith(".npz") else a.dataset
-    run_name = f"{dataset}__{exp_name}__{a.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", f"```\n{algo.config}\n```")
-    print(f"d3rlpy_run.py: run {run_name} (d3rlpy {d3rlpy.__version__}, {type(algo).__name__})", flush=True)
+    progress = Progress("d3rlpy_run.py", a.total_steps)
+    if resumed:
+        run_name = resumed["run_name"]
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["step"] + 1)
+        print(f"d3rlpy_run.py: resuming run {run_name} (d3rlpy {d3rlpy.__version__}, {type(algo).__name__})",
+              flush=True)
+        start = restore_training_state(resumed, trained, progress)
+        algo.set_grad_step(start)
+    else:
+        exp_name = a.exp_name or f"d3rlpy_{a.algo}"
+        dataset = Path(a.dataset).stem if a.dataset.endswith(".npz") else a.dataset
+        run_name = f"{dataset}__{exp_name}__{a.seed}__{int(time.time())}"
+        writer = SummaryWriter(f"runs/{run_name}")
+        writer.add_text("hyperparameters", f"```\n{algo.config}\n```")
+        print(f"d3rlpy_run.py: run {run_name} (d3rlpy {d3rlpy.__version__}, {type(algo).__name__})", flush=True)
+        start = 0
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(algo.predict(obs.cpu().numpy()))
 
-    state = dict(t=time.time(), step=0)
-
-    def on_epoch(algo_, epoch: int, step: int) -> None:  # called by d3rlpy after every `eval_every` steps
-        sps = (step - state["step"]) / (time.time() - state["t"])
-        t0, line = time.time(), f"step {step:>8}/{a.total_steps} | {sps:6.0f} SPS"
-        writer.add_scalar("charts/SPS", sps, step)
-        if a.eval_episodes > 0:
+    def on_epoch(algo_, epoch_: int, done: int) -> None:  # called by d3rlpy after every `epoch` steps
+        step = start + done
+        if step % a.eval_every == 0 and a.eval_episodes > 0:
             # the episodes our scripts evaluate on: episode i is seeded seed + 100 + i (see their --seed)
+            t0 = time.time()
             ret = float(evaluate(ds, policy, a.eval_episodes, a.seed + 100, torch.device("cpu")).returns.mean())
             if not math.isfinite(ret):
                 raise FloatingPointError(f"non-finite evaluation return at step {step}")
             norm = float(ds.normalized_score(ret))
             writer.add_scalar("eval/return", ret, step)
             writer.add_scalar("eval/normalized_score", norm, step)
-            line += f" | eval return {ret:.1f} (normalized {norm:.1f}) in {time.time() - t0:.0f}s"
+            progress.eval(step, ret, norm, time.time() - t0)
+        writer.add_scalar("charts/SPS", progress.line(step), step)
         writer.flush()
-        print(line, flush=True)
-        state.update(t=time.time(), step=step)
+        if a.resume_every > 0 and step % a.resume_every == 0:
+            save_training_state(f"runs/{run_name}/resume.pt", "d3rlpy_run.py", step, a, run_name, progress, trained)
 
-    algo.fit(data, n_steps=a.total_steps, n_steps_per_epoch=a.eval_every, experiment_name=run_name,
+    algo.fit(data, n_steps=a.total_steps - start, n_steps_per_epoch=epoch, experiment_name=run_name,
              with_timestamp=False, logger_adapter=d3rlpy.logging.NoopAdapterFactory(), show_progress=False,
              save_interval=10**9, epoch_callback=on_epoch)
     writer.close()
+    progress.summary(run_name, "not saved (d3rlpy_run.py keeps no policy)")
 
 
 if __name__ == "__main__":

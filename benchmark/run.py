@@ -39,7 +39,8 @@ ALIASES = {"bc": ("iql", ["--beta", "0"]),
            # docs/cql.md, critic ensembles: plain SAC (CQL without its term) and SAC-N with ten critics
            "sac": ("cql", ["--cql-alpha", "0"]), "sacn": ("cql", ["--cql-alpha", "0", "--n-critics", "10"])}
 ONLINE = ["--online-steps", "50000"]
-SAVE_EVERY_50K = ["--resume-every", "10000", "--save-model", "--checkpoint-every", "50000"]
+RESUMABLE = ["--resume-every", "10000"]
+SAVE_EVERY_50K = [*RESUMABLE, "--save-model", "--checkpoint-every", "50000"]
 
 PRESETS = {
     # one seed of the eight core datasets, short runs: 41 minutes on 2 cores from a fresh clone (benchmark/README.md),
@@ -73,7 +74,8 @@ PRESETS = {
     # and their policy every 50,000 (the policies ope.py is validated on, docs/ope.md)
     "mujoco": dict(algos=["iql", "bcq"], seeds=[1], total_steps=300000, eval_every=25000, eval_episodes=10,
                    extra={"iql": ["--reward-scaling", "return-range", *SAVE_EVERY_50K],
-                          "bcq": SAVE_EVERY_50K, "d3rlpy_iql": ["--reward-scaling", "return-range"]},
+                          "bcq": SAVE_EVERY_50K, "d3rlpy_iql": ["--reward-scaling", "return-range", *RESUMABLE],
+                          "d3rlpy_bcq": RESUMABLE},
                    datasets=["hopper-medium", "hopper-medium-replay", "halfcheetah-medium", "walker2d-medium",
                              "halfcheetah-medium-expert"]),
     # the learning table of the docs: 3 seeds, every quality but random
@@ -184,13 +186,15 @@ def command(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> tuple[l
     """The command of one run, and whether it continues a run stopped part-way: one that saved its state
     (--resume-every in its flags) goes on from its latest runs/.../resume.pt with its own flags."""
     if algo.startswith("d3rlpy_"):  # the same run with d3rlpy, in its own virtual environment
-        cmd = [cfg["d3rlpy_python"], str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", algo.removeprefix("d3rlpy_")]
+        python, script = cfg["d3rlpy_python"], "benchmark/d3rlpy_run.py"
+        start = ["--algo", algo.removeprefix("d3rlpy_")]
     else:
         script, alias_flags = ALIASES.get(algo, (algo, []))
-        saved = sorted((out / "runs").glob(f"{dataset.replace('/', '-')}__{algo}-{cfg['tag']}__{seed}__*/resume.pt"))
-        if saved:
-            return [sys.executable, str(ROOT / f"{script}.py"), "--resume", str(saved[-1])], True
-        cmd = [sys.executable, str(ROOT / f"{script}.py"), "--device", cfg["device"], *alias_flags]
+        python, script, start = sys.executable, f"{script}.py", ["--device", cfg["device"], *alias_flags]
+    saved = sorted((out / "runs").glob(f"{dataset.replace('/', '-')}__{algo}-{cfg['tag']}__{seed}__*/resume.pt"))
+    if saved:
+        return [python, str(ROOT / script), "--resume", str(saved[-1])], True
+    cmd = [python, str(ROOT / script), *start]
     return cmd + ["--dataset", dataset, "--seed", str(seed), "--total-steps", str(cfg["total_steps"]),
                   "--eval-every", str(cfg["eval_every"]), "--eval-episodes", str(cfg["eval_episodes"]),
                   "--exp-name", f"{algo}-{cfg['tag']}", *extra_flags(cfg["extra"], algo, dataset)], False

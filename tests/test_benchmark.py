@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -96,6 +98,14 @@ def test_a_run_stopped_part_way_goes_on_from_its_saved_state(tmp_path):
     assert resumed and cmd[1:] == [str(ROOT / "bcq.py"), "--resume", str(run / "resume.pt")]  # its own flags
     assert not command("bcq", "hopper-medium", 2, cfg, tmp_path)[1]  # another seed starts afresh
     assert not command("iql", "hopper-medium", 1, cfg, tmp_path)[1]
+    fresh, resumed = command("d3rlpy_bcq", "hopper-medium", 1, cfg, tmp_path)  # d3rlpy's runs go on the same way
+    assert not resumed and fresh[1:4] == [str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", "bcq"]
+    assert " ".join(fresh).endswith("--resume-every 10000")
+    run = tmp_path / "runs" / "hopper-medium__d3rlpy_bcq-mujoco__1__1700000000"
+    run.mkdir(parents=True)
+    (run / "resume.pt").write_bytes(b"")
+    cmd, resumed = command("d3rlpy_bcq", "hopper-medium", 1, cfg, tmp_path)
+    assert resumed and cmd == ["python", str(ROOT / "benchmark" / "d3rlpy_run.py"), "--resume", str(run / "resume.pt")]
 
 
 def test_longest_runs_start_first_and_the_wall_time_estimate_packs_them():
@@ -156,3 +166,54 @@ def test_aggregator_leaves_out_unfinished_runs_and_keeps_a_redone_seed_once(caps
     kept = finished([run(1, 2000), run(1, 5000), run(2, 3000), run(3, 5000)])
     assert sorted((r["seed"], int(r["steps"][-1])) for r in kept) == [(1, 5000), (3, 5000)]
     assert "seed 2: last evaluation at step 3000 of 5000" in capsys.readouterr().out
+
+
+D3RLPY_PYTHON = ROOT / ".venv-d3rlpy" / "bin" / "python"
+STOP_AT_40 = """
+import runpy, sys
+import common
+class Stop(common.Progress):
+    def line(self, step, extra=""):
+        if step == 40:
+            raise SystemExit(9)
+        return super().line(step, extra)
+common.Progress = Stop
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not D3RLPY_PYTHON.exists(), reason="needs .venv-d3rlpy (benchmark/requirements-d3rlpy.txt)")
+def test_a_resumed_d3rlpy_run_ends_where_a_run_never_stopped_ends(tmp_path):
+    flags = ["--algo", "iql", "--dataset", "pendulum-medium", "--total-steps", "40", "--eval-every", "10",
+             "--eval-episodes", "1", "--resume-every", "20", "--reward-scaling", "return-range"]
+    script = str(ROOT / "benchmark" / "d3rlpy_run.py")
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    whole = subprocess.run([str(D3RLPY_PYTHON), script, *flags], cwd=a, env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    # stopped before it saves at step 40: it goes on from step 20, and logged steps 30 and 40 again
+    stopped = subprocess.run([str(D3RLPY_PYTHON), "-c", STOP_AT_40, script, *flags], cwd=b, env=env,
+                             capture_output=True, text=True)
+    assert stopped.returncode == 9 and "step       30/40" in stopped.stdout, stopped.stderr
+    (state,) = b.glob("runs/*/resume.pt")
+    assert torch.load(state, weights_only=True)["step"] == 20
+    rest = subprocess.run([str(D3RLPY_PYTHON), script, "--resume", str(state)], cwd=b, env=env, capture_output=True,
+                          text=True)
+    assert rest.returncode == 0 and "resuming at step 20" in rest.stdout, rest.stderr
+    assert whole.stdout.splitlines()[-1].split(" | ")[1:3] == rest.stdout.splitlines()[-1].split(" | ")[1:3]
+    ca, cb = (torch.load(next(d.glob("runs/*/resume.pt")), weights_only=True) for d in (a, b))
+    assert ca["step"] == cb["step"] == 40 and ca["evals"] == cb["evals"] and len(ca["evals"]) == 4
+    assert ca["trained"].keys() == cb["trained"].keys() and "policy" in ca["trained"]
+    for k in ca["trained"]:
+        if "optim" not in ca["trained"][k]:  # a network (an optimiser's state holds tensors and numbers)
+            assert all(torch.equal(v, cb["trained"][k][n]) for n, v in ca["trained"][k].items()), k
+    assert str(ca["trained"]) == str(cb["trained"])  # optimisers and the actor's cosine schedule too
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea, eb = (EventAccumulator(str(next((d / "runs").iterdir()))).Reload() for d in (a, b))
+    for tag in ("eval/return", "charts/SPS"):  # what the stopped part logged after step 20 is dropped
+        assert [e.step for e in eb.Scalars(tag)] == [e.step for e in ea.Scalars(tag)] == [10, 20, 30, 40], tag
+    assert [e.value for e in ea.Scalars("eval/return")] == [e.value for e in eb.Scalars("eval/return")]
