@@ -141,7 +141,7 @@ def schedule(costs: list[float], workers: int) -> float:
 
 def logged_eta(log: Path) -> float | None:
     """The ETA in seconds that a run's own console last printed ("| ETA   12.3 min |"), or None before its first
-    progress line (and for d3rlpy's runs, whose console has none)."""
+    progress line (d3rlpy_run.py prints the same lines as our scripts)."""
     if not log.exists():
         return None
     with open(log, "rb") as f:
