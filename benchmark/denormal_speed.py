@@ -1,4 +1,5 @@
-"""How much subnormal floats slow a long Box BCQ run on CPU, and what flushing them to zero gives back.
+"""How much subnormal floats slow a long Box BCQ run on CPU, and what flushing them to zero gives back (what
+`common.flush_subnormals` does around every script's update).
 
 Adam keeps running moments of each weight's gradient. Where the gradient stays zero (a ReLU unit that no longer
 fires) they shrink by 0.9 and 0.999 a step until they fall below float32's smallest normal number, 1.2e-38; x86
@@ -46,8 +47,8 @@ def steps_per_second(saved: dict, args: bcq.Args, rb: ReplayBuffer, dims: tuple[
                                       for m in (agent.vae, agent.critic, agent.actor))
     trained = dict(agent=agent, actor_target=actor_target, critic_target=critic_target, vae_opt=vae_opt,
                    critic_opt=critic_opt, actor_opt=actor_opt)
-    for k, v in trained.items():
-        v.load_state_dict(saved[k])
+    for k, v in trained.items():  # a copy: Adam would update the saved moments in place (and flush them to zero)
+        v.load_state_dict(copy.deepcopy(saved[k]))
     update = partial(bcq.update_box, agent=agent, actor_target=actor_target, critic_target=critic_target,
                      vae_opt=vae_opt, critic_opt=critic_opt, actor_opt=actor_opt, args=args)
     torch.manual_seed(0)

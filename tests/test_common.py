@@ -138,3 +138,17 @@ def test_evaluate_without_env_id_says_what_to_do(pend):
     bare = D.Dataset(**{k: getattr(pend, k) for k in D.ARRAY_KEYS})
     with pytest.raises(C.UserError, match="--eval-episodes 0"):
         C.evaluate(bare, lambda o: o, 1, 0, torch.device("cpu"))
+
+
+def test_flush_subnormals_zeroes_them_inside_the_update_only():
+    tiny = torch.tensor([1e-39, 1e-38, 1e-30])  # two subnormal float32s and a normal one
+
+    def update(x, *, scale):
+        return x * scale
+
+    flushed = C.flush_subnormals(update)
+    assert flushed(tiny, scale=1.0).tolist() == [0.0, 0.0, pytest.approx(1e-30)]
+    assert (update(tiny, scale=1.0) == tiny).all() and (tiny * 1.0)[0] > 0  # outside: IEEE arithmetic again
+    with pytest.raises(ZeroDivisionError):
+        C.flush_subnormals(lambda: 1 / 0)()
+    assert (tiny * 1.0)[0] > 0  # restored after an exception too
