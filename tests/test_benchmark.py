@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stop_at
 
 
 def test_runner_skips_finished_runs_and_aggregator_writes_the_table(tmp_path):
@@ -169,18 +169,6 @@ def test_aggregator_leaves_out_unfinished_runs_and_keeps_a_redone_seed_once(caps
 
 
 D3RLPY_PYTHON = ROOT / ".venv-d3rlpy" / "bin" / "python"
-STOP_AT_40 = """
-import runpy, sys
-import common
-class Stop(common.Progress):
-    def line(self, step, extra=""):
-        if step == 40:
-            raise SystemExit(9)
-        return super().line(step, extra)
-common.Progress = Stop
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 @pytest.mark.slow
@@ -195,7 +183,7 @@ def test_a_resumed_d3rlpy_run_ends_where_a_run_never_stopped_ends(tmp_path):
     whole = subprocess.run([str(D3RLPY_PYTHON), script, *flags], cwd=a, env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
     # stopped before it saves at step 40: it goes on from step 20, and logged steps 30 and 40 again
-    stopped = subprocess.run([str(D3RLPY_PYTHON), "-c", STOP_AT_40, script, *flags], cwd=b, env=env,
+    stopped = subprocess.run([str(D3RLPY_PYTHON), "-c", stop_at(40), script, *flags], cwd=b, env=env,
                              capture_output=True, text=True)
     assert stopped.returncode == 9 and "step       30/40" in stopped.stdout, stopped.stderr
     (state,) = b.glob("runs/*/resume.pt")

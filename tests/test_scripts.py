@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import datasets as D
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, run_script, stop_at
 
 SCRIPTS = ("iql.py", "cql.py", "bcq.py")
 # The settings that used to leak into training: IQL's diagnostics ran the actor with dropout on, CQL with
@@ -120,20 +120,6 @@ def test_a_checkpoint_of_another_script_says_which_script_loads_it(tmp_path):
 
 # A run stopped at step 30 (Progress.line raises there, as if the machine went away) and continued with --resume
 # from the resume.pt it wrote at step 20 ends where a run never stopped ends: the same weights, the same losses.
-STOP_AT_30 = """
-import runpy, sys
-import common
-class Stop(common.Progress):
-    def line(self, step, extra=""):
-        if step == 30:
-            raise SystemExit(9)
-        return super().line(step, extra)
-common.Progress = Stop
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 # the state that outlives step 20: CQL's Lagrange multiplier and a BC phase across the stop, IQL's dropout draws,
 # discrete BCQ's hard target copies
 RESUME_EXTRA = {("cql.py", "pendulum-medium"): ["--cql-lagrange", "--bc-steps", "25"],
@@ -151,7 +137,7 @@ def test_a_resumed_run_ends_where_a_run_never_stopped_ends(tmp_path, script, dat
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
     best = [part for part in run_script(script, *flags, cwd=a).splitlines()[-1].split(" | ") if "best" in part]
-    stopped = subprocess.run([sys.executable, "-c", STOP_AT_30, str(ROOT / script), *flags], cwd=b, text=True,
+    stopped = subprocess.run([sys.executable, "-c", stop_at(30), str(ROOT / script), *flags], cwd=b, text=True,
                              capture_output=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert stopped.returncode == 9 and "step       20/40" in stopped.stdout, stopped.stderr
