@@ -12,7 +12,9 @@ What is matched to our scripts (each value is our script's default for that acti
   constants (expectile, beta / weight_temp, CQL weight, sampled actions, BCQ phi / lambda / threshold);
 - evaluation: `common.evaluate` on the same episodes as our scripts (episode i seeded seed + 100 + i), d3rlpy's
   greedy `predict` (our scripts also evaluate the deterministic action), logged under the same TensorBoard tags
-  (`eval/normalized_score`, `eval/return`, `charts/SPS`) so `benchmark/aggregate.py` reads both.
+  (`eval/normalized_score`, `eval/return`, `charts/SPS`) so `benchmark/aggregate.py` reads both;
+- CPU arithmetic: d3rlpy's update is wrapped in `common.flush_subnormals`, as our scripts' is (the same maths;
+  long runs would otherwise slow down as Adam's moments decay into subnormal floats: docs/benchmark.md).
 
 What d3rlpy cannot match, and what it is set to instead:
 - discrete IQL: d3rlpy has none (`--algo iql` on a Discrete dataset exits with a message);
@@ -42,8 +44,8 @@ from d3rlpy.optimizers import AdamFactory  # noqa: E402
 from d3rlpy.optimizers.lr_schedulers import CosineAnnealingLRFactory  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from common import (Progress, action_bounds, dataset_dims, evaluate, read_training_state,  # noqa: E402
-                    restore_training_state, save_training_state)
+from common import (Progress, action_bounds, dataset_dims, evaluate, flush_subnormals,  # noqa: E402
+                    read_training_state, restore_training_state, save_training_state)
 from datasets import UserError, load_dataset  # noqa: E402
 
 
@@ -162,6 +164,7 @@ def train(a: argparse.Namespace) -> None:
     algo = make_algo(a.algo, ds.discrete, a.total_steps, scaler, a.compile_graph,
                      reward_scaler).create(device=a.device)
     algo.build_with_dataset(data)
+    algo.update = flush_subnormals(algo.update)  # as in our scripts: CPU speed only, the same maths
     # every network and optimiser (with its scheduler) d3rlpy checkpoints: what --resume-every saves
     trained = algo.impl.modules.create_checkpointer(a.device).modules
 
