@@ -200,6 +200,14 @@ def command(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> tuple[l
                   "--exp-name", f"{algo}-{cfg['tag']}", *extra_flags(cfg["extra"], algo, dataset)], False
 
 
+def folder_config(cfg: dict, previous: dict) -> dict:
+    """What config.json records of a results folder: this command's settings, with the algorithms, datasets, seeds
+    and extra flags of earlier commands into the same folder kept beside its own (a folder built by several
+    commands, --datasets a few at a time, lists all of them; the done/*.json files hold each run's own command)."""
+    merged = {k: list(dict.fromkeys(previous.get(k, []) + cfg[k])) for k in ("algos", "datasets", "seeds")}
+    return dict(cfg, **merged, extra={**previous.get("extra", {}), **cfg["extra"]})
+
+
 def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
     key = job_key(algo, dataset, seed)
     marker = out / "done" / f"{key}.json"
@@ -265,7 +273,8 @@ def main() -> None:
     out = Path(a.results_dir) / cfg["tag"]
     (out / "done").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    previous = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    (out / "config.json").write_text(json.dumps(folder_config(cfg, previous), indent=1))
     jobs = job_list(cfg)
     todo = [j for j in jobs if not (out / "done" / f"{job_key(*j)}.json").exists()]
     for j in jobs:

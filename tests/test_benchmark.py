@@ -108,6 +108,18 @@ def test_a_run_stopped_part_way_goes_on_from_its_saved_state(tmp_path):
     assert resumed and cmd == ["python", str(ROOT / "benchmark" / "d3rlpy_run.py"), "--resume", str(run / "resume.pt")]
 
 
+def test_config_json_lists_the_runs_of_every_command_into_the_folder():
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from run import folder_config
+
+    first = dict(algos=["iql"], datasets=["hopper-medium"], seeds=[1], total_steps=300, extra={"iql": ["-a"]})
+    second = dict(first, algos=["bcq", "iql"], datasets=["walker2d-medium"], extra={"bcq": ["-b"]})
+    cfg = folder_config(second, folder_config(first, {}))
+    assert cfg["algos"] == ["iql", "bcq"] and cfg["datasets"] == ["hopper-medium", "walker2d-medium"]
+    assert cfg["seeds"] == [1] and cfg["extra"] == {"iql": ["-a"], "bcq": ["-b"]} and cfg["total_steps"] == 300
+    assert folder_config(dict(second, extra={"iql": ["-c"]}), cfg)["extra"]["iql"] == ["-c"]  # the latest flags
+
+
 def test_longest_runs_start_first_and_the_wall_time_estimate_packs_them():
     sys.path.insert(0, str(ROOT / "benchmark"))
     from run import expected_seconds, schedule
