@@ -273,8 +273,9 @@ def main() -> None:
     out = Path(a.results_dir) / cfg["tag"]
     (out / "done").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    previous = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    (out / "config.json").write_text(json.dumps(folder_config(cfg, previous), indent=1))
+    config = out / "config.json"
+    previous = json.loads(config.read_text()) if config.exists() else {}
+    config.write_text(json.dumps(folder_config(cfg, previous), indent=1))
     jobs = job_list(cfg)
     todo = [j for j in jobs if not (out / "done" / f"{job_key(*j)}.json").exists()]
     for j in jobs:
