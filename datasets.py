@@ -299,6 +299,9 @@ N_ENVS = 16  # environments stepped together, one batched actor forward per step
 # The v5 expert return is the expert file's eval_return_mean (behaviour_policies/{env}-expert.pt).
 V5_RANDOM_RETURN = {"hopper": 16.3, "halfcheetah": -291.0, "walker2d": -0.1}
 TRAIN_COMMAND = "python tools/train_behaviour.py --env {env}"
+# The mujoco the documented datasets and results were made with; requirements.txt pins it, because the same seeds and
+# actions give different trajectories under another version (3.17 and 4.0 checked: docs/datasets.md)
+MUJOCO_VERSION = "3.2.7"
 
 
 class SquashedGaussianActor(nn.Module):
@@ -479,6 +482,8 @@ def generate_locomotion(env_name: str, quality: str, size: int | None = None) ->
     with its own dataset's seed, so it is exactly those two datasets concatenated (default 1M + 1M); medium-replay:
     the training run's first `size` env steps (default: all of them up to the medium checkpoint), replayed."""
     env_id = LOCOMOTION[env_name]
+    if note := mujoco_version_note():
+        print(note, file=sys.stderr, flush=True)
     if quality == "medium-replay":
         return _generate_replay(env_name, size)
     n = size or (2 if quality == "medium-expert" else 1) * LOCOMOTION_SIZE
@@ -502,6 +507,16 @@ def generate_locomotion(env_name: str, quality: str, size: int | None = None) ->
         bar.close()
         pool.close()
     return _locomotion_dataset(env_name, f"{env_name}-{quality}", {k: v[:pos] for k, v in out.items()})
+
+
+def mujoco_version_note() -> str | None:
+    """One line saying that generated data will not be the documented datasets, when another mujoco is installed."""
+    import mujoco
+
+    if mujoco.__version__ == MUJOCO_VERSION:
+        return None
+    return (f"note: mujoco {mujoco.__version__} is installed; the datasets and scores in docs/ were made with "
+            f"{MUJOCO_VERSION}, and this one will differ from them (pip install mujoco=={MUJOCO_VERSION} to match)")
 
 
 def _generate_replay(env_name: str, size: int | None) -> Dataset:

@@ -2,6 +2,7 @@
 
 import math
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -592,3 +593,16 @@ def test_the_committed_behaviour_policies_are_complete_and_load(monkeypatch):
             assert meta["env_id"] == D.LOCOMOTION[env_name] and meta["role"] in stem
             assert (actor.trunk[0].in_features, actor.mean.out_features) == dims
         assert sorted(f.stem for f in D.behaviour_dir().glob(f"{env_name}-*.pt")) == sorted(stems)
+
+
+def test_another_mujoco_version_is_named_when_generating(monkeypatch, capsys):
+    import mujoco
+
+    requirements = (Path(D.__file__).parent / "requirements.txt").read_text()
+    assert f"mujoco=={D.MUJOCO_VERSION} " in requirements  # the pin and the documented version are the same
+    monkeypatch.setattr(mujoco, "__version__", D.MUJOCO_VERSION)
+    assert D.mujoco_version_note() is None
+    monkeypatch.setattr(mujoco, "__version__", "9.9.9")
+    D.generate_builtin("hopper-random", 10)
+    err = capsys.readouterr().err
+    assert "mujoco 9.9.9 is installed" in err and f"pip install mujoco=={D.MUJOCO_VERSION}" in err
