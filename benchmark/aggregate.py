@@ -6,8 +6,9 @@ Writes `results.md` (final normalized score, mean +- std over seeds, and the bes
 labelled as such), the steps/second of each algorithm, and `curves.png` (one panel per dataset, one line per
 algorithm, a band of +- one std over seeds; d3rlpy's runs dashed in the colour of ours) into the folder. When
 the folder has d3rlpy runs (`run.py --with-d3rlpy`), results.md ends with a side-by-side table of scores and speeds.
-Also writes `scores.json`, every run's evaluation curve: with results.md, curves.png, config.json and done/ it is
-what gets committed (the TensorBoard logs in runs/ and logs/ are not).
+Also writes `scores.json`, every run's evaluation curve and speed: with results.md, curves.png, config.json and
+done/ it is what gets committed (the TensorBoard logs in runs/ and logs/ are not). Runs recorded there whose logs
+are not in runs/ (a fresh clone, a new machine) are kept, so aggregating again after new runs loses none.
 """
 
 from __future__ import annotations
@@ -22,10 +23,27 @@ from run import is_box
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
+def recorded_runs(folder: Path) -> list[dict]:
+    """The runs in the folder's scores.json (written by the last aggregation), as load_runs gives them; speed and
+    wall time NaN where scores.json has none (written before it recorded them)."""
+    path = folder / "scores.json"
+    if not path.exists():
+        return []
+    return [dict(r, steps=np.array(r["steps"]), score=np.array(r["score"]), sps=nan_if_none(r.get("sps")),
+                 wall=nan_if_none(r.get("wall_s"))) for r in json.loads(path.read_text())]
+
+
+def nan_if_none(x: float | None) -> float:
+    """A number read back from scores.json: None (JSON null, unknown) as NaN."""
+    return float("nan") if x is None else float(x)
+
+
 def load_runs(folder: Path) -> list[dict]:
-    """One dict per run folder `{dataset}__{algo}-{tag}__{seed}__{time}` with its eval curve and mean SPS."""
-    runs = []
-    for run in sorted((folder / "runs").iterdir()):
+    """One dict per run: each run folder `{dataset}__{algo}-{tag}__{seed}__{time}` with its eval curve and mean SPS,
+    and each run of scores.json whose logs are gone (runs/ is not committed). A run both logged and recorded is
+    taken from its logs, unless the record goes further (finished() keeps the longest of each seed)."""
+    runs = recorded_runs(folder)  # first: on equal length, the logged run (later in the list) wins
+    for run in sorted((folder / "runs").glob("*")):
         dataset, exp_name, seed, _ = run.name.split("__")
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
         tags = acc.Tags()["scalars"]
@@ -75,7 +93,7 @@ def data_score(dataset: str) -> float:
 def main(folder: Path) -> None:
     runs = load_runs(folder)
     if not runs:
-        raise SystemExit(f"no finished runs with evaluations under {folder}/runs")
+        raise SystemExit(f"no finished runs with evaluations under {folder}/runs or in {folder}/scores.json")
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
         groups[(r["dataset"], r["algo"])].append(r)
@@ -101,10 +119,13 @@ def main(folder: Path) -> None:
              "|---|---|---|---|---|"]
     for a in algos:
         for kind, box in (("Box", True), ("Discrete", False)):
-            g = [r for r in runs if r["algo"] == a and is_box(r["dataset"]) == box]
+            g = [r for r in runs if r["algo"] == a and is_box(r["dataset"]) == box and np.isfinite(r["sps"])]
             if g:
                 speed.append(f"| {a} | {kind} | {np.median([r['sps'] for r in g]):.0f} | {len(g)} | "
                              f"{np.mean([r['wall'] for r in g]) / 60:.1f} min |")
+    unknown = sum(not np.isfinite(r["sps"]) for r in runs)
+    if unknown:  # recorded in a scores.json written before it kept speeds
+        speed.append(f"\nRuns without a speed record (from a scores.json written before it kept speeds): {unknown}.")
     text = (f"# Results: {folder.name}\n\nNormalized score (0 = the random, 100 = the expert reference return: "
             "the scripted expert's on the classic-control and LunarLander data, D4RL's on MuJoCo; docs/datasets.md), "
             "final evaluation, mean ± std over seeds; 'data' is the dataset's own score; 'best' is the best "
@@ -116,9 +137,15 @@ def main(folder: Path) -> None:
     # every run's evaluation curve, small enough to commit: the numbers behind the docs' tables without the logs
     (folder / "scores.json").write_text(json.dumps(
         [dict(algo=r["algo"], dataset=r["dataset"], seed=r["seed"], steps=r["steps"].tolist(),
-              score=[round(float(x), 2) for x in r["score"]]) for r in runs], indent=0))
+              score=[round(float(x), 4) for x in r["score"]], sps=finite_or_none(r["sps"], 1),
+              wall_s=finite_or_none(r["wall"], 0)) for r in runs], indent=0))
     print(text)
     plot(groups, algos, datasets, scores, folder / "curves.png")
+
+
+def finite_or_none(x: float, digits: int) -> float | None:
+    """x rounded for scores.json, or None (JSON null) where unknown."""
+    return round(float(x), digits) if np.isfinite(x) else None
 
 
 def side_by_side(runs: list[dict], groups: dict, datasets: list[str], scores: dict) -> str:
@@ -139,8 +166,8 @@ def side_by_side(runs: list[dict], groups: dict, datasets: list[str], scores: di
     speed = ["| algorithm | action space | ours steps/s | d3rlpy steps/s | ours / d3rlpy |", "|---|---|---|---|---|"]
     for a in ours:
         for kind, box in (("Box", True), ("Discrete", False)):
-            sps = [np.median([r["sps"] for r in runs if r["algo"] == name and is_box(r["dataset"]) == box] or
-                             [np.nan]) for name in (a, f"d3rlpy_{a}")]
+            sps = [np.median([r["sps"] for r in runs if r["algo"] == name and is_box(r["dataset"]) == box
+                              and np.isfinite(r["sps"])] or [np.nan]) for name in (a, f"d3rlpy_{a}")]
             if np.isfinite(sps).any():
                 ours_s, theirs_s, ratio = (f"{x:{f}}" if np.isfinite(x) else "-"
                                            for x, f in ((sps[0], ".0f"), (sps[1], ".0f"), (sps[0] / sps[1], ".2f")))

@@ -1,6 +1,7 @@
 """The benchmark runner is resumable and the aggregator turns its logs into a table and a picture."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -178,6 +179,37 @@ def test_aggregator_leaves_out_unfinished_runs_and_keeps_a_redone_seed_once(caps
     kept = finished([run(1, 2000), run(1, 5000), run(2, 3000), run(3, 5000)])
     assert sorted((r["seed"], int(r["steps"][-1])) for r in kept) == [(1, 5000), (3, 5000)]
     assert "seed 2: last evaluation at step 3000 of 5000" in capsys.readouterr().out
+
+
+def test_aggregating_again_without_the_logs_keeps_the_runs_scores_json_recorded(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from aggregate import main
+    from torch.utils.tensorboard import SummaryWriter
+
+    def log(name, scores, sps):
+        with SummaryWriter(str(tmp_path / "runs" / name)) as w:
+            for step, score in zip((10, 20), scores):
+                w.add_scalar("eval/normalized_score", score, step)
+                w.add_scalar("charts/SPS", sps, step)
+
+    # bcq was aggregated on another machine before scores.json kept speeds; its logs are not here
+    old = [dict(algo="bcq", dataset="d", seed=1, steps=[10, 20], score=[1.0, 2.0]),
+           dict(algo="iql", dataset="d", seed=1, steps=[10, 20], score=[3.0, 4.0], sps=50.0, wall_s=60)]
+    (tmp_path / "scores.json").write_text(json.dumps(old))
+    log("d__iql-t__1__5", [5.0, 6.0], 70.0)  # the same run logged here: its logs win
+    log("d__cql-t__2__5", [7.0, 8.0], 30.0)
+    main(tmp_path)
+    first = (tmp_path / "results.md").read_text()
+    assert "| d | nan | 2.0 ± 0.0 (n=1, 20 steps) | 2.0 ± 0.0 | 8.0 ± 0.0 (n=1, 20 steps) | 8.0 ± 0.0 | " \
+           "6.0 ± 0.0 (n=1, 20 steps) | 6.0 ± 0.0 |" in first, first
+    assert "| iql | Box | 70 | 1 |" in first and "before it kept speeds): 1." in first, first
+    recorded = {r["algo"]: r for r in json.loads((tmp_path / "scores.json").read_text())}
+    assert recorded["bcq"]["sps"] is None and recorded["cql"]["sps"] == 30.0 and recorded["iql"]["score"] == [5, 6]
+
+    # a fresh clone: no logs at all, and the same table comes back from scores.json alone
+    shutil.rmtree(tmp_path / "runs")
+    main(tmp_path)
+    assert (tmp_path / "results.md").read_text() == first
 
 
 D3RLPY_PYTHON = ROOT / ".venv-d3rlpy" / "bin" / "python"
