@@ -181,7 +181,7 @@ def test_aggregator_leaves_out_unfinished_runs_and_keeps_a_redone_seed_once(caps
     assert "seed 2: last evaluation at step 3000 of 5000" in capsys.readouterr().out
 
 
-def test_aggregating_again_without_the_logs_keeps_the_runs_scores_json_recorded(tmp_path, capsys):
+def test_aggregating_again_without_the_logs_keeps_the_runs_scores_json_recorded(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmark"))
     from aggregate import main
     from torch.utils.tensorboard import SummaryWriter
