@@ -124,8 +124,9 @@ def main(folder: Path) -> None:
                 speed.append(f"| {a} | {kind} | {np.median([r['sps'] for r in g]):.0f} | {len(g)} | "
                              f"{np.mean([r['wall'] for r in g]) / 60:.1f} min |")
     unknown = sum(not np.isfinite(r["sps"]) for r in runs)
-    if unknown:  # recorded in a scores.json written before it kept speeds
-        speed.append(f"\nRuns without a speed record (from a scores.json written before it kept speeds): {unknown}.")
+    if unknown:  # logs without charts/SPS, or records of a scores.json written before it kept speeds
+        speed.append(f"\nRuns without a speed record (logs without charts/SPS, or a scores.json written before it "
+                     f"kept speeds): {unknown}.")
     text = (f"# Results: {folder.name}\n\nNormalized score (0 = the random, 100 = the expert reference return: "
             "the scripted expert's on the classic-control and LunarLander data, D4RL's on MuJoCo; docs/datasets.md), "
             "final evaluation, mean ± std over seeds; 'data' is the dataset's own score; 'best' is the best "
