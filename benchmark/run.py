@@ -34,8 +34,11 @@ DISCRETE_IQL_BETA = {"iql@discrete": ["--beta", "0.3"]}
 # negative log-likelihood of the data's actions (docs/iql.md). Runs named "bc" are iql.py with these flags.
 ALIASES = {"bc": ("iql", ["--beta", "0"]),
            # docs/finetune.md: Cal-QL, and the online baseline from scratch (SAC / double DQN: CQL with alpha 0,
-           # every batch from the online data; its preset adds --total-steps 0 after the runner's --total-steps)
-           "calql": ("cql", ["--cal-ql"]), "scratch": ("cql", ["--cql-alpha", "0", "--online-ratio", "1"]),
+           # every batch from the online data, 5,000 uniformly random steps before the first update as CleanRL's
+           # learning_starts; its preset adds --total-steps 0 after the runner's --total-steps and, for Box, the SAC
+           # target with its entropy term)
+           "calql": ("cql", ["--cal-ql"]),
+           "scratch": ("cql", ["--cql-alpha", "0", "--online-ratio", "1", "--learning-starts", "5000"]),
            # docs/cql.md, critic ensembles: plain SAC (CQL without its term) and SAC-N with ten critics
            "sac": ("cql", ["--cql-alpha", "0"]), "sacn": ("cql", ["--cql-alpha", "0", "--n-critics", "10"])}
 ONLINE = ["--online-steps", "50000"]
@@ -61,7 +64,7 @@ PRESETS = {
     "finetune": dict(algos=["iql", "cql", "calql", "scratch"], seeds=[1, 2, 3], total_steps=20000, eval_every=5000,
                      eval_episodes=10, skip=["cql@box", "calql@box"],
                      extra={**DISCRETE_IQL_BETA, "iql": ONLINE, "cql": ONLINE, "calql": ONLINE,
-                            "scratch": [*ONLINE, "--total-steps", "0"]},
+                            "scratch": [*ONLINE, "--total-steps", "0"], "scratch@box": ["--backup-entropy"]},
                      datasets=["lunarlander-medium", "lunarlander-continuous-medium"]),
     # docs/cql.md, critic ensembles: plain SAC collapses, ten critics (SAC-N) against CQL; Box only. Short runs:
     # Box CQL takes 3 min per 1,000 steps on this CPU
