@@ -1159,11 +1159,17 @@ RANGES = {"discount": "[0, 1]", "bootstrap": "[0, inf)", "bc_steps": "[0, inf)",
           "weight_threshold": "(0, inf)", "fqe_steps": "[0, inf)", "fqe_tau": "(0, 1]", "learning_rate": "(0, inf)",
           "batch_size": "[1, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "v_samples": "[1, inf)",
           "mb_ensemble": "[1, inf)", "mb_steps": "[0, inf)", "rollouts": "[0, inf)", "threads": "[1, inf)",
-          "smoothing_width": "[0, inf)", "refit_bootstrap": "[0, inf)"}  # checked first: one line names the flag
+          "smoothing_width": "[0, inf)", "refit_bootstrap": "[0, inf)",
+          "mb_horizon": "[1, inf)"}  # checked first: one line names the flag
 
 
 def main(args: Args) -> dict[str, dict]:
     check_ranges(args, RANGES)
+    if not args.policy:
+        raise OPEError("no policy to evaluate: pass --policy PATH (a checkpoint saved by --save-model; repeat the "
+                       "flag for several)")
+    if args.clip_log_ratio is not None and args.clip_log_ratio[0] > args.clip_log_ratio[1]:
+        raise OPEError(f"--clip-log-ratio {args.clip_log_ratio[0]} {args.clip_log_ratio[1]}: LOW is above HIGH")
     t_start, seconds = time.time(), {}  # wall time of each phase, for the summary line
 
     def timed(phase, fn, *a, **kw):

@@ -931,3 +931,16 @@ def test_command_line_errors_are_one_clean_line(tmp_path, case):
     expected = {"missing": "does not exist", "corrupt": "not a checkpoint saved by --save-model",
                 "unknown-dataset": "unknown dataset 'no-such-dataset'"}[case]
     assert expected in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags,expected", [(["--rollouts", "2"], "no policy to evaluate: pass --policy"),
+                                            (["--policy", "x.pt", "--clip-log-ratio", "2", "-6"], "LOW is above HIGH"),
+                                            (["--policy", "x.pt", "--mb-horizon", "0"], "--mb-horizon")])
+def test_bad_flags_end_in_one_line_without_a_traceback(tmp_path, flags, expected):
+    # `ope.py --rollouts 2` without --policy once ended in an IndexError traceback; every bad input is one line
+    proc = subprocess.run([sys.executable, str(ROOT / "ope.py"), *flags], cwd=tmp_path, capture_output=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), text=True, timeout=120)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 2 and "Traceback" not in proc.stderr and expected in proc.stderr, proc.stderr
