@@ -798,15 +798,18 @@ def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, st
             notes.append(f"pi_e's Gaussian keeps {100 * diag['pi_e_mass_inside_box']:.0f}% of its mass inside the "
                          "action box on dataset states: the 'dist' rows value it truncated to the box (renormalised)")
 
-    # A 95% lower bound from IS (valid whatever the ESS, only looser): returns mapped to [0, 1] by the data's reward
-    # range over the longest episode, so that X_i = w_i (G_i - g_lo) / (g_hi - g_lo) >= 0
+    # A 95% lower bound from IS (Thomas et al. 2015): returns mapped to [0, 1] by the data's reward range over the
+    # longest episode, so that X_i = w_i (G_i - g_lo) / (g_hi - g_lo) >= 0. It rests on E[w] = 1, so it takes the
+    # unclipped ratios, and on a known pi_b: with a fitted one it is approximate
     disc = gamma ** np.arange(rewards.shape[1])
     g_lo, g_hi = min(stats["r_min"], 0.0) * disc.sum(), max(stats["r_max"], 0.0) * disc.sum()
     with np.errstate(over="ignore", invalid="ignore"):
-        x = np.exp(log_w) * ((rewards @ disc) - g_lo) / max(g_hi - g_lo, 1e-12)
+        x = np.exp(log_weights(ep.pad(lr_rows), mask)[:, -1]) * ((rewards @ disc) - g_lo) / max(g_hi - g_lo, 1e-12)
     lb = hcope_lower_bound(x, 0.05, np.random.default_rng(args.seed)) if np.isfinite(x).all() else float("nan")
+    exact = args.behavior != "fitted" and ds.behavior_log_probs is not None  # main's rule for the logged log-probs
     diag["hcope"] = dict(delta=0.05, lower_bound_discounted=g_lo + (g_hi - g_lo) * lb,
-                         data_discounted=float((rewards @ disc).mean()))
+                         data_discounted=float((rewards @ disc).mean()), approximate=None if exact else
+                         "pi_b is fitted: the guarantee (Thomas et al. 2015) assumes the true pi_b")
 
     # DR and WDR: FQE's Q̂ and V̂(s) = E_{a~pi_e(.|s)} Q̂(s, a) under the *same* distribution as the ratios (only then
     # is DR unbiased for any Q̂)
@@ -1032,7 +1035,8 @@ def format_table(path: str, res: dict) -> str:
     if "hcope" in d:
         h = d["hcope"]
         verdict = "better than" if h["lower_bound_discounted"] > h["data_discounted"] else "not shown better than"
-        lines.append(f"   95% lower bound on the discounted value: {cell(h['lower_bound_discounted'], 0)}; the "
+        approx = " (APPROXIMATE: pi_b is fitted, the guarantee assumes it known)" if h.get("approximate") else ""
+        lines.append(f"   95% lower bound on the discounted value{approx}: {cell(h['lower_bound_discounted'], 0)}; the "
                      f"data's {h['data_discounted']:.2f}: pi_e is {verdict} the data with 95% confidence")
     return "\n".join(lines + [f"   note: {n}" for n in res["notes"]] + [f"   WARNING: {w}" for w in res["warnings"]])
 

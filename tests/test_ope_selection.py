@@ -259,3 +259,25 @@ def test_ground_truth_rollouts_leave_the_random_streams_alone(chain):  # noqa: F
     assert truth["ci_discounted"][0] <= truth["discounted"] <= truth["ci_discounted"][1]
     with pytest.raises(ope.OPEError, match="no env_id"):
         ope.ground_truth(dataclasses.replace(ds, env_id=None), target, args, torch.device("cpu"))
+
+
+def test_the_lower_bound_uses_the_unclipped_ratios(chain):  # noqa: F811
+    # Thomas et al.'s bound rests on E[w] = 1, which clipping breaks: --clip-log-ratio moves the IS rows, not the bound
+    _, ds = chain
+    plain = run_pipeline(ds, table_policy(FAR))
+    clipped = run_pipeline(ds, table_policy(FAR), clip_log_ratio=(-0.5, 0.5))
+    assert clipped["diagnostics"]["clipped_share"] > 0.5
+    assert clipped["estimates"]["IS"]["discounted"] != pytest.approx(plain["estimates"]["IS"]["discounted"])
+    assert clipped["diagnostics"]["hcope"] == plain["diagnostics"]["hcope"]
+
+
+@pytest.mark.parametrize("behavior", ["auto", "logged", "fitted"])
+def test_the_lower_bound_is_labelled_approximate_when_pi_b_is_fitted(chain, behavior):  # noqa: F811
+    # the guarantee assumes the true pi_b (the dataset's logged log-probs); with a fitted one the table, the JSON
+    # and docs/ope.md call it approximate
+    _, ds = chain
+    res = run_pipeline(ds, table_policy(PI_B), behavior=behavior)
+    approximate = res["diagnostics"]["hcope"]["approximate"]
+    assert bool(approximate) == (behavior == "fitted")
+    table = ope.format_table("b.pt", {**res, "behavior": "x", "density": "categorical", "weight_threshold": 100})
+    assert ("lower bound on the discounted value (APPROXIMATE: pi_b is fitted" in table) == (behavior == "fitted")
