@@ -911,22 +911,28 @@ def spearman(x, y) -> float:
     return float("nan") if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
 
 
+def top_k(estimates, true_values, k: int) -> np.ndarray:
+    """The estimator's k highest-ranked policies; ties go to the lower true value, so that neither the order of the
+    policies nor luck decides (an estimator that cannot tell two policies apart is charged the worse)."""
+    return np.lexsort((np.asarray(true_values, dtype=np.float64), -np.asarray(estimates, dtype=np.float64)))[:k]
+
+
 def regret_at_1(estimates, true_values) -> float:
     """True value of the best policy minus the true value of the one the estimator ranks first."""
     estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
     if not np.isfinite(estimates).all():
         return float("nan")
-    return float(true_values.max() - true_values[int(np.argmax(estimates))])
+    return float(true_values.max() - true_values[top_k(estimates, true_values, 1)[0]])
 
 
-def normalized_regret_at_k(estimates, true_values, k: int) -> float:
-    """DOPE's normalized regret@k: (best true value - best true value in the estimator's top k) / the true values'
-    spread over the policy set (0: the top k hold the best policy; 1: the worst)."""
+def normalized_regret_at_k(estimates, true_values, k: int, floor: float | None = None) -> float:
+    """DOPE's normalized regret@k: (best true value - best true value in the estimator's top k) / (best true value -
+    floor), floor the smallest true value unless given (0: the top k hold the best policy; 1: the worst)."""
     estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
-    spread = true_values.max() - true_values.min()
+    spread = true_values.max() - (true_values.min() if floor is None else floor)
     if not np.isfinite(estimates).all() or spread <= 0:
         return float("nan")
-    return float((true_values.max() - true_values[np.argsort(-estimates, kind="stable")[:k]].max()) / spread)
+    return float((true_values.max() - true_values[top_k(estimates, true_values, k)].max()) / spread)
 
 
 def policy_selection(results: dict[str, dict]) -> dict[str, dict]:
@@ -950,11 +956,12 @@ def policy_selection(results: dict[str, dict]) -> dict[str, dict]:
 
 
 def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Per estimator over the policy set, as DOPE's code, on discounted values min-max normalised by the true ones
-    (estimates capped at 2): mean |error|, Spearman, normalized regret@1 and @3, each with its std over `n_boot`
-    resamples of the policies; and regret@1 in normalized-score points. Rows that value another policy than the
-    rollouts ('dist' against 'act'), were skipped or have too low an ESS are left out, with the reason."""
-    out, paths = {}, list(results)
+    """Per estimator over the policy set, as DOPE's code, on discounted values min-max normalised by the true ones:
+    mean |error| (estimates capped at 2), Spearman and normalized regret@1 and @3 (on the uncapped estimates), each
+    with its std over `n_boot` resamples of the policies (sorted by path: the flags' order changes nothing); and
+    regret@1 in normalized-score points. Rows that value another policy than the rollouts ('dist' against 'act'),
+    were skipped or have too low an ESS are left out, with the reason."""
+    out, paths = {}, sorted(results)
     truth = [results[p]["truth"] for p in paths]
     true_d, true_n = np.array([t["discounted"] for t in truth]), np.array([t["normalized"] for t in truth])
     if np.isnan(true_n).any():  # no reference scores: regret in undiscounted return instead
@@ -974,7 +981,7 @@ def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) ->
             out[name] = dict(skipped=f"ESS too low for {n_low} of {len(es)} policies")
         else:
             est_d = np.array([e["discounted"] for e in es])
-            v_true, v_est = (true_d - lo) / spread, np.minimum((est_d - lo) / spread, 2.0)
+            v_true, v_est = (true_d - lo) / spread, (est_d - lo) / spread
             with np.errstate(invalid="ignore"):
                 std = np.nanstd(np.array([set_metrics(v_est[i], v_true[i]) for i in boot]), axis=0)
             named = [{k: float(x) if j < 3 or len(paths) > 3 else None for j, (k, x) in enumerate(zip(keys, v))}
@@ -984,9 +991,11 @@ def dope_metrics(results: dict[str, dict], n_boot: int = 1000, seed: int = 0) ->
 
 
 def set_metrics(v_est: np.ndarray, v_true: np.ndarray) -> np.ndarray:
-    """DOPE's four metrics of one policy set: mean |error|, Spearman, normalized regret@1 and @3."""
-    return np.array([np.abs(v_est - v_true).mean(), spearman(v_est, v_true),
-                     normalized_regret_at_k(v_est, v_true, 1), normalized_regret_at_k(v_est, v_true, 3)])
+    """DOPE's four metrics of a policy set (or a resample of it) on values normalised over the whole set (truth in
+    [0, 1]): mean |error| with the estimates capped at 2, Spearman, and normalized regret@1 and @3 divided, as DOPE,
+    by the set's largest true value (1 on the whole set)."""
+    return np.array([np.abs(np.minimum(v_est, 2.0) - v_true).mean(), spearman(v_est, v_true),
+                     normalized_regret_at_k(v_est, v_true, 1, 0.0), normalized_regret_at_k(v_est, v_true, 3, 0.0)])
 
 
 # ---- Output: a short table per policy and the selection on the console; everything in {policy}.ope.json ------------
@@ -1232,8 +1241,9 @@ def main(args: Args) -> dict[str, dict]:
     for i, (path, target) in enumerate(targets.items(), 1):
         label = f"(policy {i}/{len(targets)})"
         print(f"evaluating {path} (FQE {args.fqe_steps} steps) ...", flush=True)
+        torch.manual_seed(args.seed + 3)  # each policy on the same streams, whatever the other policies and their order
         res = results[path] = timed("estimates", evaluate_policy, ds, ep, target, data, stats, log_pb, args, model,
-                                    rng, label, coverage_model)
+                                    np.random.default_rng([args.seed, 3]), label, coverage_model)
         res.update(policy=path, dataset=ds.name, density=target.density, behavior=behavior, discount=args.discount,
                    weight_threshold=args.weight_threshold, args=asdict(args))
         ck = target.policy.checkpoint

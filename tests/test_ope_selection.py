@@ -3,7 +3,9 @@ policy-selection metrics on hand cases (and only on rows that value the policy t
 limits."""
 
 import dataclasses
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 import common
 import ope
+from tests.conftest import run_script
 from tests.test_ope import PI_B, chain, run_pipeline, table_policy  # noqa: F401 (chain is a fixture)
 
 FAR = np.array([[0.99, 0.01], [0.01, 0.99], [0.99, 0.01], [0.5, 0.5]])  # far from the uniform behaviour policy
@@ -281,3 +284,57 @@ def test_the_lower_bound_is_labelled_approximate_when_pi_b_is_fitted(chain, beha
     assert bool(approximate) == (behavior == "fitted")
     table = ope.format_table("b.pt", {**res, "behavior": "x", "density": "categorical", "weight_threshold": 100})
     assert ("lower bound on the discounted value (APPROXIMATE: pi_b is fitted" in table) == (behavior == "fitted")
+
+
+def _permuted(results: dict, order: list[int]) -> dict:
+    keys = list(results)
+    return {keys[i]: results[keys[i]] for i in order}
+
+
+def test_dope_metrics_do_not_depend_on_the_order_of_the_policies():
+    # issue: the policies were ranked by a stable argsort of the capped estimates, so tied estimates picked the
+    # first-listed policy: FQE [22, 25, 2.5] against truth [0, 10, 3] is capped to [2, 2, .25] after normalisation,
+    # and regret@1 was 1.0 listed this way, 0.0 with the first two swapped
+    res = _results({"FQE": [22.0, 25.0, 2.5], "MB": [4.0, 4.0, 1.0]})
+    for r, t in zip(res.values(), [0.0, 10.0, 3.0]):
+        r["truth"]["discounted"] = t
+    base = ope.dope_metrics(res)
+    # ranked on the uncapped estimates, FQE deploys policy 1 (estimate 25, the true best)
+    assert base["FQE"]["regret_at_1"] == 0.0 and base["FQE"]["spearman"] == pytest.approx(0.5)
+    assert base["FQE"]["abs_error"] == pytest.approx((2.0 + 1.0 + 0.05) / 3)  # the cap stays in the error
+    # a true tie (MB: 4, 4, 1): the estimator cannot tell policies 0 and 1 apart and is charged the worse of them
+    assert base["MB"]["regret_at_1"] == pytest.approx(1.0)
+    assert ope.regret_at_1([4.0, 4.0, 1.0], [0.0, 10.0, 3.0]) == pytest.approx(10.0)
+    for order in ([1, 0, 2], [2, 1, 0], [1, 2, 0]):
+        assert ope.dope_metrics(_permuted(res, order)) == base, order
+
+
+def test_the_regret_bootstrap_normalises_by_the_resamples_best_as_dope():
+    # DOPE's normalized_regret divides by the largest of the (task-normalised) true values in the resample, not by
+    # the resample's own max - min: with truth (0, .5, 1), a resample of policies 1 and 2 where the estimator picks
+    # policy 1 loses (1 - .5) / 1 = .5 (max - min would give 1)
+    v_true, v_est = np.array([0.5, 1.0]), np.array([2.0, 1.0])
+    assert ope.set_metrics(v_est, v_true)[2] == pytest.approx(0.5)
+    assert ope.normalized_regret_at_k(v_est, v_true, 1) == pytest.approx(1.0)  # a set on its own: max - min
+    assert np.isnan(ope.set_metrics(v_est, np.zeros(2))[2])  # only the worst policy drawn: undefined (DOPE 0/0)
+
+
+@pytest.mark.slow
+def test_the_order_of_the_policy_flags_changes_no_number(tmp_path):
+    # every policy's estimates start from the same random streams: the policies before it (and so the order of the
+    # --policy flags) change none of its numbers; two copies of one checkpoint get the same numbers
+    run_script("iql.py", "--dataset", "cartpole-medium", "--total-steps", "100", "--eval-episodes", "0",
+               "--batch-size", "32", "--log-every", "100", "--save-model", "--device", "cpu", cwd=tmp_path)
+    ckpt = next((tmp_path / "runs").glob("*/iql.pt"))
+    out = {}
+    for order in ("ab", "ba"):
+        (tmp_path / order).mkdir()
+        for name in order:
+            shutil.copy(ckpt, tmp_path / order / f"{name}.pt")
+        args = ope.Args(policy=[str(tmp_path / order / f"{name}.pt") for name in order], dataset="cartpole-medium",
+                        fqe_steps=200, mb_steps=100, mb_ensemble=2, hidden_dim=32, bc_steps=100, bootstrap=20,
+                        device="cpu")
+        out[order] = {name: json.dumps(ope.main(args)[str(tmp_path / order / f"{name}.pt")]["estimates"],
+                                       sort_keys=True) for name in order}
+    assert out["ab"] == out["ba"]
+    assert out["ab"]["a"] == out["ab"]["b"]
