@@ -10,6 +10,7 @@ import copy
 import importlib
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -95,6 +96,9 @@ class Args:
     """what the rollouts run: `act` (the evaluation action) or `sample` (pi_e's distribution, what IS ... WDR value)"""
     plot: str | None = None
     """write a PNG of the estimates with their 95% CIs (and the rollouts' value when --rollouts > 0) to this path"""
+    out: str = "{policy}.{dataset}.ope.json"
+    """each policy's JSON ({policy}: its path, {dataset}: the dataset's name); a file there from other settings is
+    refused before any work, never overwritten: give another --out"""
 
 
 class OPEError(UserError):
@@ -998,7 +1002,7 @@ def set_metrics(v_est: np.ndarray, v_true: np.ndarray) -> np.ndarray:
                      normalized_regret_at_k(v_est, v_true, 1, 0.0), normalized_regret_at_k(v_est, v_true, 3, 0.0)])
 
 
-# ---- Output: a short table per policy and the selection on the console; everything in {policy}.ope.json ------------
+# ---- Output: a short table per policy and the selection on the console; everything in its JSON (--out) -----------
 def cell(x, width: int = 9, prec: int = 2) -> str:
     """x right-aligned in `width`: a number, an interval [low, high], text, or n/a (None, nan)."""
     if isinstance(x, list | tuple):
@@ -1071,8 +1075,33 @@ def format_summary(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, res: dict) -> None:
-    """{policy}.ope.json: everything, nan and inf as null."""
+def output_paths(args: Args, dataset: str) -> dict[str, Path]:
+    """Each policy's JSON path from --out. A file already there is replaced only if it holds a run with the same
+    settings (those that change a number: all but --threads, --plot, --out and the order of the policies)."""
+    try:
+        paths = {p: Path(args.out.format(policy=p, dataset=re.sub(r"[^\w.-]+", "_", dataset))) for p in args.policy}
+    except (KeyError, IndexError, ValueError) as e:
+        raise OPEError(f"--out {args.out}: only {{policy}} and {{dataset}} can be filled in ({e!r})") from None
+    if len(set(paths.values())) < len(paths):
+        raise OPEError(f"--out {args.out} gives several policies the same file: put {{policy}} in it")
+    new = json.loads(json.dumps(asdict(args)))
+    for path in (p for p in paths.values() if p.exists()):
+        try:
+            old = json.loads(path.read_text())["args"]
+            changed = [f"--{k.replace('_', '-')} {old[k]} there, {v} here" for k, v in new.items()
+                       if k in old and k not in ("threads", "plot", "out")
+                       and (sorted(v) != sorted(old[k]) if k == "policy" else v != old[k])]
+        except (OSError, ValueError, KeyError, TypeError):
+            changed = ["not a result of ope.py"]
+        if changed:
+            raise OPEError(f"{path} exists ({'; '.join(changed)[:200]}): it is not overwritten; write elsewhere with "
+                           "--out (e.g. --out '{policy}.run2.ope.json') or remove it")
+        print(f"{path} holds a run with the same settings: it will be replaced", flush=True)
+    return paths
+
+
+def write_json(path: Path, res: dict) -> None:
+    """The policy's --out file: everything, nan and inf as null."""
     def clean(x):
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
@@ -1080,7 +1109,7 @@ def write_json(path: str, res: dict) -> None:
             return [clean(v) for v in x]
         return (float(x) if math.isfinite(x) else None) if isinstance(x, float | np.floating) else x
 
-    Path(path + ".ope.json").write_text(json.dumps(clean(res), indent=2))
+    path.write_text(json.dumps(clean(res), indent=2))
 
 
 def plot_estimates(path: str, results: dict[str, dict]) -> None:
@@ -1203,6 +1232,7 @@ def main(args: Args) -> dict[str, dict]:
         if args.dataset is None:
             raise OPEError(f"{args.policy[0]} does not say which dataset it was trained on: pass --dataset")
     ds = load_dataset(args.dataset)
+    out = output_paths(args, ds.name)  # before any work: a file of other settings is refused, not overwritten
     ep = split_episodes(ds)
     print(f"ope.py: {ds.name}: {len(ds):,} transitions, {ep.n} episodes (longest {int(ep.lengths.max())} steps), "
           f"gamma {args.discount}", flush=True)
@@ -1265,8 +1295,8 @@ def main(args: Args) -> dict[str, dict]:
             res.update(selection=selection, **({"dope_metrics": metrics} if metrics else {}))
         print(format_summary(res))
     for path, res in results.items():
-        write_json(path, res)
-        print(f"wrote {path}.ope.json")
+        write_json(out[path], res)
+        print(f"wrote {out[path]}")
     if args.plot:
         plot_estimates(args.plot, results)
         print(f"wrote {args.plot}" + ("" if args.rollouts > 0 else " (no --rollouts: no ground truth on it)"))

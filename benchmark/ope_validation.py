@@ -78,7 +78,7 @@ def validate(dataset: str) -> None:
     dest = OUT / "json" / dataset
     dest.mkdir(parents=True, exist_ok=True)
     for label, path in policies.items():
-        shutil.copy(path + ".ope.json", dest / (label.replace("/", "__") + ".ope.json"))
+        shutil.copy(f"{path}.{dataset}.ope.json", dest / (label.replace("/", "__") + ".ope.json"))
     command = " ".join(["python", *cmd[1:]]).replace(f"{ROOT}/", "")  # run from the project root
     (dest / "command.txt").write_text(command + "\n")
 

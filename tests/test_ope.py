@@ -4,6 +4,7 @@ hand-computed answers through the pipeline (the model-based estimator on a linea
 log-ratios, on-policy Box data), the edge cases (zero-probability actions, one episode, policies without a density),
 and a smoke run on a trained IQL checkpoint."""
 
+import dataclasses
 import json
 import math
 import os
@@ -794,7 +795,7 @@ def test_smoke_iql_checkpoint_end_to_end(tmp_path, chain):
         assert f"\n   {name} " in out, name
     assert "(2 rollout episodes)" in out
     assert "\nope.py: done in " in out and "ground-truth rollouts" in out.splitlines()[-1]  # the timing summary
-    res = json.loads((tmp_path / (ckpt + ".ope.json")).read_text())
+    res = json.loads((tmp_path / (ckpt + ".cartpole-medium.ope.json")).read_text())
     assert set(res["estimates"]) == set(ope.ESTIMATORS) and res["truth"]["episodes"] == 2
     wis, n_episodes = res["estimates"]["WIS"], res["diagnostics"]["n_episodes"]
     assert wis["ess"] > 0  # an interval exactly when the ESS is at least 10% of the episodes
@@ -944,3 +945,29 @@ def test_bad_flags_end_in_one_line_without_a_traceback(tmp_path, flags, expected
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert 1 <= len(lines) <= 2 and "Traceback" not in proc.stderr and expected in proc.stderr, proc.stderr
+
+
+def test_results_are_never_overwritten_without_a_word(tmp_path, capsys):
+    # issue: `<policy>.ope.json` was silently overwritten, even by a run on another dataset. The file is now named by
+    # the dataset, and a file there from other settings is refused before any work, pointing to --out
+    ckpt = tmp_path / "a.pt"
+    torch.save({"algo": "iql", "args": {"dataset": "cartpole-medium"}}, ckpt)
+    args = ope.Args(policy=[str(ckpt)], dataset="cartpole-medium", fqe_steps=100, device="cpu")
+    paths = ope.output_paths(args, "cartpole-medium")
+    assert paths == {str(ckpt): tmp_path / "a.pt.cartpole-medium.ope.json"}
+    other = ope.output_paths(ope.Args(policy=[str(ckpt)], dataset="cartpole-random"), "cartpole-random")
+    assert other[str(ckpt)].name == "a.pt.cartpole-random.ope.json"  # another dataset, another file
+    assert ope.output_paths(args, "mujoco/hopper/medium-v0")[str(ckpt)].name == "a.pt.mujoco_hopper_medium-v0.ope.json"
+    paths[str(ckpt)].write_text(json.dumps({"args": json.loads(json.dumps(dataclasses.asdict(args)))}))
+    assert ope.output_paths(dataclasses.replace(args, threads=2), "cartpole-medium") == paths  # the same run again
+    assert "it will be replaced" in capsys.readouterr().out
+    with pytest.raises(ope.OPEError, match=r"a.pt.cartpole-medium.ope.json exists \(--fqe-steps 100 there, 200 "
+                                           r"here\): it is not overwritten; write elsewhere with --out"):
+        ope.main(dataclasses.replace(args, fqe_steps=200))  # refused before any fitting
+    paths[str(ckpt)].write_text("{}")
+    with pytest.raises(ope.OPEError, match="not a result of ope.py"):
+        ope.output_paths(args, "cartpole-medium")
+    with pytest.raises(ope.OPEError, match="the same file"):
+        ope.output_paths(dataclasses.replace(args, policy=["a.pt", "b.pt"], out="{dataset}.json"), "x")
+    with pytest.raises(ope.OPEError, match="only {policy} and {dataset}"):
+        ope.output_paths(dataclasses.replace(args, out="{run}.json"), "x")
