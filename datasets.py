@@ -18,17 +18,20 @@ random: eps = 1;  expert: small noise;  medium: eps tuned so the return sits 30-
 random to expert;  medium-expert: half medium episodes, half expert;  mixed: eps annealed from 1 to the
 medium value across episodes (the analogue of a learning run's replay buffer).
 
-MuJoCo locomotion ({hopper,halfcheetah,walker2d}-{random,medium,medium-replay,expert,medium-expert}, Gymnasium v5)
-follow D4RL's recipe instead: SAC actors trained by tools/train_behaviour.py, stored in behaviour_policies/
-(section "MuJoCo locomotion" below; docs/datasets.md).
+The MuJoCo locomotion datasets (hopper, halfcheetah and walker2d on Gymnasium v5; qualities random, medium,
+medium-replay, expert and medium-expert) follow D4RL's recipe instead: SAC actors trained by
+tools/train_behaviour.py and stored in behaviour_policies/ (docs/datasets.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import re
 import sys
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -602,11 +605,12 @@ def builtin_cache_path(name: str) -> Path:
     return cache_dir() / f"{name}-r{RECIPE_VERSION}-{digest.hexdigest()[:10]}.npz"
 
 
+MINARI_ID = re.compile(r"([\w-]+/)+[\w-]+-v\d+")  # namespace/name-vN, the namespace possibly nested
+
+
 def load_dataset(name_or_path: str) -> Dataset:
-    """A built-in name (generated once, then cached), a path to an `.npz`, or a Minari dataset id."""
-    if name_or_path.endswith(".npz") or (os.path.sep in name_or_path and Path(name_or_path).suffix):
-        ds = load_npz(name_or_path)
-    elif name_or_path in BUILTIN_NAMES:
+    """A built-in name (generated once, then cached), a Minari dataset id, or a path to an `.npz`."""
+    if name_or_path in BUILTIN_NAMES:
         path = builtin_cache_path(name_or_path)
         if not path.exists():
             t0 = time.time()
@@ -617,8 +621,10 @@ def load_dataset(name_or_path: str) -> Dataset:
             del ds  # free the generated arrays before loading the file: one copy in memory, not two
             print(f"  {n} transitions in {time.time() - t0:.1f}s", flush=True)
         ds = load_npz(path)
-    elif "/" in name_or_path:
+    elif MINARI_ID.fullmatch(name_or_path):
         ds = load_minari(name_or_path)
+    elif name_or_path.endswith(".npz") or "/" in name_or_path or os.sep in name_or_path or Path(name_or_path).exists():
+        ds = load_npz(name_or_path)
     else:
         _split_name(name_or_path)  # raises the error listing valid names
     validate(ds)
@@ -642,25 +648,55 @@ def save_npz(ds: Dataset, path: str | Path) -> None:
 
 def load_npz(path: str | Path) -> Dataset:
     """Read an `.npz` with the arrays in ARRAY_KEYS (+ optional behavior_log_probs) and optional metadata
-    keys env_id, env_kwargs (a JSON object or a Python dict literal), ref_min_score, ref_max_score."""
+    keys env_id, env_kwargs (a JSON object or a Python dict literal), ref_min_score, ref_max_score, name."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a dataset file: pass the .npz file itself")
     if not path.exists():
-        raise UserError(f"dataset file {path} does not exist")
+        hint = "" if path.suffix == ".npz" else ", and is neither a built-in name nor a Minari id (namespace/name-vN)"
+        raise UserError(f"dataset file {path} does not exist{hint}")
     try:
-        f = np.load(path, allow_pickle=False)
+        with open(path, "rb") as fh:
+            is_zip = zipfile.is_zipfile(fh)
+        f = np.load(path, allow_pickle=False) if is_zip else None
     except Exception as e:
         raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if f is None:  # np.load would take it for a pickle and blame "pickled (object) data"
+        raise UserError(f"{path}: not a valid .npz file (not a zip archive: truncated, or another format); write "
+                        "datasets with np.savez or datasets.save_npz")
     with f:
+        if not f.files:
+            raise UserError(f"{path} holds no arrays; an offline dataset needs {list(ARRAY_KEYS)}")
         missing = [k for k in ARRAY_KEYS if k not in f]
         if missing:
-            raise UserError(f"{path}: missing array(s) {missing}; an offline dataset needs {list(ARRAY_KEYS)} "
-                            "(row-aligned; terminals/timeouts boolean)")
-        arrays = {k: f[k] for k in ARRAY_KEYS}
-        meta = {k: f[k].item() for k in ("env_id", "ref_min_score", "ref_max_score") if k in f}
-        return Dataset(
-            **arrays, behavior_log_probs=f["behavior_log_probs"] if "behavior_log_probs" in f else None,
-            env_kwargs=parse_env_kwargs(str(f["env_kwargs"]), path) if "env_kwargs" in f else {},
-            name=str(f["name"]) if "name" in f else path.stem, **meta)
+            raise UserError(f"{path}: missing array(s) {missing}, found {sorted(f.files)}; an offline dataset needs "
+                            f"{list(ARRAY_KEYS)} (row-aligned; terminals/timeouts boolean)")
+        keys = (*ARRAY_KEYS, "behavior_log_probs", "env_id", "env_kwargs", "ref_min_score", "ref_max_score", "name")
+        data = {k: _read_array(f, k, path) for k in keys if k in f}
+    meta = {k: _single(data[k], kind, f"{path}: {k}") for k, kind in
+            (("env_id", str), ("ref_min_score", float), ("ref_max_score", float)) if k in data}
+    return Dataset(**{k: data[k] for k in ARRAY_KEYS}, behavior_log_probs=data.get("behavior_log_probs"),
+                   env_kwargs=parse_env_kwargs(str(data["env_kwargs"]), path) if "env_kwargs" in data else {},
+                   name=str(data["name"]) if "name" in data else path.stem, **meta)
+
+
+def _read_array(f: np.lib.npyio.NpzFile, key: str, path: Path) -> np.ndarray:
+    try:
+        return f[key]
+    except Exception as e:  # numpy will not unpickle an object array (allow_pickle=False); else the zip is damaged
+        if "allow_pickle" in str(e):
+            raise UserError(f"{path}: array {key!r} holds Python objects (pickled data), which are not loaded, for "
+                            "safety; save it as a numeric array, e.g. np.asarray(x, dtype=np.float32)") from None
+        raise UserError(f"{path}: array {key!r} cannot be read ({type(e).__name__}: {e}); the file is damaged, "
+                        "write it again") from None
+
+
+def _single(value: np.ndarray, kind: type, what: str) -> str | float:
+    """A metadata entry: one value of `kind` (str or float)."""
+    try:
+        return kind(value.item())
+    except (ValueError, TypeError):
+        raise UserError(f"{what} must be a single {kind.__name__}, got {value!r:.80}") from None
 
 
 def parse_env_kwargs(text: str, path: str | Path) -> dict:
@@ -735,7 +771,13 @@ def minari_reference_scores(dataset_id: str, meta: dict) -> tuple[float | None, 
 def validate(ds: Dataset) -> None:
     """Raise a UserError that says what is wrong and how to fix it. The one repair: a per-transition array shaped
     (N, 1) (the CQL authors' loader writes rewards and terminals so) becomes (N,), with a note; anything else that
-    could broadcast in a loss is refused, and nothing is truncated."""
+    could broadcast in a loss is refused, and nothing is truncated. behavior_log_probs must be finite (-inf would be
+    an action the behaviour policy could not take) and, for discrete actions, at most 0."""
+    for k in (*ARRAY_KEYS, "behavior_log_probs"):
+        v = getattr(ds, k)
+        if v is not None and (v.ndim == 0 or v.dtype.kind not in "biuf"):  # bool, (unsigned) integer, float
+            raise UserError(f"{ds.name}: {k} must be an array of numbers, one row per transition, got {v.dtype} "
+                            f"{v.shape}")
     n = len(ds.rewards)
     if n == 0:
         raise UserError(f"{ds.name}: the dataset is empty")
@@ -749,7 +791,7 @@ def validate(ds: Dataset) -> None:
     # Box actions are checked against the environment's space below; without one they must at least be (N, dim)
     for k in ("observations", "next_observations") + (("actions",) if ds.env_id is None and not ds.discrete else ()):
         v = getattr(ds, k)
-        if v.ndim != 2 or not np.issubdtype(v.dtype, np.number) or np.issubdtype(v.dtype, np.complexfloating):
+        if v.ndim != 2 or v.dtype == bool:
             fix = " (a 1-D action of a 1-D Box: use actions[:, None])" if k == "actions" and v.ndim == 1 else ""
             raise UserError(f"{ds.name}: {k} must be a real (N, dim) array, got {v.dtype} {v.shape}{fix}")
     rows = {k: len(getattr(ds, k)) for k in ARRAY_KEYS}
@@ -772,8 +814,24 @@ def validate(ds: Dataset) -> None:
         if v.dtype != bool and not np.isin(v, (0, 1)).all():
             raise UserError(f"{ds.name}: {k} must be boolean (0/1), got values {np.unique(v)[:5]}")
         setattr(ds, k, v.astype(bool))
-    if ds.env_id is None:
+    if ds.env_id is not None:
+        check_against_env(ds)
+    lp = ds.behavior_log_probs  # ope.py takes them as the exact log pi_b(a|s) of each logged action
+    if lp is None:
         return
+    checks = [(np.isnan(lp) | (lp == np.inf), "NaN or +inf", ""),
+              (lp == -np.inf, "-inf", ": logged actions the behaviour policy could not have taken (probability 0)"),
+              ((lp > 1e-6) & ds.discrete, "above 0",  # up to 1e-6: float rounding of log(1), not an error
+               ": a discrete action's probability cannot exceed 1 (were negative log-probabilities stored?)")]
+    for bad, what, why in checks:
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            raise UserError(f"{ds.name}: behavior_log_probs is {what} at {len(rows)} row(s), first {rows[:5].tolist()}"
+                            f"{why}; fix them, or drop behavior_log_probs (ope.py then fits a behaviour policy)")
+
+
+def check_against_env(ds: Dataset) -> None:
+    """The observation and action shapes, the action dtype and every action against the dataset's environment."""
     try:
         env = gym.make(ds.env_id, **ds.env_kwargs)
     except Exception as e:
@@ -789,6 +847,9 @@ def validate(ds: Dataset) -> None:
                             f"a 1-D integer array, got {ds.actions.dtype} {ds.actions.shape}")
         bad = (ds.actions < space.start) | (ds.actions >= space.start + space.n)
     elif isinstance(space, gym.spaces.Box):
+        if ds.discrete:
+            raise UserError(f"{ds.name}: {ds.env_id} has a Box action space, so actions must be floats, got "
+                            f"{ds.actions.dtype}; store them as actions.astype(np.float32)")
         if ds.actions.shape[1:] != space.shape:
             raise UserError(f"{ds.name}: actions have shape {ds.actions.shape[1:]} but {ds.env_id} "
                             f"expects {space.shape}" + (" (use actions[:, None])" if ds.actions.ndim == 1 else ""))
@@ -857,20 +918,32 @@ def report(ds: Dataset) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__)
-    elif args[0] == "--list":
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="datasets.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", metavar="NAME", help="a built-in name, an .npz path or a Minari id")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--all", action="store_true", help="report every built-in dataset, generating missing ones")
+    mode.add_argument("--list", action="store_true", help="list the built-in names, one per line")
+    args = p.parse_args(argv)
+    if args.names and (args.all or args.list):
+        p.error("--all and --list take no dataset names")
+    if args.list:
         print("\n".join(BUILTIN_NAMES))
+    elif not (args.all or args.names):
+        p.print_help()
     else:
         try:
-            for name in BUILTIN_NAMES if args[0] == "--all" else args:
+            for name in BUILTIN_NAMES if args.all else args.names:
                 try:
                     print(report(load_dataset(name)), end="\n\n")
                 except UserError as e:
-                    if args[0] != "--all" or name not in LOCOMOTION_NAMES:
+                    if not args.all or name not in LOCOMOTION_NAMES:
                         raise
                     print(f"skipped {name}: {e}\n", flush=True)  # --all goes on without the untrained ones
         except UserError as e:  # a user mistake: one line, no traceback
             raise SystemExit(f"datasets.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

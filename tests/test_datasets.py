@@ -322,7 +322,7 @@ def test_other_shapes_and_dtypes_are_refused(tmp_path, small):
     ds = small["pendulum-medium"]
     with pytest.raises(D.UserError, match=r"rewards must have one value per transition.*\(3\d+, 2\)"):
         D.load_dataset(_write(tmp_path, ds, rewards=np.stack([ds.rewards, ds.rewards], 1)))
-    with pytest.raises(D.UserError, match=r"observations must be a real \(N, dim\) array"):
+    with pytest.raises(D.UserError, match=r"observations must be an array of numbers, one row per"):
         D.load_dataset(_write(tmp_path, ds, observations=ds.observations.astype(str)))
     with pytest.raises(D.UserError, match=r"actions\[:, None\]"):  # a 1-D Box action without its dimension
         D.load_dataset(_write(tmp_path, ds, actions=ds.actions[:, 0]))
@@ -349,10 +349,133 @@ def test_env_kwargs_that_are_not_a_dict_get_a_clear_error(tmp_path, small):
         D.load_dataset(str(path))
 
 
-def test_a_corrupt_npz_is_a_user_error(tmp_path):
-    (tmp_path / "x.npz").write_text("not a zip file")
-    with pytest.raises(D.UserError, match="not a readable .npz"):
-        D.load_dataset(str(tmp_path / "x.npz"))
+def _tiny(tmp_path, env="CartPole-v1", n=20, **override) -> str:
+    """A small synthetic .npz for the error tests: CartPole (4-d obs, Discrete(2)) or Pendulum (3-d obs, Box(1,)).
+    `override` replaces arrays or metadata; None drops one."""
+    obs_dim, actions = (4, np.zeros(n, np.int64)) if env == "CartPole-v1" else (3, np.zeros((n, 1), np.float32))
+    arrays = dict(observations=np.zeros((n, obs_dim), np.float32), actions=actions, rewards=np.ones(n, np.float32),
+                  next_observations=np.zeros((n, obs_dim), np.float32), terminals=np.zeros(n, bool),
+                  timeouts=np.arange(n) == n - 1, env_id=np.asarray(env))
+    arrays.update(override)
+    np.savez(tmp_path / "tiny.npz", **{k: v for k, v in arrays.items() if v is not None})
+    return str(tmp_path / "tiny.npz")
+
+
+def test_a_file_that_is_not_a_zip_archive_is_not_blamed_on_pickled_data(tmp_path):
+    for text in ("not a zip file", ""):  # a text file, an empty file
+        (tmp_path / "x.npz").write_text(text)
+        with pytest.raises(D.UserError, match=r"x.npz: not a valid .npz file \(not a zip archive") as e:
+            D.load_dataset(str(tmp_path / "x.npz"))
+        assert "pickled" not in str(e.value)
+
+
+def test_object_arrays_are_refused_as_pickled_data(tmp_path):
+    path = _tiny(tmp_path, rewards=np.array([1.0, "a"] * 10, dtype=object))
+    with pytest.raises(D.UserError, match="array 'rewards' holds Python objects \\(pickled data\\)"):
+        D.load_dataset(path)
+
+
+def test_a_damaged_array_in_the_archive_is_a_user_error(tmp_path):
+    path = Path(_tiny(tmp_path))
+    data = bytearray(path.read_bytes())
+    data[data.find(b"NUMPY") + 200] ^= 0xFF  # flip bits inside the first array: its CRC no longer matches
+    path.write_bytes(data)
+    with pytest.raises(D.UserError, match="array 'observations' cannot be read .*Bad CRC-32.*damaged"):
+        D.load_dataset(str(path))
+
+
+def test_a_directory_is_not_a_dataset(tmp_path):
+    for folder in (tmp_path / "run.npz", tmp_path / "some" / "dir"):  # with and without the .npz suffix
+        folder.mkdir(parents=True)
+        with pytest.raises(D.UserError, match=f"{folder} is a directory, not a dataset file"):
+            D.load_dataset(str(folder))
+
+
+def test_a_missing_path_without_npz_suffix_is_not_sent_to_minari(tmp_path):
+    with pytest.raises(D.UserError, match="does not exist, and is neither a built-in name nor a Minari id"):
+        D.load_dataset(str(tmp_path / "mydata"))
+
+
+def test_an_empty_npz_says_it_holds_no_arrays(tmp_path):
+    np.savez(tmp_path / "empty.npz")
+    with pytest.raises(D.UserError, match=r"empty.npz holds no arrays; an offline dataset needs \['observations'"):
+        D.load_dataset(str(tmp_path / "empty.npz"))
+    np.savez(tmp_path / "other.npz", obs=np.zeros(3), acts=np.zeros(3))  # someone else's names: say what is there
+    with pytest.raises(D.UserError, match=r"missing array\(s\) \[.*\], found \['acts', 'obs'\]"):
+        D.load_dataset(str(tmp_path / "other.npz"))
+
+
+def test_scalar_and_non_numeric_arrays_are_refused(tmp_path):
+    refused = "rewards must be an array of numbers, one row per transition, got "
+    with pytest.raises(D.UserError, match=refused + r"float32 \(\)"):
+        D.load_dataset(_tiny(tmp_path, rewards=np.float32(1.0)))
+    with pytest.raises(D.UserError, match=refused + "<U1"):
+        D.load_dataset(_tiny(tmp_path, rewards=np.array(["a"] * 20)))
+    with pytest.raises(D.UserError, match=r"behavior_log_probs must be an array of numbers"):
+        D.load_dataset(_tiny(tmp_path, behavior_log_probs=np.array(["-0.7"] * 20)))
+
+
+def test_metadata_must_be_single_values_of_the_right_kind(tmp_path):
+    with pytest.raises(D.UserError, match=r"env_id must be a single str, got array\(\['a', 'b'\]"):
+        D.load_dataset(_tiny(tmp_path, env_id=np.array(["a", "b"])))
+    with pytest.raises(D.UserError, match="ref_min_score must be a single float, got array\\('abc'"):
+        D.load_dataset(_tiny(tmp_path, ref_min_score=np.asarray("abc"), ref_max_score=np.asarray(1.0)))
+    assert D.load_dataset(_tiny(tmp_path, ref_min_score=np.asarray(0), ref_max_score=np.asarray(5))).ref_max_score == 5
+
+
+def test_integer_actions_for_a_box_action_space_are_refused(tmp_path):
+    with pytest.raises(D.UserError, match=r"Pendulum-v1 has a Box action space, so actions must be floats, got int64"):
+        D.load_dataset(_tiny(tmp_path, "Pendulum-v1", actions=np.zeros((20, 1), np.int64)))
+
+
+# --- behaviour log-probabilities: ope.py uses them as the exact log pi_b(a|s) ----------------------------------
+def test_discrete_log_probabilities_above_zero_are_refused(tmp_path):
+    log_probs = np.full(20, -0.7, np.float32)
+    log_probs[[3, 8]] = 0.7  # a probability of 2: e.g. a negative log-likelihood stored by mistake
+    with pytest.raises(D.UserError, match=r"behavior_log_probs is above 0 at 2 row\(s\), first \[3, 8\]: a discrete "
+                                          "action's probability cannot exceed 1"):
+        D.load_dataset(_tiny(tmp_path, behavior_log_probs=log_probs))
+    log_probs[[3, 8]] = 1e-7  # log of a probability that rounds to just above 1: float noise, accepted
+    assert D.load_dataset(_tiny(tmp_path, behavior_log_probs=log_probs)).behavior_log_probs[3] == np.float32(1e-7)
+    no_env = _tiny(tmp_path, behavior_log_probs=np.full(20, 0.7), env_id=None)  # integer actions: discrete anyway
+    with pytest.raises(D.UserError, match=r"behavior_log_probs is above 0 at 20 row\(s\)"):
+        D.load_dataset(no_env)
+
+
+def test_box_log_densities_may_exceed_zero(tmp_path):
+    ds = D.load_dataset(_tiny(tmp_path, "Pendulum-v1", behavior_log_probs=np.full(20, 2.5, np.float32)))
+    assert (ds.behavior_log_probs == 2.5).all()
+
+
+@pytest.mark.parametrize("env", ["CartPole-v1", "Pendulum-v1"])
+def test_non_finite_log_probabilities_are_refused(tmp_path, env):
+    for bad, what in ((np.nan, r"NaN or \+inf"), (np.inf, r"NaN or \+inf"), (-np.inf, "-inf")):
+        log_probs = np.full(20, -0.7, np.float32)
+        log_probs[5] = bad
+        with pytest.raises(D.UserError, match=rf"behavior_log_probs is {what} at 1 row\(s\), first \[5\]") as e:
+            D.load_dataset(_tiny(tmp_path, env, behavior_log_probs=log_probs))
+        assert ("could not have taken" in str(e.value)) == (bad == -np.inf)
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+def test_the_command_line_lists_the_builtin_names():
+    import subprocess
+
+    out = subprocess.run([sys.executable, D.__file__, "--list"], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    assert out.split() == list(D.BUILTIN_NAMES)
+
+
+def test_the_command_line_refuses_unknown_options_and_mixed_modes(capsys):
+    for argv in (["--foo"], ["--list", "--all"], ["--all", "cartpole-medium"]):
+        with pytest.raises(SystemExit) as e:
+            D.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) <= 2, err
+    with pytest.raises(SystemExit):
+        D.main(["--help"])
+    out = capsys.readouterr().out
+    assert "--list" in out and "python datasets.py lunarlander-medium" in out
 
 
 def test_minari_reference_scores_own_then_d4rl_table_then_none(capsys):
