@@ -811,9 +811,10 @@ def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, st
         x = np.exp(log_weights(ep.pad(lr_rows), mask)[:, -1]) * ((rewards @ disc) - g_lo) / max(g_hi - g_lo, 1e-12)
     lb = hcope_lower_bound(x, 0.05, np.random.default_rng(args.seed)) if np.isfinite(x).all() else float("nan")
     exact = args.behavior != "fitted" and ds.behavior_log_probs is not None  # main's rule for the logged log-probs
-    diag["hcope"] = dict(delta=0.05, lower_bound_discounted=g_lo + (g_hi - g_lo) * lb,
-                         data_discounted=float((rewards @ disc).mean()), approximate=None if exact else
-                         "pi_b is fitted: the guarantee (Thomas et al. 2015) assumes the true pi_b")
+    bound, returns = g_lo + (g_hi - g_lo) * lb, rewards @ disc
+    diag["hcope"] = dict(delta=0.05, lower_bound_discounted=bound, data_discounted=float(returns.mean()),
+                         smallest_observed_discounted=float(returns.min()), vacuous=not bound >= returns.min(),
+                         approximate=None if exact else "pi_b is fitted: the guarantee assumes the true pi_b")
 
     # DR and WDR: FQE's Q̂ and V̂(s) = E_{a~pi_e(.|s)} Q̂(s, a) under the *same* distribution as the ratios (only then
     # is DR unbiased for any Q̂)
@@ -1049,8 +1050,10 @@ def format_table(path: str, res: dict) -> str:
         h = d["hcope"]
         verdict = "better than" if h["lower_bound_discounted"] > h["data_discounted"] else "not shown better than"
         approx = " (APPROXIMATE: pi_b is fitted, the guarantee assumes it known)" if h.get("approximate") else ""
-        lines.append(f"   95% lower bound on the discounted value{approx}: {cell(h['lower_bound_discounted'], 0)}; the "
-                     f"data's {h['data_discounted']:.2f}: pi_e is {verdict} the data with 95% confidence")
+        useless = (f" VACUOUS (below the smallest observed return, {h['smallest_observed_discounted']:.2f}: the "
+                   "weights are too uneven to bound anything);" if h.get("vacuous") else ";")
+        lines.append(f"   95% lower bound on the discounted value{approx}: {cell(h['lower_bound_discounted'], 0)}"
+                     f"{useless} the data's {h['data_discounted']:.2f}: pi_e is {verdict} the data with 95% confidence")
     return "\n".join(lines + [f"   note: {n}" for n in res["notes"]] + [f"   WARNING: {w}" for w in res["warnings"]])
 
 
@@ -1073,6 +1076,41 @@ def format_summary(res: dict) -> str:
             lines.append(f"   {name:<9} " + (f"left out: {m['skipped']}" if m["skipped"] else
                                              f"{' '.join(cells)} {cell(m['regret_at_1_points'], 7, 1)}"))
     return "\n".join(lines)
+
+
+def closing_line(res: dict) -> str:
+    """Which of one policy's estimates to trust and why, or that none can be and what to do; from the data alone
+    (the rollouts, when run, only check it): the IS family with a usable ESS, else FQE, else MB, each only without a
+    warning against it."""
+    est, d, warned = res["estimates"], res["diagnostics"], " ".join(res["warnings"])
+    share = d.get("low_coverage_share")
+    thin = share is not None and share > COVERAGE_WARN
+    doubts = {"IS ... WDR": [f"rest on an ESS of {d['ess']:.1f} of {d['n_episodes']} episodes" if "ess" in d else
+                             "need a density of pi_e (--smoothing-width)"],
+              "FQE": ["has not settled"] * ("FQE has not settled" in warned),
+              "MB": ["has models that disagree"] * ("ensemble disagrees" in warned)}
+    for name in ("FQE", "MB"):
+        doubts[name] += [f"extrapolates ({100 * share:.0f}% of pi_e's actions where the data are thin)"] * thin
+        doubts[name] = ["was not run"] if est[name]["skipped"] else doubts[name]
+    pick = next((n for n in ("WDR", "WPDIS") if not est[n]["skipped"] and not est[n]["unreliable"]), None)
+    if pick is not None:
+        why = f"its weights spread over {est[pick]['ess']:.0f} effective episodes of {d['n_episodes']}" + (
+            " (pi_b fitted: approximate)" if res["behavior"].startswith("ESTIMATED") else ", with the exact pi_b")
+        doubts.pop("IS ... WDR")
+    else:
+        pick = next((n for n in ("FQE", "MB") if not doubts[n]), None)
+        why = f"it settled and pi_e stays where the data are (coverage {100 * (share or 0):.1f}%)" if (
+            pick == "FQE") else "its models agree and pi_e stays where the data are"
+        doubts.pop(pick, None)
+    doubt = "; ".join(f"{n} {' and '.join(w)}" for n, w in doubts.items() if w)
+    if pick is None:
+        todo = "raise --fqe-steps until FQE settles" if "has not settled" in doubts["FQE"] else (
+            "the data do not cover this policy: only running it (--rollouts N) can tell its value")
+        return f"verdict: trust none of the estimates: {doubt}; {todo}"
+    e = est[pick]
+    ci = f" (95% CI {e['ci_discounted'][0]:.2f} to {e['ci_discounted'][1]:.2f})" if e["ci_discounted"] else ""
+    return (f"verdict: trust {pick}: {e['discounted']:.2f} discounted{ci}, the value of '{e['values']}'; {why}"
+            + (f"; not the others: {doubt}" if doubt else ""))
 
 
 def output_paths(args: Args, dataset: str) -> dict[str, Path]:
@@ -1286,6 +1324,7 @@ def main(args: Args) -> dict[str, dict]:
                 if not e["skipped"]:
                     e["error_discounted"] = e["discounted"] - truth["discounted"]
                     e["abs_error_normalized"] = abs(e["normalized"] - truth["normalized"])
+        res["verdict"] = closing_line(res)
         print(format_table(path, res), flush=True)
 
     if len(results) > 1:
@@ -1302,6 +1341,8 @@ def main(args: Args) -> dict[str, dict]:
         print(f"wrote {args.plot}" + ("" if args.rollouts > 0 else " (no --rollouts: no ground truth on it)"))
     print(f"ope.py: done in {duration(time.time() - t_start)} ("
           + ", ".join(f"{k} {duration(v)}" for k, v in seconds.items()) + ")", flush=True)
+    for path, res in results.items():  # the closing line(s): which estimate to trust
+        print(res["verdict"] if len(results) == 1 else f"{path}: {res['verdict']}", flush=True)
     return results
 
 

@@ -794,7 +794,8 @@ def test_smoke_iql_checkpoint_end_to_end(tmp_path, chain):
     for name in ope.ESTIMATORS + ("truth",):
         assert f"\n   {name} " in out, name
     assert "(2 rollout episodes)" in out
-    assert "\nope.py: done in " in out and "ground-truth rollouts" in out.splitlines()[-1]  # the timing summary
+    assert "\nope.py: done in " in out and "ground-truth rollouts" in out.splitlines()[-2]  # the timing summary
+    assert out.splitlines()[-1].startswith("verdict: trust ")  # and the closing line: which estimate to trust
     res = json.loads((tmp_path / (ckpt + ".cartpole-medium.ope.json")).read_text())
     assert set(res["estimates"]) == set(ope.ESTIMATORS) and res["truth"]["episodes"] == 2
     wis, n_episodes = res["estimates"]["WIS"], res["diagnostics"]["n_episodes"]

@@ -338,3 +338,45 @@ def test_the_order_of_the_policy_flags_changes_no_number(tmp_path):
                                        sort_keys=True) for name in order}
     assert out["ab"] == out["ba"]
     assert out["ab"]["a"] == out["ab"]["b"]
+
+
+def test_a_lower_bound_below_every_observed_return_is_called_vacuous(chain):  # noqa: F811
+    _, ds = chain
+    for pi, vacuous in ((FAR, True), (PI_B, False)):
+        res = run_pipeline(ds, table_policy(pi))
+        h = res["diagnostics"]["hcope"]
+        assert h["vacuous"] == vacuous == (h["lower_bound_discounted"] < h["smallest_observed_discounted"])
+        table = ope.format_table("p.pt", {**res, "behavior": "x", "density": "categorical", "weight_threshold": 100})
+        assert ("VACUOUS (below the smallest observed return" in table) == vacuous
+
+
+def _policy_result(fqe_settled=True, mb_agrees=True, ess=1.6, share=0.03):
+    est = {n: dict(discounted=1.0, ci_discounted=[0.5, 1.5], values="dist", skipped=None, ess=ess,
+                   unreliable=None if ess >= 80.1 else f"ESS {ess} < 10% of 801 episodes") for n in ope.WEIGHTED}
+    est["FQE"] = dict(discounted=52.25, ci_discounted=[50.0, 54.5], values="act", skipped=None, unreliable=None)
+    est["MB"] = dict(discounted=-9.0, ci_discounted=[-12.0, -6.0], values="act", skipped=None, unreliable=None)
+    warnings = ([] if fqe_settled else ["FQE has not settled: its estimate moved"]) + (
+        [] if mb_agrees else ["the model ensemble disagrees: member estimates [1, 2]"])
+    return dict(estimates=est, warnings=warnings, behavior="logged exact log pi_b(a|s) from the dataset",
+                diagnostics=dict(ess=ess, n_episodes=801, low_coverage_share=share))
+
+
+def test_the_closing_line_says_which_estimate_to_trust_and_why():
+    # the README's example: IS ... WDR withheld (ESS 1.6 of 801), MB's models disagree, FQE settled: trust FQE
+    line = ope.closing_line(_policy_result(mb_agrees=False))
+    assert line == ("verdict: trust FQE: 52.25 discounted (95% CI 50.00 to 54.50), the value of 'act'; it settled and "
+                    "pi_e stays where the data are (coverage 3.0%); not the others: IS ... WDR rest on an ESS of 1.6 "
+                    "of 801 episodes; MB has models that disagree")
+    # enough effective episodes: the weighted rows come first, WDR
+    assert ope.closing_line(_policy_result(ess=300.0)).startswith(
+        "verdict: trust WDR: 1.00 discounted (95% CI 0.50 to 1.50), the value of 'dist'; its weights spread over 300 "
+        "effective episodes of 801, with the exact pi_b")
+    # FQE unsettled: MB if its models agree; if not, none, and what to do
+    assert ope.closing_line(_policy_result(fqe_settled=False)).startswith("verdict: trust MB: -9.00")
+    assert ope.closing_line(_policy_result(fqe_settled=False, mb_agrees=False)) == (
+        "verdict: trust none of the estimates: IS ... WDR rest on an ESS of 1.6 of 801 episodes; FQE has not settled; "
+        "MB has models that disagree; raise --fqe-steps until FQE settles")
+    # the policy leaves the data: FQE and MB extrapolate, nothing from the data can be trusted
+    line = ope.closing_line(_policy_result(share=0.12))
+    assert line.startswith("verdict: trust none") and "FQE extrapolates (12% of pi_e's actions where the data" in line
+    assert line.endswith("only running it (--rollouts N) can tell its value")
