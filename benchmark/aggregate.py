@@ -1,11 +1,14 @@
 """Read the TensorBoard logs of a benchmark folder; write the results table, speed table and learning curves.
 
     python benchmark/aggregate.py benchmark/results/small
+    python benchmark/aggregate.py benchmark/results/choosing --stats-only   # only the across-datasets section
 
 Writes `results.md` (final normalized score, mean +- std over seeds, and the best evaluation during training,
-labelled as such), the steps/second of each algorithm, and `curves.png` (one panel per dataset, one line per
-algorithm, a band of +- one std over seeds; d3rlpy's runs dashed in the colour of ours) into the folder. When
-the folder has d3rlpy runs (`run.py --with-d3rlpy`), results.md ends with a side-by-side table of scores and speeds.
+labelled as such; across the datasets every algorithm ran, the IQM and mean with stratified-bootstrap 95% intervals,
+and each pair's probability of improvement: benchmark/stats.py), the steps/second of each algorithm, `curves.png`
+(one panel per dataset, one line per algorithm, a band of +- one std over seeds; d3rlpy's runs dashed in the colour
+of ours) and `profiles.png` (performance profiles of the final scores, with 95% bands) into the folder. When the
+folder has d3rlpy runs (`run.py --with-d3rlpy`), results.md ends with a side-by-side table of scores and speeds.
 Also writes `scores.json`, every run's evaluation curve and speed: with results.md, curves.png, config.json and
 done/ it is what gets committed (the TensorBoard logs in runs/ and logs/ are not). Runs recorded there whose logs
 are not in runs/ (a fresh clone, a new machine) are kept, so aggregating again after new runs loses none.
@@ -13,6 +16,7 @@ are not in runs/ (a fresh clone, a new machine) are kept, so aggregating again a
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from run import is_box
+from stats import bootstrap_ci, iqm, mean, performance_profile_ci, probability_of_improvement_ci
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -90,15 +95,38 @@ def data_score(dataset: str) -> float:
     return float(ds.normalized_score(ds.episode_returns().mean()))
 
 
-def main(folder: Path) -> None:
+def grouped(folder: Path) -> tuple[list[dict], dict[tuple[str, str], list[dict]], list[str], list[str]]:
+    """The folder's finished runs, grouped by (dataset, algorithm), and the sorted algorithms and datasets."""
     runs = load_runs(folder)
     if not runs:
         raise SystemExit(f"no finished runs with evaluations under {folder}/runs or in {folder}/scores.json")
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
         groups[(r["dataset"], r["algo"])].append(r)
-    algos = sorted({r["algo"] for r in runs})
-    datasets = sorted({r["dataset"] for r in runs})
+    return runs, groups, sorted({r["algo"] for r in runs}), sorted({r["dataset"] for r in runs})
+
+
+def stats_only(folder: Path) -> None:
+    """--stats-only: (re)write only the "Across datasets" section of an existing results.md, and profiles.png,
+    leaving its tables and scores.json as they are. For folders whose logs are gone: their tables came from the
+    logs, and scores.json keeps 4 decimals per evaluation, which can move a mean's last printed digit; its runs
+    may also lack the speeds of the speed table."""
+    _, groups, algos, datasets = grouped(folder)
+    across = across_datasets(groups, algos, datasets, folder / "profiles.png")
+    path = folder / "results.md"
+    text = path.read_text()
+    start = text.find("\n\n## Across datasets\n")
+    if start >= 0:  # drop the previous section, up to the next heading
+        end = text.find("\n\n## ", start + 2)
+        text = text[:start] + (text[end:] if end >= 0 else "\n")
+    at = text.find("\n\n## Speed")
+    text = text[:at + 1] + across + text[at + 1:] if at >= 0 else text + across
+    path.write_text(text)
+    print(across)
+
+
+def main(folder: Path) -> None:
+    runs, groups, algos, datasets = grouped(folder)
 
     scores = {d: data_score(d) for d in datasets}
     lines = ["| dataset | data | " + " | ".join(f"{a} final | {a} best (during training)" for a in algos) + " |",
@@ -127,11 +155,12 @@ def main(folder: Path) -> None:
     if unknown:  # logs without charts/SPS, or records of a scores.json written before it kept speeds
         speed.append(f"\nRuns without a speed record (logs without charts/SPS, or a scores.json written before it "
                      f"kept speeds): {unknown}.")
+    across = across_datasets(groups, algos, datasets, folder / "profiles.png")
     text = (f"# Results: {folder.name}\n\nNormalized score (0 = the random, 100 = the expert reference return: "
             "the scripted expert's on the classic-control and LunarLander data, D4RL's on MuJoCo; docs/datasets.md), "
             "final evaluation, mean ± std over seeds; 'data' is the dataset's own score; 'best' is the best "
             "evaluation during training (optimistic, "
-            "for reference only).\n\n" + "\n".join(lines) + "\n\n## Speed (gradient steps per second, "
+            "for reference only).\n\n" + "\n".join(lines) + "\n" + across + "\n## Speed (gradient steps per second, "
             "one torch thread per run, runs in parallel)\n\n" + "\n".join(speed) + "\n"
             + side_by_side(runs, groups, datasets, scores))
     (folder / "results.md").write_text(text)
@@ -181,6 +210,106 @@ def side_by_side(runs: list[dict], groups: dict, datasets: list[str], scores: di
             + "\n".join(speed) + "\n")
 
 
+BOOT_REPS, BOOT_SEED = 10_000, 0  # stratified-bootstrap resamples for the intervals, and their fixed seed
+
+
+def final_scores(groups: dict, algo: str, tasks: list[str]) -> list[np.ndarray]:
+    """The final normalized score of each run of `algo`, one array per dataset in `tasks`."""
+    return [np.array([r["score"][-1] for r in groups[(d, algo)]]) for d in tasks]
+
+
+def across_datasets(groups: dict, algos: list[str], datasets: list[str], profile_path: Path) -> str:
+    """results.md's section of aggregate statistics over datasets (Agarwal et al. 2021, benchmark/stats.py): IQM
+    and mean of the final scores with stratified-bootstrap 95% intervals, over the datasets every algorithm ran;
+    the probability of improvement of each pair over the datasets both ran; performance profiles drawn to
+    `profile_path`. '' when no dataset was run by every algorithm."""
+    order = sorted(algos, key=lambda a: (a.startswith("d3rlpy_"), a))  # ours first: pairs read "ours vs d3rlpy"
+    common = [d for d in datasets if all((d, a) in groups for a in algos)]
+    if not common:
+        return ""
+    rows = ["| algorithm | runs | IQM [95% CI] | mean [95% CI] |", "|---|---|---|---|"]
+    for a in order:
+        tasks = final_scores(groups, a, common)
+        cells = [fmt_ci(*bootstrap_ci(tasks, stat, BOOT_REPS, BOOT_SEED), single=single_seeds(tasks))
+                 for stat in (iqm, mean)]
+        rows.append(f"| {a} | {sum(len(t) for t in tasks)} | {cells[0]} | {cells[1]} |")
+    left_out = [d for d in datasets if d not in common]
+    text = (f"\n## Across datasets\n\nFinal normalized score over the {len(common)} dataset(s) that every "
+            f"algorithm ran ({', '.join(common)}), all runs pooled: the interquartile mean (IQM, the mean of the "
+            "middle half of the runs: robust to one outlying run) and the mean, each with a 95% percentile interval "
+            f"from a stratified bootstrap ({BOOT_REPS:,} resamples of the seeds within each dataset, never across; "
+            f"seed {BOOT_SEED}), after Agarwal et al. (2021). The interval reflects the spread over seeds on these "
+            "datasets, not the choice of datasets; a dataset with one seed adds no width. benchmark/stats.py, "
+            "docs/selection.md.\n\n" + "\n".join(rows) + "\n")
+    if left_out:
+        text += f"\nLeft out here (not run by every algorithm): {', '.join(left_out)}.\n"
+    text += pairs_table(groups, order, datasets)
+    plot_profiles(groups, order, common, profile_path)
+    return text + ("\nPerformance profiles (the fraction of runs whose final normalized score is above tau, with "
+                   f"95% stratified-bootstrap bands, over the same datasets as the IQM): {profile_path.name}.\n")
+
+
+def pairs_table(groups: dict, order: list[str], datasets: list[str]) -> str:
+    """The probability of improvement P(X > Y) of each pair of algorithms, over the datasets both ran."""
+    rows = ["| X | Y | datasets | P(X > Y) [95% CI] |", "|---|---|---|---|"]
+    for i, x in enumerate(order):
+        for y in order[i + 1:]:
+            both = [d for d in datasets if (d, x) in groups and (d, y) in groups]
+            if both:
+                ci = probability_of_improvement_ci(final_scores(groups, x, both), final_scores(groups, y, both),
+                                                   BOOT_REPS // 5, BOOT_SEED)
+                single = single_seeds(final_scores(groups, x, both) + final_scores(groups, y, both))
+                rows.append(f"| {x} | {y} | {len(both)} | {fmt_ci(*ci, digits=2, single=single)} |")
+    if len(rows) == 2:
+        return ""
+    return ("\nProbability of improvement: the chance that a run of X scores above a run of Y on the same dataset "
+            "(final scores; every pair of their runs compared, ties counting half), averaged over the datasets both "
+            f"ran; 0.5 is no difference. 95% interval from a stratified bootstrap ({BOOT_REPS // 5:,} resamples of "
+            "each algorithm's seeds within each dataset).\n\n" + "\n".join(rows) + "\n")
+
+
+def single_seeds(tasks: list[np.ndarray]) -> bool:
+    """Whether every dataset has one run: then the seeds' bootstrap has nothing to resample."""
+    return all(len(t) == 1 for t in tasks)
+
+
+def fmt_ci(point: float, lo: float, hi: float, digits: int = 1, single: bool = False) -> str:
+    """'12.3 [10.1, 14.0]', or '12.3 (one seed per dataset: no interval)'."""
+    if single:
+        return f"{point:.{digits}f} (one seed per dataset: no interval)"
+    return f"{point:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def plot_profiles(groups: dict, order: list[str], common: list[str], path: Path) -> None:
+    """Performance profiles of the final scores on the `common` datasets, one line per algorithm with its 95%
+    band; d3rlpy's dashed in the colour of ours, as in curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finals = {a: final_scores(groups, a, common) for a in order}
+    every = np.concatenate([np.concatenate(t) for t in finals.values()])
+    taus = np.linspace(every.min() - 1, every.max() + 1, 201)
+    base = sorted({a.removeprefix("d3rlpy_") for a in order})
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for a in order:
+        profile, lo, hi = performance_profile_ci(finals[a], taus, BOOT_REPS // 5, BOOT_SEED)
+        colour, ls = f"C{base.index(a.removeprefix('d3rlpy_'))}", "--" if a.startswith("d3rlpy_") else "-"
+        ax.plot(taus, profile, color=colour, ls=ls, label=f"{a.replace('_', ' ')} ({sum(map(len, finals[a]))} runs)")
+        ax.fill_between(taus, lo, hi, color=colour, alpha=0.15)
+    ax.set_xlabel("normalized score tau (final evaluation)")
+    ax.set_ylabel("fraction of runs with score > tau")
+    ax.set_title(f"{len(common)} dataset(s): {', '.join(common)}" if len(common) <= 3 else f"{len(common)} datasets",
+                 fontsize=8)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def plot(groups, algos, datasets, data_scores, path: Path) -> None:
     import matplotlib
 
@@ -221,4 +350,9 @@ def plot(groups, algos, datasets, data_scores, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "benchmark/results/small"))
+    cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    cli.add_argument("folder", nargs="?", default="benchmark/results/small", type=Path)
+    cli.add_argument("--stats-only", action="store_true",
+                     help="only (re)write results.md's 'Across datasets' section and profiles.png")
+    opts = cli.parse_args()
+    (stats_only if opts.stats_only else main)(opts.folder)
