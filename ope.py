@@ -1090,7 +1090,8 @@ def closing_line(res: dict) -> str:
               "FQE": ["has not settled"] * ("FQE has not settled" in warned),
               "MB": ["has models that disagree"] * ("ensemble disagrees" in warned)}
     for name in ("FQE", "MB"):
-        doubts[name] += [f"extrapolates ({100 * share:.0f}% of pi_e's actions where the data are thin)"] * thin
+        if thin:
+            doubts[name].append(f"extrapolates ({100 * share:.0f}% of pi_e's actions where the data are thin)")
         doubts[name] = ["was not run"] if est[name]["skipped"] else doubts[name]
     pick = next((n for n in ("WDR", "WPDIS") if not est[n]["skipped"] and not est[n]["unreliable"]), None)
     if pick is not None:
@@ -1099,8 +1100,9 @@ def closing_line(res: dict) -> str:
         doubts.pop("IS ... WDR")
     else:
         pick = next((n for n in ("FQE", "MB") if not doubts[n]), None)
-        why = f"it settled and pi_e stays where the data are (coverage {100 * (share or 0):.1f}%)" if (
-            pick == "FQE") else "its models agree and pi_e stays where the data are"
+        where = "no coverage check ran" if share is None else "pi_e stays where the data are"
+        why = (f"it settled and {where}" + (f" (coverage {100 * share:.1f}%)" if share is not None else "")
+               if pick == "FQE" else f"its models agree and {where}")
         doubts.pop(pick, None)
     doubt = "; ".join(f"{n} {' and '.join(w)}" for n, w in doubts.items() if w)
     if pick is None:

@@ -380,3 +380,5 @@ def test_the_closing_line_says_which_estimate_to_trust_and_why():
     line = ope.closing_line(_policy_result(share=0.12))
     assert line.startswith("verdict: trust none") and "FQE extrapolates (12% of pi_e's actions where the data" in line
     assert line.endswith("only running it (--rollouts N) can tell its value")
+    # --no-coverage: no share to read
+    assert "; it settled and no coverage check ran; not the others" in ope.closing_line(_policy_result(share=None))
