@@ -972,3 +972,10 @@ def test_results_are_never_overwritten_without_a_word(tmp_path, capsys):
         ope.output_paths(dataclasses.replace(args, policy=["a.pt", "b.pt"], out="{dataset}.json"), "x")
     with pytest.raises(ope.OPEError, match="only {policy} and {dataset}"):
         ope.output_paths(dataclasses.replace(args, out="{run}.json"), "x")
+
+
+def test_default_fqe_makes_four_effective_horizons_of_backups():
+    # with Polyak rate tau, steps x tau is about the Bellman backups FQE makes; the old default (20,000 x 0.005 = 100,
+    # one effective horizon at gamma 0.99) had not settled on the README's example (docs/ope.md, pitfall 3)
+    args = ope.Args(policy=["unused"])
+    assert args.fqe_steps * args.fqe_tau >= 4 / (1 - args.discount)
