@@ -1110,8 +1110,9 @@ def closing_line(res: dict) -> str:
         todo = "raise --fqe-steps until FQE settles" if "has not settled" in doubts["FQE"] else (
             "the data do not cover this policy: only running it (--rollouts N) can tell its value")
         return f"verdict: trust none of the estimates: {doubt}; {todo}"
-    e = est[pick]
-    ci = f" (95% CI {e['ci_discounted'][0]:.2f} to {e['ci_discounted'][1]:.2f})" if e["ci_discounted"] else ""
+    e, refit = est[pick], pick == "FQE" and d.get("fqe_interval") == "refit"
+    ci = (f" (95% CI {e['ci_discounted'][0]:.2f} to {e['ci_discounted'][1]:.2f}"
+          + (", start states only)" if pick in ("FQE", "MB") and not refit else ")") if e["ci_discounted"] else "")
     return (f"verdict: trust {pick}: {e['discounted']:.2f} discounted{ci}, the value of '{e['values']}'; {why}"
             + (f"; not the others: {doubt}" if doubt else ""))
 

@@ -364,9 +364,9 @@ def _policy_result(fqe_settled=True, mb_agrees=True, ess=1.6, share=0.03):
 def test_the_closing_line_says_which_estimate_to_trust_and_why():
     # the README's example: IS ... WDR withheld (ESS 1.6 of 801), MB's models disagree, FQE settled: trust FQE
     line = ope.closing_line(_policy_result(mb_agrees=False))
-    assert line == ("verdict: trust FQE: 52.25 discounted (95% CI 50.00 to 54.50), the value of 'act'; it settled and "
-                    "pi_e stays where the data are (coverage 3.0%); not the others: IS ... WDR rest on an ESS of 1.6 "
-                    "of 801 episodes; MB has models that disagree")
+    assert line == ("verdict: trust FQE: 52.25 discounted (95% CI 50.00 to 54.50, start states only), the value of "
+                    "'act'; it settled and pi_e stays where the data are (coverage 3.0%); not the others: IS ... WDR "
+                    "rest on an ESS of 1.6 of 801 episodes; MB has models that disagree")
     # enough effective episodes: the weighted rows come first, WDR
     assert ope.closing_line(_policy_result(ess=300.0)).startswith(
         "verdict: trust WDR: 1.00 discounted (95% CI 0.50 to 1.50), the value of 'dist'; its weights spread over 300 "
@@ -380,5 +380,8 @@ def test_the_closing_line_says_which_estimate_to_trust_and_why():
     line = ope.closing_line(_policy_result(share=0.12))
     assert line.startswith("verdict: trust none") and "FQE extrapolates (12% of pi_e's actions where the data" in line
     assert line.endswith("only running it (--rollouts N) can tell its value")
+    refit = _policy_result(mb_agrees=False)
+    refit["diagnostics"]["fqe_interval"] = "refit"  # --refit-bootstrap: the interval includes the fitting's variance
+    assert ope.closing_line(refit).startswith("verdict: trust FQE: 52.25 discounted (95% CI 50.00 to 54.50), the")
     # --no-coverage: no share to read
     assert "; it settled and no coverage check ran; not the others" in ope.closing_line(_policy_result(share=None))
