@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmark" / "results" / "ope-validation"
 sys.path.insert(0, str(ROOT))
-from ope import COVERAGE_WARN, dope_metrics  # noqa: E402 (the summary applies today's threshold and metrics)
+from benchmark.ope_report import dope_metrics  # noqa: E402 (the summary applies today's metrics and threshold)
+from ope import COVERAGE_WARN  # noqa: E402
 
 # (label, script, flags, total steps, checkpoint every): 11-12 policies per dataset, from bad to good
 BOX = [("iql", "iql", [], 12000, 3000), ("bc", "iql", ["--beta", "0"], 6000, 3000),
@@ -90,7 +91,7 @@ def summary() -> str:
              "`python benchmark/ope_validation.py --summary`. Metrics as DOPE (Fu et al. 2021) on discounted values "
              "min-max normalised by the true ones, +- std over 1000 resamples of the policies; points: the normalized "
              "score lost by deploying the estimator's pick. The metrics are recomputed by today's "
-             "`ope.dope_metrics` from the estimates and truth stored in the JSON.", ""]
+             "`dope_metrics` (benchmark/ope_report.py) from the estimates and truth stored in the JSON.", ""]
     for dest in sorted((OUT / "json").iterdir()):
         res = {p.name.removesuffix(".ope.json").replace("__", "/"): json.loads(p.read_text())
                for p in sorted(dest.glob("*.ope.json"))}

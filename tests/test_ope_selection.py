@@ -13,6 +13,7 @@ import torch
 
 import common
 import ope
+from benchmark import ope_report
 from tests.conftest import run_script
 from tests.test_ope import PI_B, chain, run_pipeline, table_policy  # noqa: F401 (chain is a fixture)
 
@@ -51,7 +52,7 @@ def test_the_ess_gate_sits_at_min_ess_share_and_keeps_low_ess_rows_out_of_select
     assert any(w.startswith("effective sample size") for w in results["far"]["warnings"])
     for i, res in enumerate(results.values()):
         res["truth"] = dict(values="dist", discounted=float(i), normalized=float("nan"), undiscounted=float(i))
-    sel, dope = ope.policy_selection(results), ope.dope_metrics(results)
+    sel, dope = ope_report.policy_selection(results), ope_report.dope_metrics(results)
     for name in ("IS", "WIS"):
         assert results["far"]["estimates"][name]["unreliable"] and not results["b"]["estimates"][name]["unreliable"]
         assert sel[name]["skipped"] == "no usable estimate for 1 of 2 policies"
@@ -84,7 +85,7 @@ def _results(estimates: dict[str, list], values: dict[str, str] | None = None, u
 
 
 def test_dope_metrics_on_a_hand_case():
-    m = ope.dope_metrics(_results({"FQE": [1.0, 9.0, 4.0]}))["FQE"]
+    m = ope_report.dope_metrics(_results({"FQE": [1.0, 9.0, 4.0]}))["FQE"]
     # normalised by the truth's range [0, 10]: truth (0, .5, 1), estimate (.1, .9, .4)
     assert m["abs_error"] == pytest.approx((0.1 + 0.4 + 0.6) / 3)
     assert m["spearman"] == pytest.approx(1 - 6 * (0 + 1 + 1) / (3 * (9 - 1)))  # ranks (0, 2, 1) vs (0, 1, 2)
@@ -92,19 +93,19 @@ def test_dope_metrics_on_a_hand_case():
     assert m["regret_at_1_points"] == pytest.approx(90.0 - 30.0)
     assert m["regret_at_3"] is None  # three policies: the top 3 always hold the best
     assert m["std"]["abs_error"] > 0  # the bootstrap over policies moves it
-    perfect = ope.dope_metrics(_results({"FQE": [0.0, 5.0, 10.0]}))["FQE"]
+    perfect = ope_report.dope_metrics(_results({"FQE": [0.0, 5.0, 10.0]}))["FQE"]
     assert perfect["abs_error"] == 0 and perfect["spearman"] == pytest.approx(1) and perfect["regret_at_1"] == 0
 
 
 def test_estimates_above_twice_the_true_range_are_capped_as_dope():
-    m = ope.dope_metrics(_results({"FQE": [0.0, 5.0, 100.0]}))["FQE"]
+    m = ope_report.dope_metrics(_results({"FQE": [0.0, 5.0, 100.0]}))["FQE"]
     assert m["abs_error"] == pytest.approx((0 + 0 + (2.0 - 1.0)) / 3)  # 100 -> 10 (normalised), capped at 2
 
 
 def test_rows_that_value_another_policy_or_have_low_ess_are_left_out():
     res = _results({"FQE": [1.0, 9.0, 4.0], "IS": [0.0, 5.0, 10.0], "DR": [0.0, 5.0, 10.0]}, values={"DR": "dist"},
                    unreliable="ESS 1.2 < 10% of 50 episodes")
-    m = ope.dope_metrics(res)
+    m = ope_report.dope_metrics(res)
     assert m["FQE"]["skipped"] is None
     assert "--rollout-action sample" in m["DR"]["skipped"]
     assert m["IS"]["skipped"].startswith("ESS too low for 3 of 3")
@@ -141,7 +142,7 @@ def test_policy_selection_ranks_recommends_and_says_when_it_cannot_tell():
     results["a"]["estimates"]["FQE"] = row(5.0, [4.0, 6.0])
     results["b"]["estimates"]["FQE"] = row(8.0, [5.5, 9.0])  # the pick; a's interval reaches 6 > 5.5: a tie
     results["c"]["estimates"]["FQE"] = row(1.0, [0.0, 2.0])  # clearly worse
-    sel = ope.policy_selection(results)
+    sel = ope_report.policy_selection(results)
     assert sel["FQE"]["ranking"] == ["b", "a", "c"] and sel["FQE"]["recommended"] == "b"
     assert sel["FQE"]["cannot_tell_apart"] == ["a"]
     assert sel["IS"]["skipped"] == "no usable estimate for 3 of 3 policies"
@@ -149,9 +150,9 @@ def test_policy_selection_ranks_recommends_and_says_when_it_cannot_tell():
     # the pick's coverage warning fired: the selection says so (for FQE and MB, which extrapolate; IS does not)
     for share, flagged in ((0.3, True), (0.01, False)):
         results["b"]["diagnostics"] = {"low_coverage_share": share}
-        sel = ope.policy_selection(results)
+        sel = ope_report.policy_selection(results)
         assert sel["FQE"]["low_coverage"] == flagged
-        assert ("its coverage warning fired" in ope.format_summary({"selection": sel})) == flagged
+        assert ("its coverage warning fired" in ope_report.format_summary({"selection": sel})) == flagged
 
 
 def test_hcope_bound_by_hand():
@@ -298,7 +299,7 @@ def test_dope_metrics_do_not_depend_on_the_order_of_the_policies():
     res = _results({"FQE": [22.0, 25.0, 2.5], "MB": [4.0, 4.0, 1.0]})
     for r, t in zip(res.values(), [0.0, 10.0, 3.0]):
         r["truth"]["discounted"] = t
-    base = ope.dope_metrics(res)
+    base = ope_report.dope_metrics(res)
     # ranked on the uncapped estimates, FQE deploys policy 1 (estimate 25, the true best)
     assert base["FQE"]["regret_at_1"] == 0.0 and base["FQE"]["spearman"] == pytest.approx(0.5)
     assert base["FQE"]["abs_error"] == pytest.approx((2.0 + 1.0 + 0.05) / 3)  # the cap stays in the error
@@ -306,7 +307,7 @@ def test_dope_metrics_do_not_depend_on_the_order_of_the_policies():
     assert base["MB"]["regret_at_1"] == pytest.approx(1.0)
     assert ope.regret_at_1([4.0, 4.0, 1.0], [0.0, 10.0, 3.0]) == pytest.approx(10.0)
     for order in ([1, 0, 2], [2, 1, 0], [1, 2, 0]):
-        assert ope.dope_metrics(_permuted(res, order)) == base, order
+        assert ope_report.dope_metrics(_permuted(res, order)) == base, order
 
 
 def test_the_regret_bootstrap_normalises_by_the_resamples_best_as_dope():
@@ -314,9 +315,9 @@ def test_the_regret_bootstrap_normalises_by_the_resamples_best_as_dope():
     # the resample's own max - min: with truth (0, .5, 1), a resample of policies 1 and 2 where the estimator picks
     # policy 1 loses (1 - .5) / 1 = .5 (max - min would give 1)
     v_true, v_est = np.array([0.5, 1.0]), np.array([2.0, 1.0])
-    assert ope.set_metrics(v_est, v_true)[2] == pytest.approx(0.5)
+    assert ope_report.set_metrics(v_est, v_true)[2] == pytest.approx(0.5)
     assert ope.normalized_regret_at_k(v_est, v_true, 1) == pytest.approx(1.0)  # a set on its own: max - min
-    assert np.isnan(ope.set_metrics(v_est, np.zeros(2))[2])  # only the worst policy drawn: undefined (DOPE 0/0)
+    assert np.isnan(ope_report.set_metrics(v_est, np.zeros(2))[2])  # only the worst policy drawn: undefined (DOPE 0/0)
 
 
 @pytest.mark.slow
