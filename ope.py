@@ -1006,6 +1006,11 @@ def closing_line(res: dict) -> str:
                              "need a density of pi_e (--smoothing-width)"],
               "FQE": ["has not settled"] * ("FQE has not settled" in warned),
               "MB": ["has models that disagree"] * ("ensemble disagrees" in warned)}
+    a = res.get("args", {})
+    backups, horizon = a.get("fqe_steps", 0) * a.get("fqe_tau", 1.0), 1 / max(1 - a.get("discount", 0.0), 1e-9)
+    if a and backups < horizon:  # a trace that barely moves over a few backups is not settled
+        doubts["FQE"].append(f"made about {backups:.0f} Bellman backups (--fqe-steps x --fqe-tau) for an effective "
+                             f"horizon of {horizon:.0f}")
     for name in ("FQE", "MB"):
         if thin:
             doubts[name].append(f"extrapolates ({100 * share:.0f}% of pi_e's actions where the data are thin)")
@@ -1023,7 +1028,7 @@ def closing_line(res: dict) -> str:
         doubts.pop(pick, None)
     doubt = "; ".join(f"{n} {' and '.join(w)}" for n, w in doubts.items() if w)
     if pick is None:
-        todo = "raise --fqe-steps until FQE settles" if "has not settled" in doubts["FQE"] else (
+        todo = "raise --fqe-steps until FQE settles" if doubts["FQE"] and not thin else (
             "the data do not cover this policy: only running it (--rollouts N) can tell its value")
         return f"verdict: trust none of the estimates: {doubt}; {todo}"
     e, refit = est[pick], pick == "FQE" and d.get("fqe_interval") == "refit"

@@ -384,5 +384,14 @@ def test_the_closing_line_says_which_estimate_to_trust_and_why():
     refit = _policy_result(mb_agrees=False)
     refit["diagnostics"]["fqe_interval"] = "refit"  # --refit-bootstrap: the interval includes the fitting's variance
     assert ope.closing_line(refit).startswith("verdict: trust FQE: 52.25 discounted (95% CI 50.00 to 54.50), the")
+    # a trace can barely move because FQE has made few backups: fewer than the effective horizon is not settled
+    few = _policy_result(mb_agrees=False)
+    few["args"] = dict(fqe_steps=200, fqe_tau=0.02, discount=0.99)
+    assert ope.closing_line(few) == (
+        "verdict: trust none of the estimates: IS ... WDR rest on an ESS of 1.6 of 801 episodes; FQE made about 4 "
+        "Bellman backups (--fqe-steps x --fqe-tau) for an effective horizon of 100; MB has models that disagree; "
+        "raise --fqe-steps until FQE settles")
+    few["args"]["fqe_steps"] = 20_000
+    assert ope.closing_line(few).startswith("verdict: trust FQE")
     # --no-coverage: no share to read
     assert "; it settled and no coverage check ran; not the others" in ope.closing_line(_policy_result(share=None))
