@@ -65,8 +65,8 @@ class Args:
     fqe_action: Literal["act", "sample"] = "act"
     """the policy FQE and MB value: `act` (the evaluation action) or `sample` (the distribution IS values)"""
     fqe_tau: float = 0.02
-    """Polyak rate of FQE's target network; --fqe-steps x this is about the Bellman backups made (default 400, four
-    effective horizons at gamma 0.99; DOPE: 0.005 over 1M steps)"""
+    """Polyak rate of FQE's target network; --fqe-steps x this is about the Bellman backups made (20,000 x 0.02 = 400:
+    four effective horizons at gamma 0.99; DOPE: 0.005 over 1M steps)"""
     fqe_time_limit_terminal: bool = False
     """stop FQE's bootstrap at time limits too, to compare with the finite-horizon IS, MB and rollouts (approximate)"""
     refit_bootstrap: int = 0
