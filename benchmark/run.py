@@ -3,6 +3,7 @@
     python benchmark/run.py --preset small               # the small preset (see PRESETS below)
     python benchmark/run.py --algos iql --datasets lunarlander-medium --seeds 1 2 3 --total-steps 20000
     python benchmark/run.py --preset small --with-d3rlpy # and each run with d3rlpy (its own venv: README.md)
+    python benchmark/run.py --preset small --ray auto    # each run a Ray task on the cluster (docs/benchmark.md)
     python benchmark/aggregate.py benchmark/results/small  # tables and learning curves
 
 Each run is `python {algo}.py --dataset D --seed S --total-steps N --exp-name {algo}-{tag}` started in
@@ -11,6 +12,13 @@ thread per process. When a run exits cleanly the runner writes `done/{algo}__{da
 (command, wall time); runs with such a file are skipped next time, and a run stopped part-way that saved its state
 (--resume-every) continues from it (`--resume`). A progress line (runs done / total, elapsed,
 ETA) is printed as each run ends, and every --status-every minutes while none does.
+
+With `--ray [ADDRESS]` each run is a Ray task instead (one CPU, --gpus-per-run GPUs) on a cluster joined at ADDRESS
+(`auto`, `ray://host:10001`, `host:port`; none: a local one started here). The task runs the same command in a
+temporary folder of its worker node, with the node's copy of the project (Ray's working_dir), and sends back the
+run's console output and every file it wrote (TensorBoard log, saved models); this runner writes them where the
+local runs would be, so skips, done markers, progress and aggregate.py work as they do without Ray. A task whose
+node dies is rerun (RAY_RETRIES); runs are seeded, so the rerun is the same run (docs/benchmark.md).
 """
 
 from __future__ import annotations
@@ -21,12 +29,17 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 D3RLPY_NOT_AVAILABLE = 3  # d3rlpy_run.py's exit status when d3rlpy lacks the variant (e.g. discrete IQL)
+RAY_RETRIES = 3  # --ray: how many times a run whose worker node (or worker process) died is started again
+# --ray: what the worker nodes need not receive of the project (Ray also leaves out what .gitignore lists)
+RAY_EXCLUDES = [".git", ".venv*", ".ci-venv", "runs", "benchmark/results", "docs"]
 
 # IQL's beta = 3 is the paper's MuJoCo value; the discrete LunarLander data needs 0.3 (docs/iql.md explains)
 DISCRETE_IQL_BETA = {"iql@discrete": ["--beta", "0.3"]}
@@ -211,7 +224,75 @@ def folder_config(cfg: dict, previous: dict) -> dict:
     return dict(cfg, **merged, extra={**previous.get("extra", {}), **cfg["extra"]})
 
 
-def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
+def one_thread() -> dict[str, str]:
+    """The environment of a run: this process's, with one torch thread."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def run_local(cmd: list[str], cwd: Path, log: Path, resumed: bool) -> int:
+    """Run a command in `cwd` on this machine, its console output into `log`; return its exit status."""
+    with open(log, "a" if resumed else "w") as f:  # a resumed run's console log goes on after the first part
+        return subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=one_thread()).returncode
+
+
+def for_worker(cmd: list[str], out: Path) -> list[str]:
+    """A run's command as a Ray task runs it (run_in_temp_folder): this Python as "{python}" (the worker's), files
+    of the project as "{code}/..." (the worker's copy), files of the results folder relative to it (the task's
+    temporary folder holds what it needs of them)."""
+    def move(arg: str) -> str:
+        path = Path(arg)
+        if path.is_absolute() and path.is_relative_to(out):
+            return str(path.relative_to(out))
+        return f"{{code}}/{path.relative_to(ROOT)}" if path.is_absolute() and path.is_relative_to(ROOT) else arg
+    return ["{python}" if cmd[0] == sys.executable else cmd[0], *map(move, cmd[1:])]
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+
+def run_in_temp_folder(cmd: list[str], inputs: dict[str, bytes]) -> tuple[int, bytes, dict[str, bytes]]:
+    """The Ray task: a command from for_worker, run in a new temporary folder holding `inputs` (a resumed run's
+    resume.pt), with this node's Python and copy of the project (Ray starts the task in its working_dir). Returns
+    the exit status, the console output and every file the run wrote (runs/{run}/...)."""
+    cmd = [arg.replace("{python}", sys.executable).replace("{code}", os.getcwd()) for arg in cmd]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_files(Path(tmp), inputs)
+        proc = subprocess.run(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=one_thread())
+        files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+    return proc.returncode, proc.stdout, files
+
+
+def start_ray(address: str, gpus_per_run: float) -> tuple[Callable, int]:
+    """Join the Ray cluster at `address` ("local": start one here) with the project as the tasks' working_dir.
+    Returns a drop-in for run_local that runs the command as a Ray task, and how many runs fit on the cluster at
+    once."""
+    import ray
+
+    ray.init(address=address, runtime_env=dict(working_dir=str(ROOT), excludes=RAY_EXCLUDES))
+    task = ray.remote(run_in_temp_folder).options(num_cpus=1, num_gpus=gpus_per_run, max_retries=RAY_RETRIES)
+    resources = ray.cluster_resources()
+    slots = int(resources.get("CPU", 1))
+    if gpus_per_run > 0:
+        slots = min(slots, int(resources.get("GPU", 0) / gpus_per_run))
+
+    def run_remote(cmd: list[str], cwd: Path, log: Path, resumed: bool) -> int:
+        inputs = {str(Path(cmd[-1]).relative_to(cwd)): Path(cmd[-1]).read_bytes()} if resumed else {}
+        try:
+            status, console, files = ray.get(task.remote(for_worker(cmd, cwd), inputs))
+        except ray.exceptions.RayError as e:  # e.g. its node died more than RAY_RETRIES times
+            status, console, files = -1, f"Ray task failed: {e}\n".encode(), {}
+        write_files(cwd, files)
+        with open(log, "ab" if resumed else "wb") as f:
+            f.write(console)
+        return status
+
+    return run_remote, max(1, slots)
+
+
+def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path, execute: Callable = run_local) -> str:
     key = job_key(algo, dataset, seed)
     marker = out / "done" / f"{key}.json"
     if marker.exists():
@@ -219,15 +300,13 @@ def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> str:
     cmd, resumed = command(algo, dataset, seed, cfg, out)
     log = out / "logs" / f"{key}.log"
     t0 = time.time()
-    with open(log, "a" if resumed else "w") as f:  # a resumed run's console log goes on after the first part
-        proc = subprocess.run(cmd, cwd=out, stdout=f, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
+    returncode = execute(cmd, out, log, resumed)
     info = dict(cmd=" ".join(cmd[1:]), algo=algo, dataset=dataset, seed=seed)
-    if proc.returncode == D3RLPY_NOT_AVAILABLE and algo.startswith("d3rlpy_"):
+    if returncode == D3RLPY_NOT_AVAILABLE and algo.startswith("d3rlpy_"):
         marker.write_text(json.dumps(dict(info, not_available=log.read_text().strip().splitlines()[-1]), indent=1))
         return f"n/a  {key} (d3rlpy has no such variant)"
-    if proc.returncode != 0:
-        return f"FAIL {key} (exit {proc.returncode}, see {log})"
+    if returncode != 0:
+        return f"FAIL {key} (exit {returncode}, see {log})"
     marker.write_text(json.dumps(dict(info, wall_s=time.time() - t0), indent=1))
     return f"done {key} in {time.time() - t0:.0f}s"
 
@@ -242,8 +321,15 @@ def main() -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-episodes", type=int)
     p.add_argument("--tag", help="results folder name (default: the preset's name)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel runs (default: CPU cores)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: CPU cores; with --ray, the runs that fit on "
+                                               "the cluster at once)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run each run as a Ray task on the cluster at ADDRESS (auto, ray://host:10001, host:port); "
+                        "without one, on a Ray cluster started on this machine (pip install -r "
+                        "benchmark/requirements-ray.txt; docs/benchmark.md, 'More than one machine')")
+    p.add_argument("--gpus-per-run", type=float, default=0.0, metavar="F",
+                   help="with --ray: GPUs each run asks Ray for (fractions share one; pass --device cuda too)")
     p.add_argument("--results-dir", default=str(ROOT / "benchmark" / "results"), help="where {tag}/ is written")
     p.add_argument("--with-d3rlpy", action="store_true",
                    help="also run d3rlpy's version of each algorithm (d3rlpy_iql, ...) with the same settings, "
@@ -259,6 +345,8 @@ def main() -> None:
     a = p.parse_args()
     if not a.status_every > 0:
         p.error(f"--status-every {a.status_every}: must be a positive number of minutes")
+    if a.gpus_per_run and not a.ray:
+        p.error("--gpus-per-run needs --ray")
     cfg = dict(PRESETS[a.preset])
     for k in ("algos", "datasets", "seeds", "total_steps", "eval_every", "eval_episodes"):
         if getattr(a, k) is not None:
@@ -284,6 +372,8 @@ def main() -> None:
     for j in jobs:
         if j not in todo:
             print(f"skip {job_key(*j)} (done)")
+    execute, slots = start_ray(a.ray, a.gpus_per_run) if a.ray and todo else (run_local, os.cpu_count())
+    a.workers = a.workers or slots
     # longest first: a long run started last would leave the other cores idle at the end
     cost = {(algo, d, seed): expected_seconds(algo, d, cfg["total_steps"], extra_flags(cfg["extra"], algo, d))
             for algo, d, seed in todo}
@@ -299,7 +389,7 @@ def main() -> None:
 
     def start(job: tuple) -> str:
         started[job] = time.time()
-        return run_job(*job, cfg, out)
+        return run_job(*job, cfg, out, execute)
 
     def progress(n_done: int) -> str:
         now = time.time()
