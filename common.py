@@ -123,16 +123,21 @@ class ReplayBuffer:
 
     def returns_to_go(self, discount: float) -> None:
         """Cal-QL: G_t = r_t + gamma * (1 - terminal_t) * G_{t+1} within each episode of the dataset, on the scaled
-        rewards, with no bootstrap where an episode is cut by a time limit (the authors' rule); online episodes get
-        theirs in `end_episode`."""
+        rewards, completed so that G never exceeds the behaviour policy's value V^mu: where an episode is cut (a time
+        limit, the end of the data) the sum goes on with the discounted tail of min(r_min, 0) per step, r_min the
+        data's smallest reward (0 when r >= 0: the authors' truncated sum). An episode whose every reward is r_min <=
+        0 (a sparse-reward failure) thus gets r_min / (1 - gamma) at every step, the authors' sparse rule
+        (docs/finetune.md). Online episodes get theirs in `end_episode`."""
         self.discount, self.mc_returns = discount, torch.zeros_like(self.rewards)
+        self.reward_floor = min(float(self.rewards[: self.n_offline].min()), 0.0)
         starts = np.concatenate([[0], self._episode_ends[:-1] + 1])
         for start, end in zip(starts, self._episode_ends):
             self._fill_returns(int(start), int(end) + 1)
 
     def _fill_returns(self, start: int, stop: int) -> None:
         r, term = self.rewards[start:stop].cpu().double().numpy(), self.terminals[start:stop].cpu().double().numpy()
-        g, out = 0.0, np.zeros(stop - start)
+        g = 0.0 if term[-1] else self.reward_floor / (1.0 - self.discount)  # a cut episode's tail, a lower bound
+        out = np.zeros(stop - start)
         for i in range(stop - start - 1, -1, -1):
             g = r[i] + self.discount * (1.0 - term[i]) * g
             out[i] = g
@@ -174,15 +179,24 @@ class OnlineCollector:
         self.env.action_space.seed(seed)
         self.env_steps, self.episode_return, self.episode_length = 0, 0.0, 0
 
-    def step(self, explore: Callable[[torch.Tensor], torch.Tensor], *modules: nn.Module) -> tuple[float, int] | None:
-        """One environment step; returns (return, length) of the episode when this step ends one, else None."""
-        with torch.no_grad():
-            for m in modules:
-                m.eval()
-            obs = torch.as_tensor(self.obs, dtype=torch.float32, device=self.rb.device)[None]
-            a = explore(self.rb.normalize(obs))[0]
-            for m in modules:
-                m.train()
+    def step(self, explore: Callable[[torch.Tensor], torch.Tensor] | None, *modules: nn.Module
+             ) -> tuple[float, int] | None:
+        """One environment step; returns (return, length) of the episode when this step ends one, else None.
+        `explore` None: a uniformly random action from the seeded action space (a warm-up step)."""
+        if explore is None:
+            a = torch.as_tensor(self.env.action_space.sample(), device=self.rb.device)
+            a = a if self.rb.discrete else (a.float() - self.rb.action_center) / self.rb.action_half
+        else:
+            modes = [m.training for m in modules]
+            try:
+                with torch.no_grad():
+                    for m in modules:
+                        m.eval()
+                    obs = torch.as_tensor(self.obs, dtype=torch.float32, device=self.rb.device)[None]
+                    a = explore(self.rb.normalize(obs))[0]
+            finally:
+                for m, mode in zip(modules, modes):
+                    m.train(mode)
         env_action = int(a) if self.rb.discrete else self.rb.unscale_action(a).cpu().numpy()
         next_obs, reward, terminated, truncated, _ = self.env.step(env_action)
         self.rb.add(self.obs, a, reward, next_obs, terminated)
@@ -197,14 +211,25 @@ class OnlineCollector:
         self.episode_return, self.episode_length = 0.0, 0
         return finished
 
+    def close(self) -> None:
+        self.env.close()
+
 
 def action_bounds(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) of a Box action space: the environment's when known, else the data's own range."""
     if ds.env_id is not None:
-        space = gym.make(ds.env_id, **ds.env_kwargs).action_space
+        space = env_space(ds, "action")
         return space.low.astype(np.float64), space.high.astype(np.float64)
     low, high = ds.actions.min(0).astype(np.float64), ds.actions.max(0).astype(np.float64)
     return low, np.where(high > low, high, low + 1.0)
+
+
+def env_space(ds: Dataset, which: str) -> gym.Space:
+    """The dataset environment's action or observation space (the environment is closed again)."""
+    env = gym.make(ds.env_id, **ds.env_kwargs)
+    space = env.action_space if which == "action" else env.observation_space
+    env.close()
+    return space
 
 
 def dataset_dims(ds: Dataset) -> tuple[int, int, int | None]:
@@ -212,7 +237,7 @@ def dataset_dims(ds: Dataset) -> tuple[int, int, int | None]:
     when known (the data may not contain every action), act_dim is then 1."""
     if not ds.discrete:
         return ds.observations.shape[1], ds.actions.shape[1], None
-    n = int(gym.make(ds.env_id, **ds.env_kwargs).action_space.n) if ds.env_id else int(ds.actions.max()) + 1
+    n = int(env_space(ds, "action").n) if ds.env_id else int(ds.actions.max()) + 1
     return ds.observations.shape[1], 1, n
 
 
@@ -242,7 +267,8 @@ class Evaluation:
     returns: np.ndarray
     """undiscounted episode returns (what the normalized score is computed from)"""
     discounted_returns: np.ndarray
-    """sum_t gamma^t r_t per episode: what the policy's own Q at the start state should predict"""
+    """sum_t gamma^t (scale r_t + bias) per episode, in training-reward units: what the policy's own Q at the start
+    state should predict"""
     start_obs: torch.Tensor
     """(n_episodes, obs_dim) raw first observations, on the device"""
 
@@ -282,15 +308,18 @@ def isolated(*modules: nn.Module) -> Iterator[None]:
 
 def evaluate(ds: Dataset, policy: Callable[[torch.Tensor], torch.Tensor], n_episodes: int, seed: int,
              device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-             discount: float = 0.99, on_episode: Callable[[], object] | None = None) -> Evaluation:
+             discount: float = 0.99, on_episode: Callable[[], object] | None = None,
+             reward_transform: tuple[float, float] = (1.0, 0.0)) -> Evaluation:
     """Run `n_episodes` of `policy` (a batch of raw observations -> a batch of actions) in the dataset's
     environment, each episode seeded `seed + i`, on a forked random stream (see `isolated`); `on_episode` is called
-    after each episode (a progress bar's update)."""
+    after each episode (a progress bar's update). The discounted return sums `scale * r + bias` for
+    `reward_transform` (scale, bias): the rewards the critics were trained on, so that it compares with their Q."""
     if ds.env_id is None:
         raise UserError(f"{ds.name}: no env_id in the dataset metadata, so policies cannot be evaluated; "
                         "pass --eval-episodes 0 to train without evaluation")
     env = gym.make(ds.env_id, **ds.env_kwargs)
     discrete = isinstance(env.action_space, gym.spaces.Discrete)
+    scale, bias = reward_transform
     returns, discounted, starts = np.zeros(n_episodes), np.zeros(n_episodes), []
     with isolated():
         for i in range(n_episodes):
@@ -301,7 +330,7 @@ def evaluate(ds: Dataset, policy: Callable[[torch.Tensor], torch.Tensor], n_epis
                 a = policy(normalize(torch.as_tensor(obs, dtype=torch.float32, device=device)[None]))[0].cpu().numpy()
                 obs, r, term, trunc, _ = env.step(int(a) if discrete else a)
                 returns[i] += r
-                discounted[i] += discount**t * r
+                discounted[i] += discount**t * (scale * r + bias)
                 done, t = term or trunc, t + 1
             if on_episode is not None:
                 on_episode()
@@ -313,9 +342,29 @@ def evaluate(ds: Dataset, policy: Callable[[torch.Tensor], torch.Tensor], n_epis
 def report_saved_policy(path: str, policy: Policy, ds: Dataset, n_episodes: int, seed: int,
                         device: torch.device) -> None:
     """--load-model: evaluate a saved policy on `ds` and print its score in one line."""
+    check_policy_fits(path, policy.checkpoint, ds)
     returns = evaluate(ds, policy.act, n_episodes, seed, device).returns
     print(f"{path} on {ds.name} over {len(returns)} episodes: "
           f"{format_score(returns.mean(), ds.normalized_score(returns.mean()))}, return std {returns.std():.1f}")
+
+
+def check_policy_fits(path: str, ckpt: dict, ds: Dataset) -> None:
+    """A UserError when a checkpoint's observation or action space differs from the dataset's environment."""
+    have, want = dataset_dims(ds), (ckpt["obs_dim"], ckpt["act_dim"], ckpt["n_actions"])
+    if have != want:
+        def spaces(obs_dim: int, act_dim: int, n_actions: int | None) -> str:
+            return f"{obs_dim}-d observations, " + (f"{n_actions} actions" if n_actions else f"{act_dim}-d actions")
+        raise UserError(f"{path} was trained on {ckpt['args']['dataset']} ({spaces(*want)}); {ds.name} has "
+                        f"{spaces(*have)}: pass a dataset of the same environment, or drop --dataset")
+
+
+def check_data(args, ds: Dataset) -> None:
+    """Start-up checks that need the dataset: a batch no larger than the data, and an environment to evaluate in
+    (before training, so that no run fails at its first evaluation)."""
+    check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
+    if args.eval_episodes > 0 and ds.env_id is None:
+        raise UserError(f"{ds.name}: no env_id in the dataset, so there is no environment to evaluate in; pass "
+                        "--eval-episodes 0 (or add env_id to the .npz)")
 
 
 def set_seed(seed: int, torch_deterministic: bool = True) -> None:
@@ -379,6 +428,8 @@ def check_ranges(args, ranges: dict[str, str]) -> None:
 
 def load_checkpoint(path: str, device: str | torch.device = "cpu", algo: str | None = None) -> dict:
     """torch.load a `--save-model` file (weights only), with a UserError for a missing, corrupt or foreign file."""
+    if Path(path).is_dir():
+        raise UserError(f"checkpoint {path} is a folder: pass the .pt file in it (runs/<run>/<script>.pt)")
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} does not exist (train with --save-model; it is saved in runs/<run>/)")
     try:

@@ -60,6 +60,28 @@ def test_returns_to_go_per_episode_terminal_timeout_and_the_data_end_on_transfor
     assert set(rows(batch).tolist()) == set(range(7))  # the free rows are never drawn
 
 
+def test_returns_to_go_stay_below_the_behaviour_value_with_negative_rewards_cut_by_a_time_limit():
+    # the Pendulum case: r < 0 and an episode cut at its time limit. Summing to the cut (no bootstrap) would put G
+    # *above* V^mu, which goes on past the cut; the tail is completed with the data's smallest reward, r_min = -3:
+    # -3 / (1 - 0.5) = -6, which no continuation can fall below.
+    ds = hand_dataset([-1, -2, -1, -3, -1], terminals=[0, 0, 0, 0, 1], timeouts=[0, 0, 1, 0, 0])
+    rb = C.ReplayBuffer(ds, CPU)
+    rb.returns_to_go(0.5)
+    # cut episode: G_2 = -1 + 0.5 * -6 = -4, G_1 = -2 + 0.5 * -4 = -4, G_0 = -1 + 0.5 * -4 = -3 (the truncated sum
+    # would give -1, -2.5, -2.25); terminal episode: no tail, G = (-3 + 0.5 * -1, -1)
+    assert rb.mc_returns.tolist() == [-3.0, -4.0, -4.0, -3.5, -1.0]
+
+
+def test_an_episode_of_only_the_failure_reward_gets_the_authors_sparse_rule():
+    # sparse rewards (0 success, -1 otherwise): an episode of nothing but -1 cut by the time limit gets
+    # G = r_neg / (1 - gamma) = -1 / (1 - 0.9) = -10 at every step (the authors' calc_return_to_go); a successful
+    # episode ending in a terminal keeps its discounted sum
+    ds = hand_dataset([-1, -1, -1, -1, 0], terminals=[0, 0, 0, 0, 1], timeouts=[0, 0, 1, 0, 0])
+    rb = C.ReplayBuffer(ds, CPU)
+    rb.returns_to_go(0.9)
+    np.testing.assert_allclose(rb.mc_returns.tolist(), [-10.0, -10.0, -10.0, -1.0, 0.0], rtol=1e-6)
+
+
 def test_without_returns_to_go_a_batch_is_the_five_usual_tensors():
     rb = C.ReplayBuffer(hand_dataset([1.0, 2.0]), CPU, capacity=2)
     assert rb.mc_returns is None and len(rb.sample(4)) == 5
@@ -169,17 +191,19 @@ def test_cal_ql_holds_an_online_episode_back_until_it_ends_then_fills_its_return
     for ratio in (0.0, 0.5, 1.0):
         assert (rows(rb.sample(500, ratio)) < 10).all(), ratio  # nothing online is drawn, whatever the ratio
         assert rb.online_share(8, ratio) == 0.0
-    rb.end_episode()  # G = (1 + 0.5 * 3, 3), on the transformed rewards
-    assert rb.mc_returns[10:12].tolist() == [2.5, 3.0] and rb.ready == 12
+    # G on the transformed rewards; the episode ended without a terminal, so it goes on with the tail of the data's
+    # smallest reward, r'_min = -1: -1 / (1 - 0.5) = -2. G = (1 + 0.5 * 2, 3 + 0.5 * -2)
+    rb.end_episode()
+    assert rb.mc_returns[10:12].tolist() == [2.0, 2.0] and rb.ready == 12
     assert torch.equal(rb.mc_returns[:10], offline_g)  # the dataset's G untouched
     batch = rb.sample(8, 0.5)
-    assert (rows(batch)[4:] >= 100).all() and torch.equal(batch[5][4:], torch.where(rows(batch)[4:] == 100, 2.5, 3.0))
+    assert (rows(batch)[4:] >= 100).all() and torch.equal(batch[5][4:], torch.full((4,), 2.0))
     assert rb.online_share(8, 0.0) == pytest.approx(2 / 12)
     # the next episode is held while the finished one stays sampleable; its G starts at its own first row
     rb.add(np.array([102.0]), torch.tensor(0), 4.0, np.array([103.0]), True)  # r' = 7, terminal
     assert rb.ready == 12 and (rows(rb.sample(500, 1.0)) <= 101).all()
     rb.end_episode()
-    assert rb.mc_returns[10:13].tolist() == [2.5, 3.0, 7.0] and rb.ready == 13
+    assert rb.mc_returns[10:13].tolist() == [2.0, 2.0, 7.0] and rb.ready == 13
 
 
 def test_online_returns_stop_at_a_terminal_inside_what_end_episode_fills():
@@ -256,7 +280,11 @@ def test_collector_adds_the_environments_transitions_and_reports_each_episode(na
             assert done[0] == pytest.approx(raw_rewards.sum().item(), rel=1e-5)
             assert rb.ready == rb.size  # the finished episode is sampleable, with its discounted returns
             r = rb.rewards[start:rb.size].double()
-            g = [sum(0.9**j * r[t + j].item() for j in range(length - t)) for t in range(length)]
+            # a time-limit cut goes on with the tail of the data's smallest transformed reward (a lower bound)
+            assert rb.reward_floor == min(rb.rewards[:n].min().item(), 0.0)
+            tail = 0.0 if terminated else rb.reward_floor / (1 - 0.9)
+            g = [sum(0.9**j * r[t + j].item() for j in range(length - t)) + 0.9 ** (length - t) * tail
+                 for t in range(length)]
             np.testing.assert_allclose(rb.mc_returns[start:rb.size].numpy(), g, rtol=1e-5)
             episodes.append(done)
             start = rb.size
@@ -678,14 +706,25 @@ def test_online_flag_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_iql_actor_lr_follows_the_cosine_offline_then_stays_at_the_learning_rate_online(tmp_path):
+def test_iql_actor_lr_is_constant_in_both_phases_when_an_online_phase_follows(tmp_path):
+    # the authors' fine-tuning config: no decay before or after the switch (a cosine over the offline steps would
+    # take the rate to 0 at the switch and then jump back to --learning-rate)
     run_script("iql.py", "--dataset", "cartpole-medium", "--total-steps", "20", "--online-steps", "10",
                "--learning-rate", "0.001", "--batch-size", "16", "--hidden-dim", "16", "--log-every", "1",
                "--eval-episodes", "0", cwd=tmp_path)
     lr = scalars(next((tmp_path / "runs").iterdir()), "charts/")["charts/actor_lr"]
-    assert set(lr) == set(range(1, 31))
-    for step in range(1, 21):  # cosine from 1e-3 to 0 over the 20 offline steps
-        assert lr[step] == pytest.approx(0.001 * (1 + math.cos(math.pi * step / 20)) / 2, abs=1e-9), step
-    assert lr[20] == pytest.approx(0.0, abs=1e-12)
-    for step in range(21, 31):
-        assert lr[step] == np.float32(0.001), step
+    assert set(lr) == set(range(1, 31)) and all(lr[step] == np.float32(0.001) for step in lr)
+
+
+@pytest.mark.slow
+def test_from_scratch_the_first_learning_starts_steps_are_random_and_train_nothing(tmp_path):
+    run_script("cql.py", "--dataset", "cartpole-medium", "--total-steps", "0", "--online-steps", "30",
+               "--learning-starts", "20", "--cql-alpha", "0", "--online-ratio", "1", "--batch-size", "8",
+               "--hidden-dim", "8", "--log-every", "1", "--eval-episodes", "0", cwd=tmp_path)
+    charts = scalars(next((tmp_path / "runs").iterdir()), "charts/")
+    # 30 environment steps, 10 gradient steps: the first gradient step comes after 20 random steps and one of the
+    # policy's
+    assert sorted(charts["charts/env_steps"]) == list(range(1, 11))
+    assert [charts["charts/env_steps"][s] for s in range(1, 11)] == list(range(21, 31))
+    assert "--learning-starts 30" in fail_one_line("cql.py", "--dataset", "cartpole-medium", "--total-steps", "0",
+                                                   "--online-steps", "30", "--learning-starts", "30", cwd=tmp_path)
