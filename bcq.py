@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate,
+from common import (COMMON_RANGES, check_data, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate,
                     flush_subnormals, isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp,
                     pick_device, read_training_state, report_saved_policy, report_user_errors, restore_training_state,
                     resumed_args, save_training_state, set_seed)
@@ -360,7 +360,7 @@ if __name__ == "__main__":
         args.batch_size = 64 if discrete else 100
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if discrete else 1e-3
-    check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
+    check_data(args, ds)  # steps, batch size, an environment to evaluate in
     rb = ReplayBuffer(ds, device, args.normalize_obs)
     run_name, writer = make_run(args, "bcq.py", resumed)
 
@@ -403,9 +403,15 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: the training loop
     progress = Progress("bcq.py", args.total_steps)
     start = restore_training_state(resumed, trained, progress) if resumed else 0
+    model_path = None
     for step in range(start + 1, args.total_steps + 1):
         batch = rb.sample(args.batch_size)
         logs = update(batch, step)
+
+        if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            save_model(f"runs/{run_name}/bcq_step{step}.pt")
+        if args.save_model and step == args.total_steps:  # before the last evaluation: an error there loses no model
+            model_path = save_model(f"runs/{run_name}/bcq.pt")
 
         # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
         # policy's own Q there (overestimation, measured on the same policy). Acting draws VAE samples: isolated.
@@ -413,7 +419,8 @@ if __name__ == "__main__":
         if evaluated:
             t0 = time.time()
             with isolated(agent):
-                ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
+                ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount,
+                              reward_transform=(rb.reward_scale, rb.reward_bias))
                 s0 = rb.normalize(ev.start_obs)
                 q_start = q_value(agent, s0, agent.act(s0), discrete).mean().item()
             log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0)
@@ -428,11 +435,8 @@ if __name__ == "__main__":
                 writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
             writer.add_scalar("charts/SPS", progress.line(step, f"q_data {logs['q_data']:.2f}"), step)
 
-        if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            save_model(f"runs/{run_name}/bcq_step{step}.pt")
         if args.resume_every > 0 and step % args.resume_every == 0:
             save_training_state(f"runs/{run_name}/resume.pt", "bcq.py", step, args, run_name, progress, trained)
 
-    model_path = save_model(f"runs/{run_name}/bcq.pt") if args.save_model else None
     writer.close()
     progress.summary(run_name, model_path)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
+from common import (COMMON_RANGES, check_data, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
                     dataset_dims, evaluate, flush_subnormals, isolated, load_checkpoint, load_dataset, log_evaluation,
                     make_run, mlp, pick_device, read_training_state, report_saved_policy, report_user_errors,
                     restore_training_state, resumed_args, save_training_state, set_seed)
@@ -118,6 +118,8 @@ class Args:
     in RLPD / Cal-QL); 0 samples all rows uniformly. With --total-steps 0 and 1: online from scratch"""
     online_epsilon: float = 0.05
     """Discrete, online: probability of a uniformly random action instead of argmax Q (epsilon-greedy)"""
+    learning_starts: int = 0
+    """online: the first this many of the --online-steps take uniformly random actions, no gradient step (CleanRL)"""
     cal_ql: bool = False
     """Cal-QL (Nakamoto et al. 2023): in the conservative term, Q on the policy's actions is floored by the
     Monte-Carlo return G of the data's trajectory, max(Q, G), so pre-training leaves Q calibrated (not below the
@@ -128,7 +130,8 @@ class Args:
 RANGES = {**COMMON_RANGES, "cql_alpha": "[0, inf)", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)",
           "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "cql_n_actions": "[1, inf)", "bc_steps": "[0, inf)",
           "target_update_every": "[0, inf)", "n_critics": "[1, inf)", "q_lcb": "[0, inf)", "total_steps": "[0, inf)",
-          "online_steps": "[0, inf)", "utd": "[1, inf)", "online_ratio": "[0, 1]", "online_epsilon": "[0, 1]"}
+          "online_steps": "[0, inf)", "utd": "[1, inf)", "online_ratio": "[0, 1]", "online_epsilon": "[0, 1]",
+          "learning_starts": "[0, inf)"}
 DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
@@ -169,6 +172,7 @@ class DiscreteQNetwork(nn.Module):
 
     def __init__(self, obs_dim: int, n_actions: int, args: Args):
         super().__init__()
+        self.n_actions = n_actions
         self.net = mlp(obs_dim, n_actions, [args.hidden_dim] * args.n_layers)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -300,7 +304,8 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
     # logging steps, no gradient, with proposals from a forked random stream so that logging never changes what
     # training draws
     conservative = args.cql_alpha > 0
-    measure = conservative or step % args.log_every == 0 or step == args.total_steps + args.online_steps * args.utd
+    last = args.total_steps + (args.online_steps - args.learning_starts) * args.utd
+    measure = conservative or step % args.log_every == 0 or step == last
     if measure:
         with torch.random.fork_rng(enabled=not conservative):
             prop_actions, prop_log_density = cql_proposals(obs, next_obs, actor, args.cql_n_actions)
@@ -415,7 +420,7 @@ def explore_box(actor: TanhGaussianActor, obs: torch.Tensor) -> torch.Tensor:
 def explore_discrete(qnet: DiscreteQNetwork, epsilon: float, obs: torch.Tensor) -> torch.Tensor:
     """Online, Discrete: epsilon-greedy on Q, a uniformly random action with probability epsilon."""
     greedy = qnet.act(obs)
-    random_action = torch.randint(0, qnet.net[-1].out_features, greedy.shape, device=obs.device)
+    random_action = torch.randint(0, qnet.n_actions, greedy.shape, device=obs.device)
     return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_action, greedy)
 
 
@@ -461,13 +466,17 @@ if __name__ == "__main__":
         raise SystemExit
 
     args.dataset = args.dataset or DEFAULT_DATASET
-    if args.online_steps == 0:
-        check_ranges(args, {"total_steps": "[1, inf)"})  # 0 offline steps only with an online phase
     if args.online_steps > 0 and args.resume_every > 0:
         raise UserError("--resume-every saves offline training only (an environment mid-episode cannot be saved): "
                         "drop it or --online-steps")
+    if args.total_steps == 0 and args.online_steps == 0:
+        raise UserError("--total-steps 0 trains nothing offline: give it an online phase (--online-steps M) or at "
+                        "least 1 step")
     ds = load_dataset(args.dataset)
-    check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
+    check_data(args, ds)  # steps, batch size, an environment to evaluate in
+    if args.learning_starts >= max(args.online_steps, 1):
+        raise UserError(f"--learning-starts {args.learning_starts}: the random warm-up is part of the online phase, so "
+                        f"it must be below --online-steps ({args.online_steps})")
     discrete = ds.discrete
     obs_dim, act_dim, n_actions = dataset_dims(ds)
     check_critic_flags(args, discrete)
@@ -533,18 +542,29 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: the training loop. Offline: --total-steps gradient steps on the dataset. Online
     # (--online-steps M, docs/finetune.md): M times, one environment step with a sample of the policy into the
     # buffer, then --utd gradient steps.
-    n_updates = args.total_steps + args.online_steps * args.utd
+    n_updates = args.total_steps + (args.online_steps - args.learning_starts) * args.utd
     collector = OnlineCollector(ds, rb, args.seed) if args.online_steps > 0 else None
     progress = Progress("cql.py", n_updates)
+
+    def log_episode(episode: tuple[float, int] | None) -> None:
+        if episode is not None:
+            writer.add_scalar("charts/episodic_return", episode[0], collector.env_steps)
+            writer.add_scalar("charts/episodic_length", episode[1], collector.env_steps)
+
     start = restore_training_state(resumed, trained, progress) if resumed else 0
+    model_path = None
     for step in range(start + 1, n_updates + 1):
         if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:
-            episode = collector.step(explore, explorer)
-            if episode is not None:
-                writer.add_scalar("charts/episodic_return", episode[0], collector.env_steps)
-                writer.add_scalar("charts/episodic_length", episode[1], collector.env_steps)
+            while collector.env_steps < args.learning_starts:  # warm-up: random actions, no gradient step
+                log_episode(collector.step(None))
+            log_episode(collector.step(explore, explorer))
         batch = rb.sample(args.batch_size, args.online_ratio)
         logs = update(batch, step)
+
+        if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            save_model(f"runs/{run_name}/cql_step{step}.pt")
+        if args.save_model and step == n_updates:  # before the last evaluation: an error there loses no model
+            model_path = save_model(f"runs/{run_name}/cql.pt")
 
         # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
         # policy's own Q there (overestimation, measured on the same policy); with an online phase also at the
@@ -554,7 +574,8 @@ if __name__ == "__main__":
         if evaluated:
             t0 = time.time()
             with isolated():
-                ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
+                ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount,
+                              reward_transform=(rb.reward_scale, rb.reward_bias))
                 s0 = rb.normalize(ev.start_obs)
                 q_start = q_value(s0, greedy(s0)).mean().item()
             log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0,
@@ -576,11 +597,10 @@ if __name__ == "__main__":
                 extra += f" | env steps {collector.env_steps}"
             writer.add_scalar("charts/SPS", progress.line(step, extra), step)
 
-        if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            save_model(f"runs/{run_name}/cql_step{step}.pt")
         if args.resume_every > 0 and step % args.resume_every == 0:
             save_training_state(f"runs/{run_name}/resume.pt", "cql.py", step, args, run_name, progress, trained)
 
-    model_path = save_model(f"runs/{run_name}/cql.pt") if args.save_model else None
+    if collector is not None:
+        collector.close()
     writer.close()
     progress.summary(run_name, model_path)

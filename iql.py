@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
+from common import (COMMON_RANGES, check_data, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
                     dataset_dims, evaluate, flush_subnormals, isolated, load_checkpoint, load_dataset, log_evaluation,
                     make_run, mlp, pick_device, read_training_state, report_saved_policy, report_user_errors,
                     restore_training_state, resumed_args, return_range_scale, save_training_state, set_seed)
@@ -85,16 +85,15 @@ class Args:
     q_lcb: float = 0.0
     """k > 0: the V target is mean - k * std over the N target Qs (a lower confidence bound) instead of their minimum"""
     cosine_lr: bool = True
-    """decay the actor's learning rate to 0 with a cosine schedule over --total-steps (authors' code)"""
+    """cosine decay of the actor's learning rate to 0 over --total-steps (authors' offline code; off when online)"""
     deterministic_actor: bool = False
     """Box only: a deterministic tanh actor trained by advantage-weighted MSE (CORL's option) instead of a Gaussian"""
     actor_dropout: float = 0.0
     """dropout in the actor's hidden layers (the authors use 0.1 on Kitchen/Adroit)"""
     normalize_obs: bool = False
     """standardise observations by the dataset mean/std (a CORL addition; the authors normalise rewards instead)"""
-    reward_scaling: Literal["none", "return-range", "minus-one"] = "none"
-    """`return-range`: r * 1000 / (max - min episode return), the authors' locomotion setting;
-    `minus-one`: r - 1, their AntMaze setting; `none`: raw rewards"""
+    reward_scaling: Literal["auto", "none", "return-range", "minus-one"] = "auto"
+    """`auto`: the authors' rule (return-range on hopper/halfcheetah/walker2d, minus-one on AntMaze, else none)"""
 
     # Offline-to-online fine-tuning (docs/finetune.md)
     online_steps: int = 0
@@ -290,6 +289,15 @@ def explore(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
     return actor.dist(obs).sample().clamp(-1.0, 1.0)
 
 
+def authors_reward_scaling(dataset: str) -> str:
+    """The authors' train_offline.py: rewards scaled by 1000 / return range on the locomotion datasets, r - 1 on
+    AntMaze, raw elsewhere."""
+    name = dataset.lower()
+    if "antmaze" in name:
+        return "minus-one"
+    return "return-range" if any(env in name for env in ("hopper", "halfcheetah", "walker2d")) else "none"
+
+
 def constant_lr(_: int) -> float:
     return 1.0
 
@@ -335,18 +343,22 @@ if __name__ == "__main__":
         raise SystemExit
 
     args.dataset = args.dataset or DEFAULT_DATASET
-    if args.online_steps == 0:
-        check_ranges(args, {"total_steps": "[1, inf)"})  # 0 offline steps only with an online phase
     if args.online_steps > 0 and args.resume_every > 0:
         raise UserError("--resume-every saves offline training only (an environment mid-episode cannot be saved): "
                         "drop it or --online-steps")
     if args.online_steps > 0 and args.deterministic_actor:
         raise UserError("--online-steps collects with a sample of the policy: the Gaussian actor (drop "
                         "--deterministic-actor)")
+    if args.total_steps == 0 and args.online_steps == 0:
+        raise UserError("--total-steps 0 trains nothing offline: give it an online phase (--online-steps M) or at "
+                        "least 1 step")
     ds = load_dataset(args.dataset)
-    check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # not more than the dataset's transitions
+    check_data(args, ds)  # steps, batch size, an environment to evaluate in
     discrete = ds.discrete
     obs_dim, act_dim, n_actions = dataset_dims(ds)
+    if args.reward_scaling == "auto":
+        args.reward_scaling = authors_reward_scaling(args.dataset)
+        print(f"iql.py: --reward-scaling auto -> {args.reward_scaling} (the authors' rule)", flush=True)
     reward_scale, reward_bias = {"none": (1.0, 0.0), "return-range": (return_range_scale(ds), 0.0),
                                  "minus-one": (1.0, -1.0)}[args.reward_scaling]
     rb = ReplayBuffer(ds, device, args.normalize_obs, reward_scale, reward_bias, capacity=args.online_steps)
@@ -361,7 +373,9 @@ if __name__ == "__main__":
     q_opt = torch.optim.Adam(critics.parameters(), lr=args.learning_rate)
     v_opt = torch.optim.Adam(vf.parameters(), lr=args.learning_rate)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
-    actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, max(args.total_steps, 1)) if args.cosine_lr
+    # the authors decay the actor's rate offline; their fine-tuning config keeps it constant in both phases
+    cosine = args.cosine_lr and args.online_steps == 0
+    actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, max(args.total_steps, 1)) if cosine
                    else torch.optim.lr_scheduler.LambdaLR(actor_opt, constant_lr))
     trained = dict(critics=critics, critics_target=critics_target, vf=vf, actor=actor, q_opt=q_opt, v_opt=v_opt,
                    actor_opt=actor_opt, actor_sched=actor_sched)  # what --resume-every saves
@@ -393,10 +407,9 @@ if __name__ == "__main__":
     collector = OnlineCollector(ds, rb, args.seed) if args.online_steps > 0 else None
     progress = Progress("iql.py", n_updates)
     start = restore_training_state(resumed, trained, progress) if resumed else 0
+    model_path = None
     for step in range(start + 1, n_updates + 1):
         if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:
-            if step == args.total_steps + 1 and args.cosine_lr:  # online, the actor's lr stays at --learning-rate
-                actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, constant_lr)
             episode = collector.step(partial(explore, actor), actor)
             if episode is not None:
                 writer.add_scalar("charts/episodic_return", episode[0], collector.env_steps)
@@ -404,6 +417,11 @@ if __name__ == "__main__":
         batch = rb.sample(args.batch_size, args.online_ratio)
         logs = update(batch, critics=critics, critics_target=critics_target, vf=vf, actor=actor, q_opt=q_opt,
                       v_opt=v_opt, actor_opt=actor_opt, actor_sched=actor_sched, args=args)
+
+        if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            save_model(f"runs/{run_name}/iql_step{step}.pt")
+        if args.save_model and step == n_updates:  # before the last evaluation: an error there loses no model
+            model_path = save_model(f"runs/{run_name}/iql.pt")
 
         # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
         # policy's own Q there (overestimation, measured on the same policy); with an online phase also at the
@@ -413,7 +431,8 @@ if __name__ == "__main__":
         if evaluated:
             t0 = time.time()
             with isolated(actor):
-                ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount)
+                ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount,
+                              reward_transform=(rb.reward_scale, rb.reward_bias))
                 q_start = q_pi(rb.normalize(ev.start_obs), critics, actor, args.q_lcb).mean().item()
             log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0,
                            env_steps=collector.env_steps if collector and step >= args.total_steps else None)
@@ -434,11 +453,10 @@ if __name__ == "__main__":
                 extra += f" | env steps {collector.env_steps}"
             writer.add_scalar("charts/SPS", progress.line(step, extra), step)
 
-        if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            save_model(f"runs/{run_name}/iql_step{step}.pt")
         if args.resume_every > 0 and step % args.resume_every == 0:
             save_training_state(f"runs/{run_name}/resume.pt", "iql.py", step, args, run_name, progress, trained)
 
-    model_path = save_model(f"runs/{run_name}/iql.pt") if args.save_model else None
+    if collector is not None:
+        collector.close()
     writer.close()
     progress.summary(run_name, model_path)

@@ -1,14 +1,19 @@
-"""Shared test set-up: every test (and every subprocess it starts) caches built-in datasets in one temporary
-folder for the whole session, so each dataset is generated at most once per test run."""
+"""Shared test set-up: one CPU thread per process, and every test (and every subprocess it starts) caches built-in
+datasets in one temporary folder for the whole session, so each dataset is generated at most once per test run."""
 
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# one CPU thread in the test process and in every script it starts, as the scripts' --threads 1 default: with
+# torch's default (all cores) the tests slow down several-fold on a machine that is busy with anything else
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

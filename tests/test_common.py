@@ -152,3 +152,67 @@ def test_flush_subnormals_zeroes_them_inside_the_update_only():
     with pytest.raises(ZeroDivisionError):
         C.flush_subnormals(lambda: 1 / 0)()
     assert (tiny * 1.0)[0] > 0  # restored after an exception too
+
+
+def test_evaluate_discounts_the_rewards_the_critics_were_trained_on():
+    # CartPole pushed left: reward 1 per step. With the transform r' = 2 r - 0.5 the discounted return is
+    # sum_t 0.9^t * 1.5 = 1.5 (1 - 0.9^T) / (1 - 0.9), in the units Q is learned in; the score stays raw
+    ds = D.generate_builtin("cartpole-medium", 500)
+    ev = C.evaluate(ds, lambda o: torch.zeros(len(o), dtype=torch.long), 2, seed=3, device=torch.device("cpu"),
+                    discount=0.9, reward_transform=(2.0, -0.5))
+    np.testing.assert_allclose(ev.discounted_returns, 1.5 * (1 - 0.9**ev.returns) / (1 - 0.9), rtol=1e-12)
+    assert ev.returns.min() > 5  # raw: one per step
+
+
+def test_collector_restores_each_modules_mode_even_when_acting_fails(pend):
+    rb = C.ReplayBuffer(pend, torch.device("cpu"), capacity=5)
+    collector = C.OnlineCollector(pend, rb, seed=0)
+    frozen, training = torch.nn.Linear(1, 1).eval(), torch.nn.Linear(1, 1)
+    collector.step(lambda obs: torch.zeros(len(obs), 1), frozen, training)
+    assert not frozen.training and training.training  # each back to what it was, not all to train
+
+    def broken(obs):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        collector.step(broken, training)
+    assert training.training
+    collector.close()
+
+
+def test_a_warm_up_step_takes_the_seeded_action_spaces_sample_in_network_units(pend):
+    rb = C.ReplayBuffer(pend, torch.device("cpu"), capacity=3)
+    collector = C.OnlineCollector(pend, rb, seed=4)
+    twin = gym.make(pend.env_id, **pend.env_kwargs).action_space
+    twin.seed(4)
+    for row in range(len(pend), len(pend) + 3):
+        collector.step(None)
+        # Pendulum's torque box [-2, 2] -> network units [-1, 1]: a / 2
+        np.testing.assert_allclose(rb.actions[row].numpy(), twin.sample() / 2, rtol=1e-6)
+    collector.close()
+
+
+def test_a_checkpoint_of_another_environment_is_refused_in_one_line(pend):
+    ckpt = dict(obs_dim=8, act_dim=1, n_actions=4, args=dict(dataset="lunarlander-medium"))
+    with pytest.raises(C.UserError, match=r"lunarlander-medium \(8-d observations, 4 actions\); pendulum-medium has "
+                                          r"3-d observations, 1-d actions"):
+        C.check_policy_fits("iql.pt", ckpt, pend)
+    C.check_policy_fits("iql.pt", dict(ckpt, obs_dim=3, n_actions=None), pend)  # the same spaces pass
+
+
+def test_a_folder_is_not_called_missing(tmp_path):
+    with pytest.raises(C.UserError, match="is a folder: pass the .pt file in it"):
+        C.load_checkpoint(str(tmp_path))
+
+
+def test_start_up_checks_name_the_missing_environment(pend):
+    class Args:
+        batch_size, eval_episodes = 8, 0
+
+    C.check_data(Args, pend)
+    bare = D.Dataset(**{k: getattr(pend, k) for k in ("observations", "actions", "rewards", "next_observations",
+                                                      "terminals", "timeouts")})
+    Args.eval_episodes = 1
+    with pytest.raises(C.UserError, match="no env_id in the dataset, so there is no environment to evaluate in; "
+                                          "pass --eval-episodes 0"):
+        C.check_data(Args, bare)

@@ -508,3 +508,13 @@ def test_divergence_stops_with_a_clear_message(tmp_path):
                            "--total-steps", "20", "--log-every", "10", "--eval-episodes", "0", "--batch-size", "16"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "training diverged" in proc.stderr
+
+
+def test_reward_scaling_auto_follows_the_authors_rule_per_dataset():
+    # the authors' train_offline.py: 1000 / return range on hopper / halfcheetah / walker2d, r - 1 on AntMaze
+    assert iql.authors_reward_scaling("hopper-medium") == "return-range"
+    assert iql.authors_reward_scaling("mujoco/walker2d/medium-v0") == "return-range"
+    assert iql.authors_reward_scaling("/data/HalfCheetah-expert.npz") == "return-range"
+    assert iql.authors_reward_scaling("D4RL/antmaze/umaze-v1") == "minus-one"
+    assert iql.authors_reward_scaling("lunarlander-medium") == "none"
+    assert iql.Args().reward_scaling == "auto"

@@ -76,13 +76,53 @@ def test_load_model_uses_the_checkpoints_dataset(tmp_path, script):
     out = run_script(script, "--load-model", str(ckpt), "--eval-episodes", "1", cwd=tmp_path)
     # not the default Box dataset, which would crash in gymnasium
     assert "on cartpole-medium over 1 episodes: normalized" in out
+    # a dataset of another environment is refused in one line, not a tensor-size error or gymnasium's IndexError
+    for other, spaces in (("lunarlander-medium", "8-d observations, 4 actions"),
+                          ("pendulum-medium", "3-d observations, 1-d actions")):
+        D.load_dataset(other)  # generated here, so that the refusal is all the script prints on stderr
+        err = fail(script, "--load-model", str(ckpt), "--dataset", other, cwd=tmp_path).stderr
+        assert f"was trained on cartpole-medium (4-d observations, 2 actions); {other} has {spaces}" in err
+
+
+# runs a script whose evaluation fails (a bug, an environment that crashes): the trained model must be saved first
+BROKEN_EVALUATION = """
+import runpy, sys
+import common
+def evaluate(*args, **kwargs):
+    raise RuntimeError("evaluation failed")
+common.evaluate = evaluate
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_model_is_saved_before_the_last_evaluation_and_a_dataset_without_env_fails_at_start(tmp_path, script):
+    proc = subprocess.run([sys.executable, "-c", BROKEN_EVALUATION, str(ROOT / script), "--dataset", "cartpole-medium",
+                           "--total-steps", "10", "--batch-size", "8", "--hidden-dim", "8", "--eval-every", "100",
+                           "--save-model"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert "evaluation failed" in proc.stderr and proc.returncode != 0
+    assert len(list((tmp_path / "runs").glob(f"*/{script[:-3]}.pt"))) == 1
+    # an .npz without env_id: refused before training when evaluation is on, trained when it is off
+    ds = D.generate_builtin("cartpole-medium", 500)
+    ds.env_id = None
+    D.save_npz(ds, tmp_path / "bare.npz")
+    err = fail(script, "--dataset", str(tmp_path / "bare.npz"), "--total-steps", "10", cwd=tmp_path).stderr
+    assert "no environment to evaluate in; pass --eval-episodes 0" in err and "step" not in err
+    run_script(script, "--dataset", str(tmp_path / "bare.npz"), "--total-steps", "10", "--batch-size", "8",
+               "--eval-episodes", "0", cwd=tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_user_errors_are_one_or_two_lines_without_a_traceback(tmp_path, script):
     fail(script, "--discount", "1.5", cwd=tmp_path)
-    fail(script, "--total-steps", "0", cwd=tmp_path)
+    msg = "give it an online phase (--online-steps M)" if script != "bcq.py" else "must lie in [1, inf)"
+    assert msg in fail(script, "--total-steps", "0", cwd=tmp_path).stderr
+    (tmp_path / "a_folder").mkdir()
+    assert "is a folder" in fail(script, "--load-model", "a_folder", cwd=tmp_path).stderr
     fail(script, "--tau", "0", cwd=tmp_path)
     fail(script, "--dataset", "lunarlander-hard", cwd=tmp_path)
     fail(script, "--load-model", "missing.pt", cwd=tmp_path)
