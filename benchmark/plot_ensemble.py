@@ -1,4 +1,5 @@
-"""Critic ensembles, the lesson measured (docs/cql.md): plain SAC, SAC-N (ten critics) and CQL on the same data.
+"""Critic ensembles, the lesson measured (docs/cql.md): no conservative term with 2 and 10 critics, and CQL, on the same
+data (the alpha-0 runs keep CQL's deterministic backup, so they are not SAC and SAC-N: docs/cql.md).
 
     python benchmark/run.py --preset ensemble
     python benchmark/plot_ensemble.py benchmark/results/ensemble --out docs/img/ensemble.png
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from plot_overestimation import curves
 
-ALGOS = {"sac": ("plain SAC (cql.py --cql-alpha 0)", "C3"), "sacn": ("SAC-N (--cql-alpha 0 --n-critics 10)", "C2"),
+ALGOS = {"sac": ("alpha 0, 2 critics (cql.py --cql-alpha 0)", "C3"),
+         "sacn": ("alpha 0, 10 critics (--cql-alpha 0 --n-critics 10)", "C2"),
          "cql": ("CQL (alpha 5, 2 critics)", "C0")}
 STD_TAGS = {"q_std_data": "diagnostics/q_std_data", "q_std_pi": "diagnostics/q_std_pi"}
 
