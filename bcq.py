@@ -35,9 +35,7 @@ class Args:
     device: str = "auto"
     """`auto` picks CUDA when present, else CPU; or any torch device string (`cpu`, `cuda:1`)"""
     threads: int = 1
-    """CPU threads per process (torch.set_num_threads). 1 stays fast when other processes share the cores; more is
-    up to 2x faster on an idle machine but loses 60-75% beside one busy process (docs/benchmark.md). Run seeds as
-    separate processes instead of raising it"""
+    """CPU threads per process (torch.set_num_threads); docs/benchmark.md "Threads" says why the default is 1"""
     save_model: bool = False
     """if toggled, save weights and config to `runs/{run_name}/bcq.pt` (load with torch.load(weights_only=True))"""
     load_model: str | None = None
@@ -45,13 +43,11 @@ class Args:
     checkpoint_every: int = 0
     """with --save-model, also save `bcq_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
     resume_every: int = 0
-    """save the whole training state to `runs/{run_name}/resume.pt` every N steps (0: never), for --resume"""
+    """save the training state to `runs/{run_name}/resume.pt` every N steps for --resume (0: never; offline only)"""
     resume: str | None = None
-    """continue an interrupted run from its `resume.pt`, with that run's flags (others given here are ignored), in
-    its run folder; on CPU the result is the same as a run never stopped"""
+    """continue an interrupted run from its `resume.pt` (its run folder and flags, except --device and --threads)"""
     dataset: str | None = None
-    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path;
-    unset: `lunarlander-continuous-medium`, or with --load-model the dataset the checkpoint was trained on"""
+    """built-in name, Minari id or `.npz` path; unset: lunarlander-continuous-medium (--load-model: the checkpoint's)"""
     total_steps: int = 1_000_000
     """number of gradient steps"""
     batch_size: int | None = None
@@ -63,8 +59,7 @@ class Args:
     log_every: int = 1000
     """write losses and diagnostics to TensorBoard and the console every this many steps"""
     compile: bool = False
-    """run the update step through torch.compile (same losses as eager to float tolerance; on this project's CPU no
-    faster and ~1 min of compilation first, docs/benchmark.md "Speed"); the eager code is the one to read"""
+    """run the update step through torch.compile (same losses as eager; CPU speed: docs/benchmark.md "--compile")"""
 
     # Algorithm specific arguments
     learning_rate: float | None = None
@@ -72,9 +67,9 @@ class Args:
     discount: float = 0.99
     """discount factor gamma"""
     tau: float = 0.005
-    """Polyak rate of the targets (Box: perturbation actor and critics; Discrete: Q, when --target-update-every 0)"""
+    """Polyak rate of the target networks (Box: actor and critics; Discrete: Q, unless --target-update-every > 0)"""
     normalize_obs: bool = False
-    """standardise observations by the dataset mean/std (not in the authors' code, which uses raw observations)"""
+    """standardise observations by the dataset mean/std (an addition: the authors' code uses raw observations)"""
     phi: float = 0.05
     """Box: the perturbation is bounded by phi * max_action (max_action = 1: the buffer's actions are in [-1, 1])"""
     lmbda: float = 0.75
@@ -90,7 +85,7 @@ class Args:
     logit_penalty: float = 1e-2
     """Discrete: weight of mean(logits^2) of the imitation network in the loss"""
     target_update_every: int = 0
-    """Discrete: 0 = Polyak --tau every step (authors' non-Atari setting); N > 0 = hard copy every N steps"""
+    """Discrete: copy Q into its target every N steps (a hard update); 0: Polyak averaging with --tau every step"""
 
 
 # Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range).

@@ -30,9 +30,7 @@ class Args:
     device: str = "auto"
     """`auto` picks CUDA when present, else CPU; or any torch device string (`cpu`, `cuda:1`)"""
     threads: int = 1
-    """CPU threads per process (torch.set_num_threads). 1 stays fast when other processes share the cores; more is
-    up to 2x faster on an idle machine but loses 60-75% beside one busy process (docs/benchmark.md). Run seeds as
-    separate processes instead of raising it"""
+    """CPU threads per process (torch.set_num_threads); docs/benchmark.md "Threads" says why the default is 1"""
     save_model: bool = False
     """if toggled, save weights and config to `runs/{run_name}/cql.pt` (load with torch.load(weights_only=True))"""
     load_model: str | None = None
@@ -40,14 +38,11 @@ class Args:
     checkpoint_every: int = 0
     """with --save-model, also save `cql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
     resume_every: int = 0
-    """save the whole training state to `runs/{run_name}/resume.pt` every N steps (0: never), for --resume; offline
-    training only (an environment's state mid-episode cannot be saved)"""
+    """save the training state to `runs/{run_name}/resume.pt` every N steps for --resume (0: never; offline only)"""
     resume: str | None = None
-    """continue an interrupted run from its `resume.pt`, with that run's flags (others given here are ignored), in
-    its run folder; on CPU the result is the same as a run never stopped"""
+    """continue an interrupted run from its `resume.pt` (its run folder and flags, except --device and --threads)"""
     dataset: str | None = None
-    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path;
-    unset: `lunarlander-continuous-medium`, or with --load-model the dataset the checkpoint was trained on"""
+    """built-in name, Minari id or `.npz` path; unset: lunarlander-continuous-medium (--load-model: the checkpoint's)"""
     total_steps: int = 1_000_000
     """number of gradient steps"""
     batch_size: int = 256
@@ -59,16 +54,13 @@ class Args:
     log_every: int = 1000
     """write losses and diagnostics to TensorBoard and the console every this many steps"""
     compile: bool = False
-    """run the update step through torch.compile (same losses as eager to float tolerance; on this project's CPU no
-    faster and ~1 min of compilation first, docs/benchmark.md "Speed"); the eager code is the one to read"""
+    """run the update step through torch.compile (same losses as eager; CPU speed: docs/benchmark.md "--compile")"""
 
     # Algorithm specific arguments
     cql_alpha: float | None = None
-    """weight alpha of the conservative term (Eq. 4; the authors' `min_q_weight`). Unset, it follows the action
-    space: 5.0 for Box (authors' README: 5 or 10 on Gym MuJoCo; CORL uses 10.0 on Gym locomotion, 5.0 with the
-    Lagrange form on AntMaze), 1.0 for Discrete (d3rlpy; the authors' Atari value for 10% data). 0: plain SAC / DQN"""
+    """weight alpha of the conservative term (Eq. 4; authors' `min_q_weight`); unset: 5 Box, 1 Discrete; 0: SAC / DQN"""
     actor_lr: float = 1e-4
-    """Box: Adam learning rate of the actor and of the SAC temperature (authors' README; the paper reports 3e-5)"""
+    """Box: Adam learning rate of the actor and of the SAC temperature (the authors' README value)"""
     critic_lr: float = 3e-4
     """Adam learning rate of the Q networks (Box and Discrete) and of the Lagrange multiplier alpha'"""
     discount: float = 0.99
@@ -80,11 +72,9 @@ class Args:
     n_layers: int = 3
     """hidden layers of every network (the authors use 3 for the actor and the critics)"""
     n_critics: int = 2
-    """Box: N, the Q networks of the ensemble (2: the authors' twin Q); TD target and actor take their minimum
-    (SAC-N)"""
+    """Box: N, the Q networks of the ensemble (2: the authors' twin Q); TD target and actor take their min (SAC-N)"""
     q_lcb: float = 0.0
-    """Box: k > 0: TD target and actor use mean - k * std over the N critics (a lower confidence bound) instead of
-    their minimum"""
+    """Box: k > 0: TD target and actor take mean - k * std of the N critics (lower confidence bound), not their min"""
     cql_n_actions: int = 10
     """Box: N, the actions drawn from each of the 3 proposals (uniform, pi(.|s), pi(.|s')) per state (App. F)"""
     backup_entropy: bool = False
@@ -94,13 +84,13 @@ class Args:
     cql_lagrange: bool = False
     """Box: tune alpha' >= 0 by dual gradient ascent so the weighted gap stays near --cql-target-action-gap"""
     cql_target_action_gap: float = 5.0
-    """Box, with --cql-lagrange: threshold tau of the Lagrange form (authors' AntMaze 5.0; paper 10.0; CORL 0.8)"""
+    """Box, with --cql-lagrange: threshold tau of the Lagrange form (5.0: the authors' AntMaze value)"""
     bc_steps: int = 0
     """Box: the first this many steps train the actor by likelihood of data actions, not Q (authors: 40000)"""
     target_update_every: int = 0
-    """Discrete: copy Q into the target every this many steps (hard update); 0 uses Polyak averaging with --tau"""
+    """Discrete: copy Q into its target every N steps (a hard update); 0: Polyak averaging with --tau every step"""
     normalize_obs: bool = False
-    """standardise observations by the dataset mean/std (a CORL addition; the authors do not)"""
+    """standardise observations by the dataset mean/std (an addition: the authors' code uses raw observations)"""
     reward_scale: float = 1.0
     """rewards become r * reward_scale + reward_bias (authors' AntMaze: (r - 0.5) * 4, i.e. 4 and -2)"""
     reward_bias: float = 0.0
@@ -108,22 +98,17 @@ class Args:
 
     # Offline-to-online fine-tuning (docs/finetune.md)
     online_steps: int = 0
-    """after the --total-steps offline steps, this many environment steps in the dataset's environment with the
-    policy's sampled action (Box: tanh-Gaussian sample; Discrete: epsilon-greedy), each added to the replay buffer
-    and followed by --utd gradient steps; the conservative term stays on"""
+    """online fine-tuning: environment steps after the offline --total-steps, each followed by --utd gradient steps"""
     utd: int = 1
     """online: gradient steps per environment step (the update-to-data ratio)"""
     online_ratio: float = 0.0
-    """online: share of each batch drawn from the online data, the rest from the dataset (symmetric sampling: 0.5
-    in RLPD / Cal-QL); 0 samples all rows uniformly. With --total-steps 0 and 1: online from scratch"""
+    """online: share of each batch drawn from the online data, the rest from the dataset (0: uniform over all rows)"""
     online_epsilon: float = 0.05
     """Discrete, online: probability of a uniformly random action instead of argmax Q (epsilon-greedy)"""
     learning_starts: int = 0
     """online: the first this many of the --online-steps take uniformly random actions, no gradient step (CleanRL)"""
     cal_ql: bool = False
-    """Cal-QL (Nakamoto et al. 2023): in the conservative term, Q on the policy's actions is floored by the
-    Monte-Carlo return G of the data's trajectory, max(Q, G), so pre-training leaves Q calibrated (not below the
-    behaviour policy's value); Discrete floors every action's Q in the logsumexp"""
+    """Cal-QL (Nakamoto et al. 2023): the conservative term floors the policy's Q by the data's return G: max(Q, G)"""
 
 
 # Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)

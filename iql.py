@@ -30,9 +30,7 @@ class Args:
     device: str = "auto"
     """`auto` picks CUDA when present, else CPU; or any torch device string (`cpu`, `cuda:1`)"""
     threads: int = 1
-    """CPU threads per process (torch.set_num_threads). 1 stays fast when other processes share the cores; more is
-    up to 2x faster on an idle machine but loses 60-75% beside one busy process (docs/benchmark.md). Run seeds as
-    separate processes instead of raising it"""
+    """CPU threads per process (torch.set_num_threads); docs/benchmark.md "Threads" says why the default is 1"""
     save_model: bool = False
     """if toggled, save weights and config to `runs/{run_name}/iql.pt` (load with torch.load(weights_only=True))"""
     load_model: str | None = None
@@ -40,14 +38,11 @@ class Args:
     checkpoint_every: int = 0
     """with --save-model, also save `iql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
     resume_every: int = 0
-    """save the whole training state to `runs/{run_name}/resume.pt` every N steps (0: never), for --resume; offline
-    training only (an environment's state mid-episode cannot be saved)"""
+    """save the training state to `runs/{run_name}/resume.pt` every N steps for --resume (0: never; offline only)"""
     resume: str | None = None
-    """continue an interrupted run from its `resume.pt`, with that run's flags (others given here are ignored), in
-    its run folder; on CPU the result is the same as a run never stopped"""
+    """continue an interrupted run from its `resume.pt` (its run folder and flags, except --device and --threads)"""
     dataset: str | None = None
-    """a built-in name (`python datasets.py --list`), a Minari id (`mujoco/hopper/medium-v0`) or an `.npz` path;
-    unset: `lunarlander-continuous-medium`, or with --load-model the dataset the checkpoint was trained on"""
+    """built-in name, Minari id or `.npz` path; unset: lunarlander-continuous-medium (--load-model: the checkpoint's)"""
     total_steps: int = 1_000_000
     """number of gradient steps"""
     batch_size: int = 256
@@ -59,8 +54,7 @@ class Args:
     log_every: int = 1000
     """write losses and diagnostics to TensorBoard and the console every this many steps"""
     compile: bool = False
-    """run the update step through torch.compile (same losses as eager to float tolerance; on this project's CPU no
-    faster and ~1 min of compilation first, docs/benchmark.md "Speed"); the eager code is the one to read"""
+    """run the update step through torch.compile (same losses as eager; CPU speed: docs/benchmark.md "--compile")"""
 
     # Algorithm specific arguments
     learning_rate: float = 3e-4
@@ -72,8 +66,7 @@ class Args:
     expectile: float = 0.7
     """expectile tau of the V regression (Eq. 5): 0.5 is the mean, -> 1 approaches the max over data actions"""
     beta: float = 3.0
-    """inverse temperature of the advantage weights exp(beta * adv) (Eq. 7; the authors' flag `temperature`);
-    0 is behaviour cloning: every weight is 1, the actor maximises the likelihood of the data's actions"""
+    """inverse temperature beta of the weights exp(beta * adv) (Eq. 7; authors' `temperature`); 0: behaviour cloning"""
     max_weight: float = 100.0
     """clip of the advantage weights exp(beta * adv)"""
     hidden_dim: int = 256
@@ -81,9 +74,9 @@ class Args:
     n_layers: int = 2
     """hidden layers of every network"""
     n_critics: int = 2
-    """N, the Q networks of the ensemble (2: the authors' twin Q); the V target takes their minimum (SAC-N)"""
+    """N, the Q networks of the ensemble (2: the authors' twin Q); the V target takes their min (SAC-N)"""
     q_lcb: float = 0.0
-    """k > 0: the V target is mean - k * std over the N target Qs (a lower confidence bound) instead of their minimum"""
+    """k > 0: the V target takes mean - k * std of the N critics (lower confidence bound), not their min"""
     cosine_lr: bool = True
     """cosine decay of the actor's learning rate to 0 over --total-steps (authors' offline code; off when online)"""
     deterministic_actor: bool = False
@@ -91,21 +84,17 @@ class Args:
     actor_dropout: float = 0.0
     """dropout in the actor's hidden layers (the authors use 0.1 on Kitchen/Adroit)"""
     normalize_obs: bool = False
-    """standardise observations by the dataset mean/std (a CORL addition; the authors normalise rewards instead)"""
+    """standardise observations by the dataset mean/std (an addition: the authors' code uses raw observations)"""
     reward_scaling: Literal["auto", "none", "return-range", "minus-one"] = "auto"
     """`auto`: the authors' rule (return-range on hopper/halfcheetah/walker2d, minus-one on AntMaze, else none)"""
 
     # Offline-to-online fine-tuning (docs/finetune.md)
     online_steps: int = 0
-    """after the --total-steps offline steps, this many environment steps in the dataset's environment with the
-    policy's sampled action (Gaussian / categorical sample), each added to the replay buffer and followed by --utd
-    gradient steps (the authors' train_finetune.py); the actor's learning rate is constant online"""
+    """online fine-tuning: environment steps after the offline --total-steps, each followed by --utd gradient steps"""
     utd: int = 1
     """online: gradient steps per environment step (the update-to-data ratio)"""
     online_ratio: float = 0.0
-    """online: share of each batch drawn from the online data, the rest from the dataset (symmetric sampling: 0.5
-    in RLPD / Cal-QL); 0 samples all rows uniformly (the authors' IQL). With --total-steps 0 and 1: online from
-    scratch"""
+    """online: share of each batch drawn from the online data, the rest from the dataset (0: uniform over all rows)"""
 
 
 # Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)
