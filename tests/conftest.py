@@ -28,13 +28,14 @@ def dataset_cache(tmp_path_factory) -> Path:
         os.environ["OFFLINE_RL_DATA"] = old
 
 
-def run_script(script: str, *flags: str, cwd: Path, timeout: int = 300) -> str:
-    """Run `python {script} {flags}` from the project root in `cwd` (so runs/ lands there); return stdout,
-    failing the test with the script's stderr when it exits non-zero."""
+def run_script(script: str, *flags: str, cwd: Path, timeout: int = 300, env_root: Path = ROOT) -> str:
+    """Run `python {script} {flags}` from the project root (or `env_root`, a folder holding a copy) in `cwd` (so
+    runs/ lands there); return stdout, failing the test with the script's stderr when it exits non-zero."""
     import subprocess
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=cwd, env=env, capture_output=True,
+    env.pop("PYTHONPATH", None)  # a copied script must find common.py next to itself, not the project's
+    proc = subprocess.run([sys.executable, str(env_root / script), *flags], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} {' '.join(flags)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
