@@ -100,7 +100,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_model_is_saved_before_the_last_evaluation_and_a_dataset_without_env_fails_at_start(tmp_path, script):
     proc = subprocess.run([sys.executable, "-c", BROKEN_EVALUATION, str(ROOT / script), "--dataset", "cartpole-medium",
-                           "--total-steps", "10", "--batch-size", "8", "--hidden-dim", "8", "--eval-every", "100",
+                           "--total-steps", "10", "--batch-size", "8", "--eval-every", "100",
                            "--save-model"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert "evaluation failed" in proc.stderr and proc.returncode != 0
