@@ -96,20 +96,20 @@ def train_one(out: Path, method: str, dataset: str, index: int, args: argparse.N
     hps = sample_hyperparameters(method, index, args.seed)
     name = f"sel-{method}-{index:02d}"
     pattern = str(out / "runs" / f"{dataset}__{name}__{seed}__*" / f"{script}.pt")
-    t0 = time.time()
-    if not glob.glob(pattern):
+    t0, trained = time.time(), not glob.glob(pattern)
+    if trained:
         cmd = [sys.executable, str(ROOT / f"{script}.py"), "--dataset", dataset, "--seed", str(seed), "--total-steps",
                str(args.total_steps), "--eval-episodes", "0", "--save-model", "--exp-name", name,
                "--device", args.device, *[x for k, v in hps.items() for x in (f"--{k.replace('_', '-')}", str(v))]]
         run_logged(cmd, out, out / "logs" / f"{path.stem}.train.log")
     checkpoint = sorted(glob.glob(pattern))[-1]
-    train_s = time.time() - t0
+    train_s = round(time.time() - t0) if trained else None  # None: trained by an earlier, interrupted call
     scored = path.with_suffix(".eval.json")
     run_logged([sys.executable, __file__, "evaluate", checkpoint, "--episodes", str(args.episodes), "--seed",
                 str(seed + 100), "--device", args.device, "--json", str(scored)], out,
                out / "logs" / f"{path.stem}.eval.log")
     record = dict(method=method, dataset=dataset, index=index, seed=seed, hyperparameters=hps,
-                  total_steps=args.total_steps, checkpoint=os.path.relpath(checkpoint, out), train_s=round(train_s),
+                  total_steps=args.total_steps, checkpoint=os.path.relpath(checkpoint, out), train_s=train_s,
                   **json.loads(scored.read_text()))
     write_json(path, record)
     scored.unlink()
@@ -230,7 +230,12 @@ def train(args: argparse.Namespace) -> None:
     for dataset in args.datasets:
         for method in args.methods:
             with ThreadPoolExecutor(args.workers) as pool:  # each job is two subprocesses: train, then evaluate
-                paths = list(pool.map(lambda i: train_one(out, method, dataset, i, args), range(args.policies)))
+                jobs = [pool.submit(train_one, out, method, dataset, i, args) for i in range(args.policies)]
+                try:
+                    paths = [job.result() for job in jobs]
+                except BaseException:  # the first failure stops the queue (a rerun resumes from the files)
+                    pool.shutdown(cancel_futures=True)
+                    raise
             if args.ope:
                 add_ope(out, paths, args)
 
