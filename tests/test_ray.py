@@ -3,8 +3,10 @@ worker node, one CPU each, separate raylets and object stores): the runs are tho
 for bit, and a worker node killed mid-run costs a retry, not a result. Skipped where ray is not installed
 (benchmark/requirements-ray.txt)."""
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -115,14 +117,15 @@ def test_a_worker_node_killed_mid_run_costs_a_retry_and_every_run_lands_once(clu
         time.sleep(0.2)
     args = Path(f"/proc/{victim}/cmdline").read_bytes().decode().split("\0")
     algo = args[args.index("--exp-name") + 1].removesuffix("-tiny")
-    left_behind = Path(f"/proc/{victim}/cwd").resolve()  # its temporary folder, which a dead node cannot remove
-    cluster.remove_node(doomed)
+    left_behind = Path(f"/proc/{victim}/cwd").resolve()  # its temporary folder, which a dead node may leave
+    os.kill(victim, signal.SIGSTOP)  # so that it cannot finish before its node dies
+    cluster.remove_node(doomed, allow_graceful=False)
     killed_at = time.time()
     cluster.add_node(**NODE)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stdout + stderr[-3000:]
     assert not Path(f"/proc/{victim}").exists()  # the killed run died with its node, and was done again elsewhere
-    shutil.rmtree(left_behind)
+    shutil.rmtree(left_behind, ignore_errors=True)
     assert (tmp_path / "tiny" / "done" / f"{algo}__cartpole-medium__1.json").stat().st_mtime > killed_at
     # every run exactly once: one run folder, one log, one done marker each, and the numbers of the local runs
     assert sorted(re.findall(r"done (\S+) in", stdout)) == ["cql__cartpole-medium__1", "iql__cartpole-medium__1"]
