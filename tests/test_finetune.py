@@ -689,7 +689,7 @@ def test_online_flag_errors_are_one_line(tmp_path):
         D.load_dataset(name)
     for script in ("iql.py", "cql.py"):
         line = fail_one_line(script, "--dataset", "cartpole-medium", "--total-steps", "0", cwd=tmp_path)
-        assert "--total-steps 0 is out of range: it must lie in [1, inf)" in line
+        assert "--total-steps 0 trains nothing offline: give it an online phase (--online-steps M)" in line
         assert "--online-ratio 1.5 is out of range" in fail_one_line(
             script, "--dataset", "cartpole-medium", "--online-steps", "5", "--online-ratio", "1.5", cwd=tmp_path)
         assert "--utd 0 is out of range" in fail_one_line(
