@@ -23,17 +23,26 @@ LABELS = {"iql": "IQL", "cql": "CQL", "calql": "Cal-QL", "scratch": "online from
 
 
 def load_curves(folder: Path) -> list[dict]:
-    """One dict per run folder `{dataset}__{algo}-{tag}__{seed}__{time}`: env steps and normalized score."""
-    runs = []
-    for run in sorted((folder / "runs").iterdir()):
+    """One dict per finished run (a done/ marker): env steps and normalized score, from its TensorBoard folder
+    `runs/{dataset}__{algo}-{tag}__{seed}__{time}` when it is on this machine, else from the committed
+    finetune.json (the logs are not committed, so a fresh clone rerunning some rows keeps the others)."""
+    done = {p.stem for p in (folder / "done").glob("*.json")}
+    runs = {}
+    for run in sorted((folder / "runs").iterdir()) if (folder / "runs").is_dir() else []:
         dataset, exp_name, seed, _ = run.name.split("__")
+        key = f"{exp_name.split('-')[0]}__{dataset}__{seed}"
         acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
-        if "online/normalized_score" not in acc.Tags()["scalars"]:
+        if key not in done or "online/normalized_score" not in acc.Tags()["scalars"]:
             continue
         ev = list({int(e.step): e for e in acc.Scalars("online/normalized_score")}.values())  # last per env step
-        runs.append(dict(algo=exp_name.split("-")[0], dataset=dataset, seed=int(seed),
-                         env_steps=[int(e.step) for e in ev], score=[round(float(e.value), 2) for e in ev]))
-    return runs
+        runs[key] = dict(algo=exp_name.split("-")[0], dataset=dataset, seed=int(seed),
+                         env_steps=[int(e.step) for e in ev], score=[round(float(e.value), 2) for e in ev])
+    saved = json.loads((folder / "finetune.json").read_text()) if (folder / "finetune.json").is_file() else []
+    for r in saved:
+        key = f"{r['algo']}__{r['dataset']}__{r['seed']}"
+        if key in done and key not in runs:
+            runs[key] = r
+    return [runs[k] for k in sorted(runs)]
 
 
 def score_at(run: dict, env_step: int) -> float:
