@@ -253,6 +253,10 @@ def write_files(folder: Path, files: dict[str, bytes]) -> None:
         (folder / name).write_bytes(data)
 
 
+class RunKilled(RuntimeError):
+    """A run ended by a signal, as when its node goes down: Ray starts the task again (retry_exceptions)."""
+
+
 def run_in_temp_folder(cmd: list[str], inputs: dict[str, bytes]) -> tuple[int, bytes, dict[str, bytes]]:
     """The Ray task: a command from for_worker, run in a new temporary folder holding `inputs` (a resumed run's
     resume.pt), with this node's Python and copy of the project (Ray starts the task in its working_dir). Returns
@@ -262,6 +266,8 @@ def run_in_temp_folder(cmd: list[str], inputs: dict[str, bytes]) -> tuple[int, b
         write_files(Path(tmp), inputs)
         proc = subprocess.run(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=one_thread())
         files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+    if proc.returncode < 0:  # its node may answer before it dies: a run killed by a signal is a lost run, not a result
+        raise RunKilled(f"{' '.join(cmd[1:3])} killed by signal {-proc.returncode}")
     return proc.returncode, proc.stdout, files
 
 
@@ -272,7 +278,8 @@ def start_ray(address: str, gpus_per_run: float) -> tuple[Callable, int]:
     import ray
 
     ray.init(address=address, runtime_env=dict(working_dir=str(ROOT), excludes=RAY_EXCLUDES))
-    task = ray.remote(run_in_temp_folder).options(num_cpus=1, num_gpus=gpus_per_run, max_retries=RAY_RETRIES)
+    task = ray.remote(run_in_temp_folder).options(num_cpus=1, num_gpus=gpus_per_run, max_retries=RAY_RETRIES,
+                                                   retry_exceptions=[RunKilled])
     resources = ray.cluster_resources()
     slots = int(resources.get("CPU", 1))
     if gpus_per_run > 0:

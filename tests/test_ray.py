@@ -126,6 +126,7 @@ def test_a_worker_node_killed_mid_run_costs_a_retry_and_every_run_lands_once(clu
     assert proc.returncode == 0, stdout + stderr[-3000:]
     assert not Path(f"/proc/{victim}").exists()  # the killed run died with its node, and was done again elsewhere
     shutil.rmtree(left_behind, ignore_errors=True)
+    assert (tmp_path / "tiny" / "done" / f"{algo}__cartpole-medium__1.json").is_file(), stdout + stderr[-3000:]
     assert (tmp_path / "tiny" / "done" / f"{algo}__cartpole-medium__1.json").stat().st_mtime > killed_at
     # every run exactly once: one run folder, one log, one done marker each, and the numbers of the local runs
     assert sorted(re.findall(r"done (\S+) in", stdout)) == ["cql__cartpole-medium__1", "iql__cartpole-medium__1"]
