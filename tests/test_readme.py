@@ -1,0 +1,60 @@
+"""The README's results table is the committed results, not a copy that drifts: each cell equals the final
+evaluation of its runs in benchmark/results/<folder>/scores.json (mean ± std over seeds, and the best evaluation
+during training in brackets), and the table is exactly what `readme_table` prints from them."""
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = ROOT / "benchmark" / "results" / "choosing"
+DATASETS = ["lunarlander-random", "lunarlander-mixed", "lunarlander-medium", "lunarlander-medium-expert",
+            "lunarlander-expert"]
+ALGOS = ["bc", "iql", "cql", "bcq"]
+
+
+def readme_table() -> str:
+    """The README's LunarLander table from the choosing folder's scores.json: final mean ± std over seeds (the best
+    evaluation during training, mean over seeds, in brackets); 'data' from its results.md."""
+    runs = defaultdict(list)
+    for r in json.loads((FOLDER / "scores.json").read_text()):
+        runs[r["algo"], r["dataset"]].append(r)
+    data = {row[1].strip(): row[2].strip() for row in
+            (line.split("|") for line in (FOLDER / "results.md").read_text().splitlines() if line.startswith("| "))}
+    lines = ["| dataset | data | BC | IQL | CQL | BCQ |", "|---|---|---|---|---|---|"]
+    for d in DATASETS:
+        cells = []
+        for a in ALGOS:
+            final = np.array([r["score"][-1] for r in runs[a, d]])
+            best = np.array([max(r["score"]) for r in runs[a, d]])
+            cells.append(f"{final.mean():.1f} ± {final.std():.1f} ({best.mean():.1f})".replace("-", "−"))
+        lines.append(f"| `{d}` | {data[d].replace('-', '−')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def test_the_readme_table_is_the_committed_results():
+    readme = (ROOT / "README.md").read_text()
+    assert readme_table() in readme, "README's LunarLander table differs from benchmark/results/choosing:\n" + \
+        readme_table()
+    # every cell of it: three seeds of 10,000 steps each
+    for r in json.loads((FOLDER / "scores.json").read_text()):
+        if r["dataset"] in DATASETS:
+            assert r["steps"][-1] == 10000
+    assert all(len(re.findall(rf"`{d}`", readme)) >= 1 for d in DATASETS)
+
+
+def test_the_readme_iqm_line_is_the_committed_one():
+    # results.md's aggregate table (benchmark/aggregate.py): | algo | runs | IQM [CI] | mean [CI] |
+    rows = [line.split("|") for line in (FOLDER / "results.md").read_text().splitlines()
+            if re.match(r"\| (bc|iql|cql|bcq) \| \d+ \| ", line)]
+    readme = " ".join((ROOT / "README.md").read_text().split())  # the README wraps lines anywhere
+    assert len(rows) == 4
+    for row in rows:
+        assert f"{row[1].strip().upper()} {row[3].strip()}" in readme, row
+
+
+if __name__ == "__main__":
+    print(readme_table())
