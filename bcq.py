@@ -355,7 +355,7 @@ if __name__ == "__main__":
         args.batch_size = 64 if discrete else 100
     if args.learning_rate is None:
         args.learning_rate = 3e-4 if discrete else 1e-3
-    check_data(args, ds)  # steps, batch size, an environment to evaluate in
+    check_data(args, ds)  # batch size, an environment to evaluate in
     rb = ReplayBuffer(ds, device, args.normalize_obs)
     run_name, writer = make_run(args, "bcq.py", resumed)
 

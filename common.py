@@ -218,16 +218,16 @@ class OnlineCollector:
 def action_bounds(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) of a Box action space: the environment's when known, else the data's own range."""
     if ds.env_id is not None:
-        space = env_space(ds, "action")
+        space = env_action_space(ds)
         return space.low.astype(np.float64), space.high.astype(np.float64)
     low, high = ds.actions.min(0).astype(np.float64), ds.actions.max(0).astype(np.float64)
     return low, np.where(high > low, high, low + 1.0)
 
 
-def env_space(ds: Dataset, which: str) -> gym.Space:
-    """The dataset environment's action or observation space (the environment is closed again)."""
+def env_action_space(ds: Dataset) -> gym.Space:
+    """The dataset environment's action space (the environment is closed again)."""
     env = gym.make(ds.env_id, **ds.env_kwargs)
-    space = env.action_space if which == "action" else env.observation_space
+    space = env.action_space
     env.close()
     return space
 
@@ -237,7 +237,7 @@ def dataset_dims(ds: Dataset) -> tuple[int, int, int | None]:
     when known (the data may not contain every action), act_dim is then 1."""
     if not ds.discrete:
         return ds.observations.shape[1], ds.actions.shape[1], None
-    n = int(env_space(ds, "action").n) if ds.env_id else int(ds.actions.max()) + 1
+    n = int(env_action_space(ds).n) if ds.env_id else int(ds.actions.max()) + 1
     return ds.observations.shape[1], 1, n
 
 

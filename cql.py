@@ -458,7 +458,7 @@ if __name__ == "__main__":
         raise UserError("--total-steps 0 trains nothing offline: give it an online phase (--online-steps M) or at "
                         "least 1 step")
     ds = load_dataset(args.dataset)
-    check_data(args, ds)  # steps, batch size, an environment to evaluate in
+    check_data(args, ds)  # batch size, an environment to evaluate in
     if args.learning_starts >= max(args.online_steps, 1):
         raise UserError(f"--learning-starts {args.learning_starts}: the random warm-up is part of the online phase, so "
                         f"it must be below --online-steps ({args.online_steps})")

@@ -342,7 +342,7 @@ if __name__ == "__main__":
         raise UserError("--total-steps 0 trains nothing offline: give it an online phase (--online-steps M) or at "
                         "least 1 step")
     ds = load_dataset(args.dataset)
-    check_data(args, ds)  # steps, batch size, an environment to evaluate in
+    check_data(args, ds)  # batch size, an environment to evaluate in
     discrete = ds.discrete
     obs_dim, act_dim, n_actions = dataset_dims(ds)
     if args.reward_scaling == "auto":
