@@ -3,7 +3,6 @@
 # Discrete actions: CQL(H) on double DQN with an MLP Q(s, .) (the authors' Atari agent is QR-DQN; see the docs).
 import copy
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -13,15 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, check_data, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
-                    dataset_dims, evaluate, flush_subnormals, isolated, load_checkpoint, load_dataset, log_evaluation,
-                    make_run, mlp, pick_device, read_training_state, report_saved_policy, report_user_errors,
-                    restore_training_state, resumed_args, save_training_state, set_seed)
+from common import Policy, ReplayBuffer, Run, evaluate, isolated, mlp, setup, speed_up
+from datasets import UserError, load_checkpoint
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    exp_name: str = "cql"
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of torch, numpy and random; evaluation episode i is seeded `seed + 100 + i`"""
@@ -37,10 +34,6 @@ class Args:
     """path to a saved `cql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
     checkpoint_every: int = 0
     """with --save-model, also save `cql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
-    resume_every: int = 0
-    """save the training state to `runs/{run_name}/resume.pt` every N steps for --resume (0: never; offline only)"""
-    resume: str | None = None
-    """continue an interrupted run from its `resume.pt` (its run folder and flags, except --device and --threads)"""
     dataset: str | None = None
     """built-in name, Minari id or `.npz` path; unset: lunarlander-continuous-medium (--load-model: the checkpoint's)"""
     total_steps: int = 1_000_000
@@ -96,37 +89,17 @@ class Args:
     reward_bias: float = 0.0
     """see --reward-scale"""
 
-    # Offline-to-online fine-tuning (docs/finetune.md)
-    online_steps: int = 0
-    """online fine-tuning: environment steps after the offline --total-steps, each followed by --utd gradient steps"""
-    utd: int = 1
-    """online: gradient steps per environment step (the update-to-data ratio)"""
-    online_ratio: float = 0.0
-    """online: share of each batch drawn from the online data, the rest from the dataset (0: uniform over all rows)"""
-    online_epsilon: float = 0.05
-    """Discrete, online: probability of a uniformly random action instead of argmax Q (epsilon-greedy)"""
-    learning_starts: int = 0
-    """online: the first this many of the --online-steps take uniformly random actions, no gradient step (CleanRL)"""
-    cal_ql: bool = False
-    """Cal-QL (Nakamoto et al. 2023): the conservative term floors the policy's Q by the data's return G: max(Q, G)"""
 
-
-# Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)
-RANGES = {**COMMON_RANGES, "cql_alpha": "[0, inf)", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)",
-          "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "cql_n_actions": "[1, inf)", "bc_steps": "[0, inf)",
-          "target_update_every": "[0, inf)", "n_critics": "[1, inf)", "q_lcb": "[0, inf)", "total_steps": "[0, inf)",
-          "online_steps": "[0, inf)", "utd": "[1, inf)", "online_ratio": "[0, 1]", "online_epsilon": "[0, 1]",
-          "learning_starts": "[0, inf)"}
+RANGES = {"cql_alpha": "[0, inf)", "actor_lr": "(0, inf)", "critic_lr": "(0, inf)", "hidden_dim": "[1, inf)",
+          "n_layers": "[0, inf)", "cql_n_actions": "[1, inf)", "bc_steps": "[0, inf)", "n_critics": "[1, inf)",
+          "target_update_every": "[0, inf)", "q_lcb": "[0, inf)"}
 DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
-# ALGO LOGIC: networks. Box: N critics Q(s, a) (twin Q by default) and a tanh-Gaussian actor (SAC). Discrete: one
-# Q(s, .) network.
+# ALGO LOGIC: networks. Box: N critics Q(s, a) and a tanh-Gaussian actor (SAC). Discrete: one Q(s, .) network.
 class QEnsemble(nn.Module):
-    """Box: N critics Q_1..Q_N(s, a) in one module (--n-critics). Layer j holds the N members' weights stacked,
-    (N, in, out), applied in one batched matmul: 10 critics cost far less than five times 2. The members start as N
-    separate `mlp`s would (the same random draws in the same order as the twin networks). Returns (N, B); an action
-    batch (B, n, d) holds n actions per state: obs is broadcast, out (N, B, n)."""
+    """Box: N critics in one module, layer j's weights stacked (N, in, out) for one batched matmul, initialised as N
+    `mlp`s would be. Returns (N, B); for n actions per state (B, n, d), obs is broadcast and out is (N, B, n)."""
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args):
         super().__init__()
@@ -168,8 +141,7 @@ class DiscreteQNetwork(nn.Module):
 
 
 class TanhGaussianActor(nn.Module):
-    """Box: a = tanh(u), u ~ N(mu(s), sigma(s)) with a state-dependent log sigma clamped to [-5, 2] (authors'
-    TanhGaussianPolicy). Acts with tanh(mu(s)); `log_prob` gives log pi(a|s) of any action in [-1, 1] (OPE)."""
+    """Box: a = tanh(u), u ~ N(mu(s), sigma(s)), log sigma in [-5, 2] (authors' TanhGaussianPolicy); acts tanh(mu)."""
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args):
         super().__init__()
@@ -206,7 +178,7 @@ class TanhGaussianActor(nn.Module):
 # Minimising it pushes Q down where Q is large (the soft-max over all actions) and up on the data actions.
 def cql_gap_discrete(q_all: torch.Tensor, actions: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
     """Exact for Discrete actions: logsumexp over every action of Q(s, .) minus Q(s, a_data), mean over states.
-    `floor` (Cal-QL, G per state): logsumexp over max(Q(s, .), G) instead; Q(s, a_data) is not floored."""
+    `floor` (Cal-QL, cql_finetune.py): logsumexp over max(Q(s, .), G) instead; Q(s, a_data) is not floored."""
     q_data = q_all.gather(1, actions[:, None]).squeeze(1)
     q_soft = q_all if floor is None else torch.maximum(q_all, floor[:, None])
     return (torch.logsumexp(q_soft, 1) - q_data).mean()
@@ -232,26 +204,19 @@ def cql_gap_box(q_proposals: torch.Tensor, log_density: torch.Tensor, q_data: to
     return (torch.logsumexp(q_proposals - log_density, -1) - q_data).mean(-1)
 
 
-def calibrate(q_proposals: torch.Tensor, mc_returns: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cal-QL (Nakamoto et al. 2023; the authors' JaxCQL): max(Q(s, a), G(s)) on the 2N proposals from pi(.|s) and
-    pi(.|s') (the last 2N), before the log-density correction; the N uniform ones are left as they are. Returns the
-    floored (critics, B, 3N) values and the share of the policy's Q-values that the floor lifted."""
-    q_uniform, q_policy = q_proposals[..., :n], q_proposals[..., n:]
-    floor = mc_returns[:, None].expand_as(q_policy)
-    return torch.cat([q_uniform, torch.maximum(q_policy, floor)], -1), (q_policy < floor).float().mean()
-
-
 def pessimistic(q: torch.Tensor, lcb: float) -> torch.Tensor:
     """(N, ...) -> (...): the minimum over the N critics (SAC-N; N = 2 is the twin-min), or for lcb = k > 0 the lower
     confidence bound mean - k * std (population std, so with N = 2 and k = 1 it is the minimum again)."""
     return q.mean(0) - lcb * q.std(0, correction=0) if lcb > 0 else q.min(0).values
 
 
-def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_alpha_prime, q_opt, actor_opt,
-               alpha_opt, alpha_prime_opt, args: Args):
+def update_box(batch, step, logging, *, critics, critics_target, actor, log_alpha, log_alpha_prime, q_opt, actor_opt,
+               alpha_opt, alpha_prime_opt, args: Args, calibrate=None):
     """One CQL(H)-SAC step in the authors' order: temperature, then critics, then the actor, then Polyak. The
-    actor's loss is taken before the critic step, so actor and critics both see the pre-update networks."""
-    obs, actions, rewards, next_obs, terminals = batch[:5]  # with --cal-ql, batch[5] is G, the MC return-to-go
+    actor's loss is taken before the critic step, so actor and critics both see the pre-update networks. `logging`:
+    the loop logs this step (with --cql-alpha 0 the conservative term is measured only then). `calibrate`: Cal-QL's
+    floor on the policy's proposals (cql_finetune.py --cal-ql)."""
+    obs, actions, rewards, next_obs, terminals = batch[:5]  # with Cal-QL, batch[5] is G, the MC return-to-go
     # (1) SAC temperature: drive the policy entropy towards the target -d (log_alpha starts at 0, i.e. alpha = 1)
     a_pi, logp_pi = actor.sample(obs)
     alpha_loss = -(log_alpha * (logp_pi.detach() - actor.act_dim)).mean()
@@ -260,9 +225,8 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
     alpha_opt.step()
     alpha = log_alpha.exp().detach()
 
-    # (2) Actor loss: SAC's alpha log pi - min Q (over the N critics, or the --q-lcb bound); during the first
-    # --bc-steps, behaviour cloning alpha log pi - log pi(a_data|s) instead (the authors' policy_eval_start). Its
-    # gradient is taken now, its step after the critics.
+    # (2) Actor loss: SAC's alpha log pi - min Q (or the --q-lcb bound); for the first --bc-steps behaviour cloning,
+    # alpha log pi - log pi(a_data|s) (the authors' policy_eval_start). Gradient now, step after the critics.
     if step <= args.bc_steps:
         actor_loss = (alpha * logp_pi - actor.log_prob(obs, actions)).mean()
     else:
@@ -270,9 +234,8 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
     actor_opt.zero_grad(set_to_none=True)
     actor_loss.backward()
 
-    # (3) TD target with a' ~ pi(.|s') from the current actor and the *minimum* of the N target critics (or the
-    # --q-lcb bound). The authors drop the entropy term (their "deterministic backup": Eqs. 3-4 use the plain Bellman
-    # backup); see --backup-entropy
+    # (3) TD target with a' ~ pi(.|s') and the *minimum* of the N target critics (or the --q-lcb bound), without the
+    # entropy term as the authors' "deterministic backup" (Eqs. 3-4 use the plain Bellman backup; --backup-entropy)
     with torch.no_grad():
         if args.cql_max_target_backup:  # min over critics of each critic's max over N sampled actions
             a_next, _ = actor.sample(next_obs, args.cql_n_actions)
@@ -284,29 +247,24 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
                 q_next = q_next - alpha * logp_next
         target = rewards + args.discount * (1.0 - terminals) * q_next
 
-    # (4) Critics: TD (MSE, no 1/2, as the authors) plus the conservative term, for each critic separately, the same
-    # proposals for all. With --cql-alpha 0 (plain SAC critics) the term, 95% of the compute, is only measured on
-    # logging steps, no gradient, with proposals from a forked random stream so that logging never changes what
-    # training draws
+    # (4) Critics: TD (MSE, no 1/2, as the authors) plus the conservative term per critic, the same proposals for all.
+    # With --cql-alpha 0 (plain SAC critics) the term, 95% of the compute, is only measured when the loop logs, with
+    # no gradient and proposals from a forked random stream, so logging never changes what training draws
     conservative = args.cql_alpha > 0
-    last = args.total_steps + (args.online_steps - args.learning_starts) * args.utd
-    measure = conservative or step % args.log_every == 0 or step == last
+    measure = conservative or logging
     if measure:
         with torch.random.fork_rng(enabled=not conservative):
             prop_actions, prop_log_density = cql_proposals(obs, next_obs, actor, args.cql_n_actions)
     q_data = critics(obs, actions)  # (N, B)
     td_loss = ((q_data - target) ** 2).mean(1).sum()  # the sum of the N MSEs, as the authors' two
+    gaps, logs = torch.zeros(len(q_data), device=obs.device), {}  # zeros: alpha 0, not measured
     if measure:
         with torch.set_grad_enabled(conservative):
             q_proposals = critics(obs, prop_actions)  # (N, B, 3n)
-            if args.cal_ql:  # Cal-QL: the policy's proposals floored by G (calibration)
-                q_proposals, bound_rate = calibrate(q_proposals, batch[5], args.cql_n_actions)
+            if calibrate is not None:  # Cal-QL: the policy's proposals floored by G
+                q_proposals, logs["cal_ql_bound_rate"] = calibrate(q_proposals, batch[5])
             gaps = cql_gap_box(q_proposals, prop_log_density, q_data)  # (N,), one per critic
-    else:
-        gaps = torch.zeros(len(q_data), device=obs.device)  # zeros: alpha 0, not measured
-    logs = dict(cql_gap=gaps.mean().detach()) if measure else {}
-    if measure and args.cal_ql:
-        logs.update(cal_ql_bound_rate=bound_rate.detach())
+        logs["cql_gap"] = gaps.mean().detach()
     if args.cql_lagrange:  # App. F: min_Q max_{alpha' >= 0} alpha' (alpha * gap - tau), alpha' by gradient ascent
         alpha_prime = log_alpha_prime.exp().clamp(0.0, 1e6)
         slack = (args.cql_alpha * gaps - args.cql_target_action_gap).detach()
@@ -333,9 +291,10 @@ def update_box(batch, step, *, critics, critics_target, actor, log_alpha, log_al
                 log_pi=logp_pi.mean().detach(), **logs)
 
 
-def update_discrete(batch, step, *, qnet, qnet_target, q_opt, args: Args):
-    """One CQL(H)-DQN step: Huber TD to a double-DQN target plus alpha * (logsumexp_a Q(s, a) - Q(s, a_data))."""
-    obs, actions, rewards, next_obs, terminals = batch[:5]  # with --cal-ql, batch[5] is G, the MC return-to-go
+def update_discrete(batch, step, logging, *, qnet, qnet_target, q_opt, args: Args, cal_ql: bool = False):
+    """One CQL(H)-DQN step: Huber TD to a double-DQN target plus alpha * (logsumexp_a Q(s, a) - Q(s, a_data)). The
+    exact gap is cheap: computed whether `logging` or not. `cal_ql` (cql_finetune.py): Q(s, .) floored by batch[5]."""
+    obs, actions, rewards, next_obs, terminals = batch[:5]
     # (1) Double DQN target: the online network picks a' = argmax Q(s', .), the target network scores it
     with torch.no_grad():
         a_next = qnet(next_obs).argmax(1, keepdim=True)
@@ -345,7 +304,7 @@ def update_discrete(batch, step, *, qnet, qnet_target, q_opt, args: Args):
     # (2) Huber TD loss on the data action plus the exact conservative term (Eq. 4)
     q_all = qnet(obs)
     td_loss = F.smooth_l1_loss(q_all.gather(1, actions[:, None]).squeeze(1), target)
-    gap = cql_gap_discrete(q_all, actions, batch[5] if args.cal_ql else None)
+    gap = cql_gap_discrete(q_all, actions, batch[5] if cal_ql else None)
     cql_loss = args.cql_alpha * gap
     q_loss = td_loss + cql_loss if args.cql_alpha > 0 else td_loss  # alpha 0: plain double DQN on fixed data
     q_opt.zero_grad(set_to_none=True)
@@ -360,33 +319,18 @@ def update_discrete(batch, step, *, qnet, qnet_target, q_opt, args: Args):
         else:
             for p, tp in zip(qnet.parameters(), qnet_target.parameters()):
                 tp.lerp_(p, args.tau)
-    return dict(q_loss=q_loss.detach(), td_loss=td_loss.detach(), cql_loss=cql_loss.detach(),
-                cql_gap=gap.detach())
+    return dict(q_loss=q_loss.detach(), td_loss=td_loss.detach(), cql_loss=cql_loss.detach(), cql_gap=gap.detach())
 
 
-def pessimistic_q(critics: QEnsemble, obs: torch.Tensor, a: torch.Tensor, lcb: float) -> torch.Tensor:
-    """Box: min_i Q_i(s, a) over the N critics (or the --q-lcb bound), the value the actor maximises and the
-    diagnostics report."""
-    return pessimistic(critics(obs, a), lcb)
-
-
-def check_critic_flags(args: Args, discrete: bool) -> None:
-    """--n-critics and --q-lcb shape Box CQL's critics; Discrete CQL has one double-DQN network, so refuse them."""
-    if discrete and (args.n_critics != 2 or args.q_lcb > 0):
-        raise UserError("--n-critics/--q-lcb apply to Box CQL; discrete CQL has one double-DQN Q network")
-
-
-def discrete_q(qnet: DiscreteQNetwork, obs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Discrete: Q(s, a) read from the Q(s, .) head."""
-    return qnet(obs).gather(1, a[:, None]).squeeze(1)
+def q_value(net: QEnsemble | DiscreteQNetwork, lcb: float, obs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Q(s, a) as the policy sees it: Box, the N critics' minimum (or --q-lcb bound); Discrete, read from Q(s, .)."""
+    return pessimistic(net(obs, a), lcb) if isinstance(net, QEnsemble) else net(obs).gather(1, a[:, None]).squeeze(1)
 
 
 @torch.no_grad()
 def diagnostics(batch, q_value, greedy, discrete: bool, critics: QEnsemble | None = None) -> dict[str, torch.Tensor]:
-    """Mean Q on dataset actions, the gap Q(s, pi(s)) - Q(s, a_data) and how far pi strays from the data.
-    `q_value(obs, a)` is the critics' minimum or --q-lcb bound (Box) or Q(s, a) (Discrete); `greedy(obs)` the
-    evaluation action. Box (`critics`): also the critics' spread (std over the N) on data actions and on pi's: the
-    epistemic gap that grows off the data."""
+    """Mean Q on data actions, the gap Q(s, pi(s)) - Q(s, a_data), how far pi strays from the data (`q_value(obs, a)`,
+    `greedy(obs)`); Box (`critics`): also the critics' spread (std over the N) on data and policy actions."""
     obs, actions = batch[0], batch[1]
     pi = greedy(obs)
     q_data = q_value(obs, actions)
@@ -397,23 +341,10 @@ def diagnostics(batch, q_value, greedy, discrete: bool, critics: QEnsemble | Non
                 **{"action_mismatch" if discrete else "action_mse": stray})
 
 
-def explore_box(actor: TanhGaussianActor, obs: torch.Tensor) -> torch.Tensor:
-    """Online, Box: the action that collects data, a tanh-Gaussian sample of pi(.|s)."""
-    return actor.sample(obs)[0]
-
-
-def explore_discrete(qnet: DiscreteQNetwork, epsilon: float, obs: torch.Tensor) -> torch.Tensor:
-    """Online, Discrete: epsilon-greedy on Q, a uniformly random action with probability epsilon."""
-    greedy = qnet.act(obs)
-    random_action = torch.randint(0, qnet.n_actions, greedy.shape, device=obs.device)
-    return torch.where(torch.rand(greedy.shape, device=obs.device) < epsilon, random_action, greedy)
-
-
 def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
-    """Rebuild the policy saved by --save-model, in environment units. Box: acts with tanh(mean); its distribution
-    is the tanh-Gaussian mapped to the action box (for OPE). Discrete: argmax Q, deterministic (no distribution)."""
+    """The --save-model policy in environment units: Box, tanh(mean) and the tanh-Gaussian; Discrete, argmax Q."""
     ckpt = load_checkpoint(path, device, "cql")
-    args = Args(**ckpt["args"])
+    args = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})  # cql_finetune's too
     mean, std = ckpt["obs_mean"], ckpt["obs_std"]
     if ckpt["n_actions"] is not None:
         qnet = DiscreteQNetwork(ckpt["obs_dim"], ckpt["n_actions"], args).to(device).eval()
@@ -434,57 +365,26 @@ def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
-    report_user_errors("cql.py")
-    resumed = read_training_state(args.resume, "cql.py") if args.resume else None
-    if resumed:  # the interrupted run's own flags; --device and --threads from this command
-        args = resumed_args(args, resumed)
-    check_ranges(args, RANGES)
-    torch.set_num_threads(args.threads)
-    set_seed(args.seed, args.torch_deterministic)
-    device = pick_device(args.device)
-
-    if args.load_model:  # evaluate a saved policy on its own dataset (unless --dataset says otherwise) and exit
-        saved = load_policy(args.load_model, device)
-        ds = load_dataset(args.dataset or saved.checkpoint["args"]["dataset"])
-        report_saved_policy(args.load_model, saved, ds, args.eval_episodes, args.seed + 100, device)
-        raise SystemExit
-
-    args.dataset = args.dataset or DEFAULT_DATASET
-    if args.online_steps > 0 and args.resume_every > 0:
-        raise UserError("--resume-every saves offline training only (an environment mid-episode cannot be saved): "
-                        "drop it or --online-steps")
-    if args.total_steps == 0 and args.online_steps == 0:
-        raise UserError("--total-steps 0 trains nothing offline: give it an online phase (--online-steps M) or at "
-                        "least 1 step")
-    ds = load_dataset(args.dataset)
-    check_data(args, ds)  # batch size, an environment to evaluate in
-    if args.learning_starts >= max(args.online_steps, 1):
-        raise UserError(f"--learning-starts {args.learning_starts}: the random warm-up is part of the online phase, so "
-                        f"it must be below --online-steps ({args.online_steps})")
-    discrete = ds.discrete
-    obs_dim, act_dim, n_actions = dataset_dims(ds)
-    check_critic_flags(args, discrete)
+    device, ds = setup(args, "cql.py", RANGES, load_policy, DEFAULT_DATASET)  # seed, device, data; --load-model exits
+    if ds.discrete and (args.n_critics != 2 or args.q_lcb > 0):
+        raise UserError("--n-critics/--q-lcb apply to Box CQL; discrete CQL has one double-DQN Q network")
     if args.cql_alpha is None:  # one flag, two defaults: 5.0 for Box (authors' Gym runs), 1.0 for Discrete
-        args.cql_alpha = 1.0 if discrete else 5.0
-    rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias, capacity=args.online_steps)
-    if args.cal_ql:  # Cal-QL's floor G: discounted returns-to-go of each episode, on the transformed rewards
-        rb.returns_to_go(args.discount)
-    run_name, writer = make_run(args, "cql.py", resumed)
+        args.cql_alpha = 1.0 if ds.discrete else 5.0
+    rb = ReplayBuffer(ds, device, args.normalize_obs, args.reward_scale, args.reward_bias)
+    run = Run(args, "cql.py", args.total_steps)
 
     # ALGO LOGIC: networks and optimisers. Target networks start as exact copies of the online ones.
-    if discrete:
-        qnet = DiscreteQNetwork(obs_dim, n_actions, args).to(device)
+    if ds.discrete:
+        qnet = DiscreteQNetwork(rb.obs_dim, rb.n_actions, args).to(device)
         qnet_target = copy.deepcopy(qnet)
         q_opt = torch.optim.Adam(qnet.parameters(), lr=args.critic_lr)
         update = partial(update_discrete, qnet=qnet, qnet_target=qnet_target, q_opt=q_opt, args=args)
-        q_value, greedy, critics = partial(discrete_q, qnet), qnet.act, None
-        explore, explorer = partial(explore_discrete, qnet, args.online_epsilon), qnet
-        trained = dict(qnet=qnet, qnet_target=qnet_target, q_opt=q_opt)  # what --resume-every saves
+        value, greedy, critics = partial(q_value, qnet, 0.0), qnet.act, None
+        saved = dict(qnet=qnet, qnet_target=qnet_target)  # what --save-model writes
     else:
-        critics = QEnsemble(obs_dim, act_dim, args).to(device)
+        critics = QEnsemble(rb.obs_dim, rb.act_dim, args).to(device)
         critics_target = copy.deepcopy(critics)  # draws nothing (as the twin targets did): the actor's init is kept
-        actor = TanhGaussianActor(obs_dim, act_dim, args).to(device)
+        actor = TanhGaussianActor(rb.obs_dim, rb.act_dim, args).to(device)
         log_alpha = torch.zeros((), device=device, requires_grad=True)  # SAC temperature, alpha = exp(0) = 1
         log_alpha_prime = torch.zeros((), device=device, requires_grad=True)  # Lagrange multiplier, alpha' = 1
         q_opt = torch.optim.Adam(critics.parameters(), lr=args.critic_lr)
@@ -494,98 +394,47 @@ if __name__ == "__main__":
         update = partial(update_box, critics=critics, critics_target=critics_target, actor=actor,
                          log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, q_opt=q_opt, actor_opt=actor_opt,
                          alpha_opt=alpha_opt, alpha_prime_opt=alpha_prime_opt, args=args)
-        q_value, greedy = partial(pessimistic_q, critics, lcb=args.q_lcb), actor.act
-        explore, explorer = partial(explore_box, actor), actor
-        trained = dict(critics=critics, critics_target=critics_target, actor=actor, log_alpha=log_alpha,
-                       log_alpha_prime=log_alpha_prime, q_opt=q_opt, actor_opt=actor_opt, alpha_opt=alpha_opt,
-                       alpha_prime_opt=alpha_prime_opt)
+        value, greedy = partial(q_value, critics, args.q_lcb), actor.act
+        saved = dict(actor=actor, critics=critics, critics_target=critics_target, log_alpha=log_alpha,
+                     log_alpha_prime=log_alpha_prime, action_center=rb.action_center, action_half=rb.action_half)
+    update = speed_up(update, args.compile)  # --compile; subnormals flushed (CPU speed only, the same maths)
 
-    if args.compile:  # the same update, compiled; random draws stay eager's (fallback_random), so seeds agree
-        torch._inductor.config.fallback_random = True
-        torch._functorch.config.donated_buffer = False  # an update may take two backward passes through one graph
-        update = torch.compile(update)
-    update = flush_subnormals(update)  # CPU speed only, the same maths: Adam's moments decay into slow subnormals
-
-    def policy(obs: torch.Tensor) -> torch.Tensor:
-        """Evaluation action: tanh(mean) mapped back to the environment's box (Box) or argmax Q (Discrete)."""
-        return greedy(obs) if discrete else rb.unscale_action(greedy(obs))
+    def policy(obs: torch.Tensor) -> torch.Tensor:  # evaluation: argmax Q, or tanh(mean) in the environment's box
+        return greedy(obs) if ds.discrete else rb.unscale_action(greedy(obs))
 
     def save_model(path: str) -> str:
         """Weights, config and normalisation constants, loadable with torch.load(path, weights_only=True)."""
-        if discrete:
-            nets = dict(qnet=qnet.state_dict(), qnet_target=qnet_target.state_dict())
-        else:
-            nets = dict(actor=actor.state_dict(), critics=critics.state_dict(),
-                        critics_target=critics_target.state_dict(), log_alpha=log_alpha.detach(),
-                        log_alpha_prime=log_alpha_prime.detach(),
-                        action_center=rb.action_center, action_half=rb.action_half)
-        torch.save(dict(algo="cql", args=asdict(args), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
-                        act_dim=act_dim, n_actions=n_actions, **nets), path)
+        nets = {k: v.state_dict() if isinstance(v, nn.Module) else v.detach() for k, v in saved.items()}
+        torch.save(dict(algo="cql", args=asdict(args), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=rb.obs_dim,
+                        act_dim=rb.act_dim, n_actions=rb.n_actions, **nets), path)
         print(f"saved {path}", flush=True)
         return path
 
-    # TRY NOT TO MODIFY: the training loop. Offline: --total-steps gradient steps on the dataset. Online
-    # (--online-steps M, docs/finetune.md): M times, one environment step with a sample of the policy into the
-    # buffer, then --utd gradient steps.
-    n_updates = args.total_steps + (args.online_steps - args.learning_starts) * args.utd
-    collector = OnlineCollector(ds, rb, args.seed) if args.online_steps > 0 else None
-    progress = Progress("cql.py", n_updates)
-
-    def log_episode(episode: tuple[float, int] | None) -> None:
-        if episode is not None:
-            writer.add_scalar("charts/episodic_return", episode[0], collector.env_steps)
-            writer.add_scalar("charts/episodic_length", episode[1], collector.env_steps)
-
-    start = restore_training_state(resumed, trained, progress) if resumed else 0
+    # TRY NOT TO MODIFY: the training loop: sample, update, then save / evaluate / log when due
     model_path = None
-    for step in range(start + 1, n_updates + 1):
-        if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:
-            while collector.env_steps < args.learning_starts:  # warm-up: random actions, no gradient step
-                log_episode(collector.step(None))
-            log_episode(collector.step(explore, explorer))
-        batch = rb.sample(args.batch_size, args.online_ratio)
-        logs = update(batch, step)
+    for step in range(1, args.total_steps + 1):
+        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps)
+        logging = step % args.log_every == 0 or step == args.total_steps or evaluated  # the only host syncs
+        batch = rb.sample(args.batch_size)
+        logs = update(batch, step, logging)
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            save_model(f"runs/{run_name}/cql_step{step}.pt")
-        if args.save_model and step == n_updates:  # before the last evaluation: an error there loses no model
-            model_path = save_model(f"runs/{run_name}/cql.pt")
+            save_model(f"runs/{run.name}/cql_step{step}.pt")
+        if args.save_model and step == args.total_steps:  # before the last evaluation: an error there loses no model
+            model_path = save_model(f"runs/{run.name}/cql.pt")
 
-        # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
-        # policy's own Q there (overestimation, measured on the same policy); with an online phase also at the
-        # switch and against environment steps
-        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == n_updates
-                                                or (step == args.total_steps and collector is not None))
+        # Evaluation: the score, and the discounted return from the start states next to the policy's own Q there
         if evaluated:
             t0 = time.time()
             with isolated():
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount,
                               reward_transform=(rb.reward_scale, rb.reward_bias))
                 s0 = rb.normalize(ev.start_obs)
-                q_start = q_value(s0, greedy(s0)).mean().item()
-            log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0,
-                           env_steps=collector.env_steps if collector and step >= args.total_steps else None)
+                q_start = value(s0, greedy(s0)).mean().item()
+            run.evaluation(ds, step, ev, q_start, time.time() - t0)
 
-        if step % args.log_every == 0 or step == n_updates or evaluated:  # the only host syncs
+        if logging:
             with isolated():
-                logs.update(diagnostics(batch, q_value, greedy, discrete, critics))
-            for k, v in logs.items():
-                if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
-                    raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "
-                                             "rate, --normalize-obs, or check the dataset's rewards)")
-                writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
-            gap = f" | cql_gap {logs['cql_gap']:.2f}" if "cql_gap" in logs else ""  # alpha 0: logging steps only
-            extra = f"q_data {logs['q_data']:.2f}{gap}"
-            if collector is not None:
-                writer.add_scalar("charts/env_steps", collector.env_steps, step)
-                writer.add_scalar("charts/online_share", rb.online_share(args.batch_size, args.online_ratio), step)
-                extra += f" | env steps {collector.env_steps}"
-            writer.add_scalar("charts/SPS", progress.line(step, extra), step)
-
-        if args.resume_every > 0 and step % args.resume_every == 0:
-            save_training_state(f"runs/{run_name}/resume.pt", "cql.py", step, args, run_name, progress, trained)
-
-    if collector is not None:
-        collector.close()
-    writer.close()
-    progress.summary(run_name, model_path)
+                logs.update(diagnostics(batch, value, greedy, ds.discrete, critics))
+            run.log(step, logs, show=["q_data", "cql_gap"])
+    run.finish(model_path)

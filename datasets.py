@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 class UserError(ValueError):
     """A mistake in the user's input that they can fix (a flag, a file, a dataset): the scripts print its message
-    in one or two lines on stderr and exit with status 1, without a traceback (common.report_user_errors)."""
+    in one or two lines on stderr and exit with status 1, without a traceback (common.setup's hook)."""
 
 
 RECIPE_VERSION = 1  # bump when a recipe changes: cached files of other versions are not reused
@@ -629,6 +629,93 @@ def load_dataset(name_or_path: str) -> Dataset:
         _split_name(name_or_path)  # raises the error listing valid names
     validate(ds)
     return ds
+
+
+def env_action_space(ds: Dataset) -> gym.Space:
+    """The dataset environment's action space (the environment is closed again)."""
+    env = gym.make(ds.env_id, **ds.env_kwargs)
+    space = env.action_space
+    env.close()
+    return space
+
+
+def action_bounds(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) of a Box action space: the environment's when known, else the data's own range."""
+    if ds.env_id is not None:
+        space = env_action_space(ds)
+        return space.low.astype(np.float64), space.high.astype(np.float64)
+    low, high = ds.actions.min(0).astype(np.float64), ds.actions.max(0).astype(np.float64)
+    return low, np.where(high > low, high, low + 1.0)
+
+
+def dataset_dims(ds: Dataset) -> tuple[int, int, int | None]:
+    """(obs_dim, act_dim, n_actions): n_actions is None for Box; for Discrete it comes from the environment
+    when known (the data may not contain every action), act_dim is then 1."""
+    if not ds.discrete:
+        return ds.observations.shape[1], ds.actions.shape[1], None
+    n = int(env_action_space(ds).n) if ds.env_id else int(ds.actions.max()) + 1
+    return ds.observations.shape[1], 1, n
+
+
+def check_ranges(args, ranges: dict[str, str]) -> None:
+    """A UserError naming the first flag whose value lies outside its interval, e.g. {"discount": "[0, 1)"}."""
+    for name, interval in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        lo, hi = (float(x) for x in interval[1:-1].split(","))
+        above = lo <= value if interval[0] == "[" else lo < value
+        below = value <= hi if interval[-1] == "]" else value < hi
+        if not (above and below):  # NaN fails both
+            raise UserError(f"--{name.replace('_', '-')} {value} is out of range: it must lie in {interval}")
+
+
+def check_policy_fits(path: str, ckpt: dict, ds: Dataset) -> None:
+    """A UserError when a checkpoint's observation or action space differs from the dataset's environment."""
+    have, want = dataset_dims(ds), (ckpt["obs_dim"], ckpt["act_dim"], ckpt["n_actions"])
+    if have != want:
+        def spaces(obs_dim: int, act_dim: int, n_actions: int | None) -> str:
+            return f"{obs_dim}-d observations, " + (f"{n_actions} actions" if n_actions else f"{act_dim}-d actions")
+        raise UserError(f"{path} was trained on {ckpt['args']['dataset']} ({spaces(*want)}); {ds.name} has "
+                        f"{spaces(*have)}: pass a dataset of the same environment, or drop --dataset")
+
+
+def format_score(ret: float, norm: float) -> str:
+    """'normalized 85.2 (return 230.1)', or just the return when the dataset has no reference scores."""
+    return f"return {ret:.1f}" if np.isnan(norm) else f"normalized {norm:.1f} (return {ret:.1f})"
+
+
+def load_checkpoint(path: str, device: str | torch.device = "cpu", algo: str | None = None) -> dict:
+    """torch.load a `--save-model` file (weights only), with a UserError for a missing, corrupt or foreign file."""
+    if Path(path).is_dir():
+        raise UserError(f"checkpoint {path} is a folder: pass the .pt file in it (runs/<run>/<script>.pt)")
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist (train with --save-model; it is saved in runs/<run>/)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a checkpoint saved by --save-model ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "algo" not in ckpt or "args" not in ckpt:
+        raise UserError(f"{path}: not a checkpoint saved by --save-model (no 'algo' / 'args' keys)")
+    if algo is not None and ckpt["algo"] != algo:
+        raise UserError(f"{path} was saved by {ckpt['algo']}.py, not {algo}.py: load it with "
+                        f"`python {ckpt['algo']}.py --load-model {path}`")
+    return ckpt
+
+
+def pick_device(device: str) -> torch.device:
+    """'auto': CUDA when present, else CPU; else torch.device(device), a UserError if this machine lacks it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda") or (dev.index or 0) >= (torch.cuda.device_count() if dev.type == "cuda" else 1):
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) that torch "
+                        f"{torch.__version__} sees; use --device cpu (or auto)")
+    return dev
 
 
 def save_npz(ds: Dataset, path: str | Path) -> None:

@@ -1,11 +1,8 @@
 # Implicit Q-Learning (Kostrikov, Nair, Levine 2021, https://arxiv.org/abs/2110.06169). Docs: docs/iql.md
 # Continuous (Box) actions follow the authors' code (ikostrikov/implicit_q_learning); the Discrete variant is a
 # straight port of the same losses to Q(s, .) heads and a categorical policy (there is no official one).
-import math
-import os
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Literal
 
 import torch
@@ -13,15 +10,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, check_data, OnlineCollector, Policy, Progress, ReplayBuffer, UserError, check_ranges,
-                    dataset_dims, evaluate, flush_subnormals, isolated, load_checkpoint, load_dataset, log_evaluation,
-                    make_run, mlp, pick_device, read_training_state, report_saved_policy, report_user_errors,
-                    restore_training_state, resumed_args, return_range_scale, save_training_state, set_seed)
+from common import Policy, ReplayBuffer, Run, evaluate, isolated, mlp, setup, speed_up
+from datasets import Dataset, load_checkpoint
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    exp_name: str = "iql"
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of torch, numpy and random; evaluation episode i is seeded `seed + 100 + i`"""
@@ -37,10 +32,6 @@ class Args:
     """path to a saved `iql.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
     checkpoint_every: int = 0
     """with --save-model, also save `iql_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
-    resume_every: int = 0
-    """save the training state to `runs/{run_name}/resume.pt` every N steps for --resume (0: never; offline only)"""
-    resume: str | None = None
-    """continue an interrupted run from its `resume.pt` (its run folder and flags, except --device and --threads)"""
     dataset: str | None = None
     """built-in name, Minari id or `.npz` path; unset: lunarlander-continuous-medium (--load-model: the checkpoint's)"""
     total_steps: int = 1_000_000
@@ -56,7 +47,7 @@ class Args:
     compile: bool = False
     """run the update step through torch.compile (same losses as eager; CPU speed: docs/benchmark.md "--compile")"""
 
-    # Algorithm specific arguments
+    # Algorithm specific arguments (the paper's symbols; defaults from the authors' code)
     learning_rate: float = 3e-4
     """Adam learning rate of Q, V and the actor"""
     discount: float = 0.99
@@ -78,7 +69,7 @@ class Args:
     q_lcb: float = 0.0
     """k > 0: the V target takes mean - k * std of the N critics (lower confidence bound), not their min"""
     cosine_lr: bool = True
-    """cosine decay of the actor's learning rate to 0 over --total-steps (authors' offline code; off when online)"""
+    """cosine decay of the actor's learning rate to 0 over the training steps (the authors' offline code)"""
     deterministic_actor: bool = False
     """Box only: a deterministic tanh actor trained by advantage-weighted MSE (CORL's option) instead of a Gaussian"""
     actor_dropout: float = 0.0
@@ -88,29 +79,17 @@ class Args:
     reward_scaling: Literal["auto", "none", "return-range", "minus-one"] = "auto"
     """`auto`: the authors' rule (return-range on hopper/halfcheetah/walker2d, minus-one on AntMaze, else none)"""
 
-    # Offline-to-online fine-tuning (docs/finetune.md)
-    online_steps: int = 0
-    """online fine-tuning: environment steps after the offline --total-steps, each followed by --utd gradient steps"""
-    utd: int = 1
-    """online: gradient steps per environment step (the update-to-data ratio)"""
-    online_ratio: float = 0.0
-    """online: share of each batch drawn from the online data, the rest from the dataset (0: uniform over all rows)"""
 
-
-# Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range)
-RANGES = {**COMMON_RANGES, "learning_rate": "(0, inf)", "expectile": "(0, 1)", "beta": "[0, inf)",
-          "max_weight": "(0, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "actor_dropout": "[0, 1)",
-          "n_critics": "[1, inf)", "q_lcb": "[0, inf)", "total_steps": "[0, inf)", "online_steps": "[0, inf)",
-          "utd": "[1, inf)", "online_ratio": "[0, 1]"}
+RANGES = {"learning_rate": "(0, inf)", "expectile": "(0, 1)", "beta": "[0, inf)", "max_weight": "(0, inf)",
+          "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "actor_dropout": "[0, 1)", "n_critics": "[1, inf)",
+          "q_lcb": "[0, inf)"}
 DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
 # ALGO LOGIC: networks. N critics (twin Q by default) and a state-value V; the actor depends on the action space.
 class QEnsemble(nn.Module):
-    """N critics Q_1..Q_N in one module (--n-critics). Layer j holds the N members' weights stacked, (N, in, out),
-    applied in one batched matmul: 10 critics cost far less than five times 2. The members start as N separate
-    `mlp`s would (the same random draws in the same order as the twin networks). Box: Q(s, a). Discrete: the
-    Q(s, .) head read at the given action. Returns (N, B)."""
+    """N critics in one module, layer j's weights stacked (N, in, out) for one batched matmul, initialised as N `mlp`s
+    would be. Box: Q(s, a); Discrete: the Q(s, .) head read at the given action. Returns (N, B)."""
 
     def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, args: Args):
         super().__init__()
@@ -139,8 +118,7 @@ class QEnsemble(nn.Module):
 
 
 class GaussianActor(nn.Module):
-    """Box: N(tanh(mu(s)), exp(log_std)) with a state-independent log_std in [-5, 2]: the mean is squashed,
-    the distribution is not (authors' NormalTanhPolicy with tanh_squash_distribution=False). Acts with its mean."""
+    """Box: N(tanh(mu(s)), exp(log_std)), log_std state-independent in [-5, 2] (authors' NormalTanhPolicy)."""
 
     def __init__(self, obs_dim: int, act_dim: int, args: Args):
         super().__init__()
@@ -191,8 +169,7 @@ def make_actor(obs_dim: int, act_dim: int, n_actions: int | None, args: Args) ->
     return (DeterministicActor if args.deterministic_actor else GaussianActor)(obs_dim, act_dim, args)
 
 
-# ALGO LOGIC: the three losses of IQL. The same code serves Box and Discrete actions: Q is only ever
-# evaluated on dataset actions (QNetwork.forward reads the data action's entry for Discrete).
+# ALGO LOGIC: the three losses of IQL, the same for Box and Discrete: Q is only ever evaluated on dataset actions.
 def expectile_loss(diff: torch.Tensor, expectile: float) -> torch.Tensor:
     """Eq. 5: L_2^tau(u) = |tau - 1(u < 0)| u^2 with u = Q(s, a) - V(s): positive errors weigh tau, negative 1 - tau."""
     weight = torch.where(diff > 0, expectile, 1.0 - expectile)
@@ -213,8 +190,7 @@ def pessimistic(q: torch.Tensor, lcb: float) -> torch.Tensor:
 def update(batch, *, critics, critics_target, vf, actor, q_opt, v_opt, actor_opt, actor_sched, args: Args):
     """One IQL step in the authors' order: V, then the actor (with the new V), then Q (to the new V), then Polyak."""
     obs, actions, rewards, next_obs, terminals = batch
-    # (1) V(s) -> the expectile of the target Qs' minimum (or --q-lcb bound) over dataset actions (Eq. 5). No OOD
-    # action is queried.
+    # (1) V(s) -> the expectile of the target Qs' minimum (or --q-lcb bound) over dataset actions (Eq. 5), no OOD query
     with torch.no_grad():
         target_q = pessimistic(critics_target(obs, actions), args.q_lcb)
     v = vf(obs).squeeze(1)
@@ -246,20 +222,13 @@ def update(batch, *, critics, critics_target, vf, actor, q_opt, v_opt, actor_opt
     with torch.no_grad():
         for p, tp in zip(critics.parameters(), critics_target.parameters()):
             tp.lerp_(p, args.tau)
-    return dict(v_loss=v_loss, actor_loss=actor_loss, q_loss=q_loss, adv=adv.mean(), weights=weights.mean(),
-                v=v.mean())
-
-
-def q_pi(obs: torch.Tensor, critics: QEnsemble, actor, lcb: float) -> torch.Tensor:
-    """The critics' pessimistic value (as the V target) at the evaluation action pi(s): the policy's own estimate."""
-    return pessimistic(critics(obs, actor.act(obs)), lcb)
+    return dict(v_loss=v_loss, actor_loss=actor_loss, q_loss=q_loss, adv=adv.mean(), weights=weights.mean(), v=v.mean())
 
 
 @torch.no_grad()
 def diagnostics(batch, critics, actor, args: Args, discrete: bool) -> dict[str, torch.Tensor]:
-    """Mean Q on dataset actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), how far pi strays from the data, and the
-    critics' spread (std over the N) on data actions and on the policy's: the epistemic gap that grows off the data.
-    Call under common.isolated(actor): no dropout, no draw from the training random stream."""
+    """Mean Q on data actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), how far pi strays from the data, and the critics'
+    spread (std over the N) on data and policy actions. Call under common.isolated(actor)."""
     obs, actions = batch[0], batch[1]
     pi = actor.act(obs)
     q_all_data, q_all_pi = critics(obs, actions), critics(obs, pi)
@@ -270,32 +239,25 @@ def diagnostics(batch, critics, actor, args: Args, discrete: bool) -> dict[str, 
                 **{"action_mismatch" if discrete else "action_mse": stray})
 
 
-def explore(actor: nn.Module, obs: torch.Tensor) -> torch.Tensor:
-    """Online: the action that collects data, a sample of pi(.|s): the Gaussian clipped to [-1, 1] (the authors'
-    fine-tuning clips sampled actions) or the categorical."""
-    if isinstance(actor, CategoricalActor):
-        return torch.distributions.Categorical(logits=actor.net(obs)).sample()
-    return actor.dist(obs).sample().clamp(-1.0, 1.0)
-
-
 def authors_reward_scaling(dataset: str) -> str:
-    """The authors' train_offline.py: rewards scaled by 1000 / return range on the locomotion datasets, r - 1 on
-    AntMaze, raw elsewhere."""
+    """The authors' train_offline.py: return-range on the locomotion datasets, minus-one on AntMaze, else none."""
     name = dataset.lower()
     if "antmaze" in name:
         return "minus-one"
     return "return-range" if any(env in name for env in ("hopper", "halfcheetah", "walker2d")) else "none"
 
 
-def constant_lr(_: int) -> float:
-    return 1.0
+def reward_transform(ds: Dataset, scaling: str) -> tuple[float, float]:
+    """(scale, bias): return-range is 1000 / (max - min episode return), minus-one is r - 1, none is r."""
+    rets = ds.episode_returns()
+    return {"none": (1.0, 0.0), "return-range": (1000.0 / max(float(rets.max() - rets.min()), 1e-6), 0.0),
+            "minus-one": (1.0, -1.0)}[scaling]
 
 
 def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
-    """Rebuild the policy saved by --save-model, in environment units. Box: acts with the Gaussian's mean; its
-    distribution is N(tanh(mu(s)), std) mapped to the action box. Discrete: argmax, and the categorical pi(.|s)."""
+    """The --save-model policy in environment units: Box, the mean and N(tanh(mu(s)), std); Discrete, argmax and pi."""
     ckpt = load_checkpoint(path, device, "iql")
-    args = Args(**ckpt["args"])
+    args = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})  # iql_finetune's too
     actor = make_actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["n_actions"], args).to(device).eval()
     actor.load_state_dict(ckpt["actor"])
     mean, std = ckpt["obs_mean"], ckpt["obs_std"]
@@ -315,137 +277,64 @@ def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
-    report_user_errors("iql.py")
-    resumed = read_training_state(args.resume, "iql.py") if args.resume else None
-    if resumed:  # the interrupted run's own flags; --device and --threads from this command
-        args = resumed_args(args, resumed)
-    check_ranges(args, RANGES)
-    torch.set_num_threads(args.threads)
-    set_seed(args.seed, args.torch_deterministic)
-    device = pick_device(args.device)
-
-    if args.load_model:  # evaluate a saved policy on its own dataset (unless --dataset says otherwise) and exit
-        saved = load_policy(args.load_model, device)
-        ds = load_dataset(args.dataset or saved.checkpoint["args"]["dataset"])
-        report_saved_policy(args.load_model, saved, ds, args.eval_episodes, args.seed + 100, device)
-        raise SystemExit
-
-    args.dataset = args.dataset or DEFAULT_DATASET
-    if args.online_steps > 0 and args.resume_every > 0:
-        raise UserError("--resume-every saves offline training only (an environment mid-episode cannot be saved): "
-                        "drop it or --online-steps")
-    if args.online_steps > 0 and args.deterministic_actor:
-        raise UserError("--online-steps collects with a sample of the policy: the Gaussian actor (drop "
-                        "--deterministic-actor)")
-    if args.total_steps == 0 and args.online_steps == 0:
-        raise UserError("--total-steps 0 trains nothing offline: give it an online phase (--online-steps M) or at "
-                        "least 1 step")
-    ds = load_dataset(args.dataset)
-    check_data(args, ds)  # batch size, an environment to evaluate in
-    discrete = ds.discrete
-    obs_dim, act_dim, n_actions = dataset_dims(ds)
+    device, ds = setup(args, "iql.py", RANGES, load_policy, DEFAULT_DATASET)  # seed, device, data; --load-model exits
     if args.reward_scaling == "auto":
         args.reward_scaling = authors_reward_scaling(args.dataset)
         print(f"iql.py: --reward-scaling auto -> {args.reward_scaling} (the authors' rule)", flush=True)
-    reward_scale, reward_bias = {"none": (1.0, 0.0), "return-range": (return_range_scale(ds), 0.0),
-                                 "minus-one": (1.0, -1.0)}[args.reward_scaling]
-    rb = ReplayBuffer(ds, device, args.normalize_obs, reward_scale, reward_bias, capacity=args.online_steps)
-    run_name, writer = make_run(args, "iql.py", resumed)
+    rb = ReplayBuffer(ds, device, args.normalize_obs, *reward_transform(ds, args.reward_scaling))
+    run = Run(args, "iql.py", args.total_steps)
 
     # ALGO LOGIC: networks and optimisers. Target Qs start as exact copies; V has no target network.
-    critics = QEnsemble(obs_dim, act_dim, n_actions, args).to(device)
-    critics_target = QEnsemble(obs_dim, act_dim, n_actions, args).to(device)  # fresh draws, as the twin targets were
+    critics = QEnsemble(rb.obs_dim, rb.act_dim, rb.n_actions, args).to(device)
+    critics_target = QEnsemble(rb.obs_dim, rb.act_dim, rb.n_actions, args).to(device)  # fresh draws, as the twins'
     critics_target.load_state_dict(critics.state_dict())
-    vf = mlp(obs_dim, 1, [args.hidden_dim] * args.n_layers).to(device)
-    actor = make_actor(obs_dim, act_dim, n_actions, args).to(device)
+    vf = mlp(rb.obs_dim, 1, [args.hidden_dim] * args.n_layers).to(device)
+    actor = make_actor(rb.obs_dim, rb.act_dim, rb.n_actions, args).to(device)
     q_opt = torch.optim.Adam(critics.parameters(), lr=args.learning_rate)
     v_opt = torch.optim.Adam(vf.parameters(), lr=args.learning_rate)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
-    # the authors decay the actor's rate offline; their fine-tuning config keeps it constant in both phases
-    cosine = args.cosine_lr and args.online_steps == 0
-    actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, max(args.total_steps, 1)) if cosine
-                   else torch.optim.lr_scheduler.LambdaLR(actor_opt, constant_lr))
-    trained = dict(critics=critics, critics_target=critics_target, vf=vf, actor=actor, q_opt=q_opt, v_opt=v_opt,
-                   actor_opt=actor_opt, actor_sched=actor_sched)  # what --resume-every saves
-
-    if args.compile:  # the same update, compiled; random draws stay eager's (fallback_random), so seeds agree
-        torch._inductor.config.fallback_random = True
-        torch._functorch.config.donated_buffer = False  # an update may take two backward passes through one graph
-        update = torch.compile(update)
-    update = flush_subnormals(update)  # CPU speed only, the same maths: Adam's moments decay into slow subnormals
+    actor_sched = (torch.optim.lr_scheduler.CosineAnnealingLR(actor_opt, args.total_steps) if args.cosine_lr
+                   else torch.optim.lr_scheduler.LambdaLR(actor_opt, lambda _: 1.0))
+    update = speed_up(update, args.compile)  # --compile; subnormals flushed (CPU speed only, the same maths)
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         """Evaluation action: the mean (Box, mapped back to the environment's box) or the argmax (Discrete)."""
-        a = actor.act(obs)
-        return a if discrete else rb.unscale_action(a)
+        return actor.act(obs) if ds.discrete else rb.unscale_action(actor.act(obs))
 
     def save_model(path: str) -> str:
         """Weights, config and normalisation constants, loadable with torch.load(path, weights_only=True)."""
-        extra = {} if discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
+        extra = {} if ds.discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
         torch.save(dict(algo="iql", args=asdict(args), actor=actor.state_dict(), critics=critics.state_dict(),
-                        vf=vf.state_dict(), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=obs_dim,
-                        act_dim=act_dim, n_actions=n_actions, **extra), path)
+                        vf=vf.state_dict(), obs_mean=rb.obs_mean, obs_std=rb.obs_std, obs_dim=rb.obs_dim,
+                        act_dim=rb.act_dim, n_actions=rb.n_actions, **extra), path)
         print(f"saved {path}", flush=True)
         return path
 
-    # TRY NOT TO MODIFY: the training loop. Offline: --total-steps gradient steps on the dataset. Online
-    # (--online-steps M, docs/finetune.md): M times, one environment step with a sample of the policy into the
-    # buffer, then --utd gradient steps.
-    n_updates = args.total_steps + args.online_steps * args.utd
-    collector = OnlineCollector(ds, rb, args.seed) if args.online_steps > 0 else None
-    progress = Progress("iql.py", n_updates)
-    start = restore_training_state(resumed, trained, progress) if resumed else 0
+    # TRY NOT TO MODIFY: the training loop: sample, update, then save / evaluate / log when due
     model_path = None
-    for step in range(start + 1, n_updates + 1):
-        if step > args.total_steps and (step - args.total_steps - 1) % args.utd == 0:
-            episode = collector.step(partial(explore, actor), actor)
-            if episode is not None:
-                writer.add_scalar("charts/episodic_return", episode[0], collector.env_steps)
-                writer.add_scalar("charts/episodic_length", episode[1], collector.env_steps)
-        batch = rb.sample(args.batch_size, args.online_ratio)
+    for step in range(1, args.total_steps + 1):
+        batch = rb.sample(args.batch_size)
         logs = update(batch, critics=critics, critics_target=critics_target, vf=vf, actor=actor, q_opt=q_opt,
                       v_opt=v_opt, actor_opt=actor_opt, actor_sched=actor_sched, args=args)
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            save_model(f"runs/{run_name}/iql_step{step}.pt")
-        if args.save_model and step == n_updates:  # before the last evaluation: an error there loses no model
-            model_path = save_model(f"runs/{run_name}/iql.pt")
+            save_model(f"runs/{run.name}/iql_step{step}.pt")
+        if args.save_model and step == args.total_steps:  # before the last evaluation: an error there loses no model
+            model_path = save_model(f"runs/{run.name}/iql.pt")
 
-        # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
-        # policy's own Q there (overestimation, measured on the same policy); with an online phase also at the
-        # switch and against environment steps
-        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == n_updates
-                                                or (step == args.total_steps and collector is not None))
+        # Evaluation: the score, and the discounted return from the start states next to the policy's own Q there
+        evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps)
         if evaluated:
             t0 = time.time()
             with isolated(actor):
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount,
                               reward_transform=(rb.reward_scale, rb.reward_bias))
-                q_start = q_pi(rb.normalize(ev.start_obs), critics, actor, args.q_lcb).mean().item()
-            log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0,
-                           env_steps=collector.env_steps if collector and step >= args.total_steps else None)
+                s0 = rb.normalize(ev.start_obs)  # the policy's own value estimate there, as the V target takes it
+                q_start = pessimistic(critics(s0, actor.act(s0)), args.q_lcb).mean().item()
+            run.evaluation(ds, step, ev, q_start, time.time() - t0)
 
-        if step % args.log_every == 0 or step == n_updates or evaluated:  # the only host syncs
+        if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
             with isolated(actor):
-                logs.update(diagnostics(batch, critics, actor, args, discrete))
-            for k, v in logs.items():
-                if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
-                    raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "
-                                             "rate, --normalize-obs, or check the dataset's rewards)")
-                writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
-            writer.add_scalar("charts/actor_lr", actor_sched.get_last_lr()[0], step)
-            extra = f"q_data {logs['q_data']:.2f}"
-            if collector is not None:
-                writer.add_scalar("charts/env_steps", collector.env_steps, step)
-                writer.add_scalar("charts/online_share", rb.online_share(args.batch_size, args.online_ratio), step)
-                extra += f" | env steps {collector.env_steps}"
-            writer.add_scalar("charts/SPS", progress.line(step, extra), step)
-
-        if args.resume_every > 0 and step % args.resume_every == 0:
-            save_training_state(f"runs/{run_name}/resume.pt", "iql.py", step, args, run_name, progress, trained)
-
-    if collector is not None:
-        collector.close()
-    writer.close()
-    progress.summary(run_name, model_path)
+                logs.update(diagnostics(batch, critics, actor, args, ds.discrete))
+            run.log(step, logs, show=["q_data"], actor_lr=actor_sched.get_last_lr()[0])
+    run.finish(model_path)
