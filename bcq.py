@@ -1,14 +1,7 @@
 # Batch-Constrained deep Q-learning (BCQ). Docs: docs/bcq.md
-# Box actions: Fujimoto, Meger, Precup 2019 (https://arxiv.org/abs/1812.02900), following the authors' code
-# (sfujim/BCQ, continuous_BCQ). Discrete actions: Fujimoto, Conti, Ghavamzadeh, Pineau 2019
-# (https://arxiv.org/abs/1910.01708), the authors' discrete_BCQ with its non-Atari (MLP) settings.
-# OPE: BCQ's policy has no usable density. Box: the argmax of Q1 over sampled candidates (deterministic once the
-# candidates are drawn); Discrete: a masked greedy action. Importance sampling therefore needs a smoothing width
-# (e.g. a narrow Gaussian around the chosen Box action, or eps-greedy for Discrete), or use estimators that only
-# need the policy's actions (FQE, model-based). See docs/bcq.md.
+# Box: Fujimoto, Meger, Precup 2019 (https://arxiv.org/abs/1812.02900), the authors' sfujim/BCQ continuous_BCQ.
+# Discrete: Fujimoto, Conti, Ghavamzadeh, Pineau 2019 (https://arxiv.org/abs/1910.01708), their discrete_BCQ (MLP).
 import copy
-import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -18,15 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import (COMMON_RANGES, check_data, Policy, Progress, ReplayBuffer, check_ranges, dataset_dims, evaluate,
-                    flush_subnormals, isolated, load_checkpoint, load_dataset, log_evaluation, make_run, mlp,
-                    pick_device, read_training_state, report_saved_policy, report_user_errors, restore_training_state,
-                    resumed_args, save_training_state, set_seed)
+from common import Policy, ReplayBuffer, Run, evaluate, isolated, mlp, setup, speed_up
+from datasets import check_ranges, load_checkpoint
 
 
 @dataclass
 class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    exp_name: str = "bcq"
     """the name of this experiment (part of the run folder's name)"""
     seed: int = 1
     """seed of torch, numpy and random; evaluation episode i is seeded `seed + 100 + i`"""
@@ -42,10 +33,6 @@ class Args:
     """path to a saved `bcq.pt`: evaluate it for --eval-episodes episodes and exit, no training"""
     checkpoint_every: int = 0
     """with --save-model, also save `bcq_step{N}.pt` every N steps (0: only the final model), e.g. for ope.py"""
-    resume_every: int = 0
-    """save the training state to `runs/{run_name}/resume.pt` every N steps for --resume (0: never; offline only)"""
-    resume: str | None = None
-    """continue an interrupted run from its `resume.pt` (its run folder and flags, except --device and --threads)"""
     dataset: str | None = None
     """built-in name, Minari id or `.npz` path; unset: lunarlander-continuous-medium (--load-model: the checkpoint's)"""
     total_steps: int = 1_000_000
@@ -88,11 +75,9 @@ class Args:
     """Discrete: copy Q into its target every N steps (a hard update); 0: Polyak averaging with --tau every step"""
 
 
-# Valid ranges of the numeric flags, checked at start-up (a one-line error names the flag and its range).
-# --bcq-threshold 1 or more would rule out every action (the masked argmax would then always return action 0).
-RANGES = {**COMMON_RANGES, "learning_rate": "(0, inf)", "phi": "[0, inf)", "lmbda": "[0, 1]",
-          "n_target_samples": "[1, inf)", "n_select_samples": "[1, inf)", "kl_weight": "[0, inf)",
-          "bcq_threshold": "[0, 1)", "logit_penalty": "[0, inf)", "target_update_every": "[0, inf)"}
+RANGES = {"learning_rate": "(0, inf)", "phi": "[0, inf)", "lmbda": "[0, 1]", "n_target_samples": "[1, inf)",
+          "n_select_samples": "[1, inf)", "kl_weight": "[0, inf)", "bcq_threshold": "[0, 1)",  # 1 would bar every a
+          "logit_penalty": "[0, inf)", "target_update_every": "[0, inf)"}
 DEFAULT_DATASET = "lunarlander-continuous-medium"
 
 
@@ -145,8 +130,7 @@ class Critic(nn.Module):
         self.net1, self.net2 = (mlp(obs_dim + act_dim, 1, (400, 300)) for _ in range(2))
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([obs, action], 1)
-        return self.net1(x).squeeze(1), self.net2(x).squeeze(1)
+        return self.q1(obs, action), self.net2(torch.cat([obs, action], 1)).squeeze(1)
 
     def q1(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.net1(torch.cat([obs, action], 1)).squeeze(1)
@@ -174,14 +158,12 @@ class BoxBCQ(nn.Module):
 
 # ALGO LOGIC: the Box update, in the authors' order: VAE -> critic -> actor -> Polyak.
 def vae_kl(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, std^2) || N(0, I)) per latent element, averaged over batch AND latent dims (authors' code: a mean,
-    not a sum over the latent dims, which would weigh it 2 * act_dim times more against the MSE)."""
+    """KL(N(mean, std^2) || N(0, I)), a mean over batch AND latent dims (authors'; a sum weighs 2 * act_dim more)."""
     return -0.5 * (1.0 + torch.log(std.pow(2)) - mean.pow(2) - std.pow(2)).mean()
 
 
 def soft_clipped_double_q(q1: torch.Tensor, q2: torch.Tensor, n: int, lmbda: float) -> torch.Tensor:
-    """Soft clipped double Q (Sec. 4): lambda * min + (1 - lambda) * max of the two target critics per candidate, then
-    the max over each state's n candidates. Rows must be grouped by state: row i*n + j is candidate j of state i."""
+    """Sec. 4: lambda * min + (1 - lambda) * max of the twins, then the max over s_i's n candidates (rows i*n + j)."""
     q = lmbda * torch.min(q1, q2) + (1.0 - lmbda) * torch.max(q1, q2)
     return q.view(-1, n).max(1).values
 
@@ -195,8 +177,7 @@ def box_target(rewards, next_obs, terminals, vae, actor_target, critic_target, a
     return rewards + args.discount * (1.0 - terminals) * target_q
 
 
-def update_box(batch, step: int, *, agent: BoxBCQ, actor_target, critic_target, vae_opt, critic_opt, actor_opt,
-               args: Args):
+def update_box(batch, step, *, agent, actor_target, critic_target, vae_opt, critic_opt, actor_opt, args: Args):
     """One BCQ step (Algorithm 1); `step` is unused (the Box targets are Polyak-averaged every step)."""
     obs, actions, rewards, next_obs, terminals = batch
     # (1) VAE: reconstruct data actions, KL to the prior (loss = MSE + 0.5 * KL)
@@ -223,8 +204,7 @@ def update_box(batch, step: int, *, agent: BoxBCQ, actor_target, critic_target, 
     actor_loss.backward()  # also leaves grads on the critic: cleared by critic_opt.zero_grad before they are used
     actor_opt.step()
 
-    # (4) Polyak averaging of the actor and critic targets
-    with torch.no_grad():
+    with torch.no_grad():  # (4) Polyak averaging of the actor and critic targets
         for net, target in ((agent.actor, actor_target), (agent.critic, critic_target)):
             for p, tp in zip(net.parameters(), target.parameters()):
                 tp.lerp_(p, args.tau)
@@ -233,14 +213,8 @@ def update_box(batch, step: int, *, agent: BoxBCQ, actor_target, critic_target, 
 
 # ALGO LOGIC: Discrete BCQ (the authors' FC_Q model): separate Q and imitation MLPs, 256-256, one optimiser.
 def allowed_actions(logits: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Discrete BCQ's filter: a is allowed iff G(a|s) / max_b G(b|s) > threshold (strict). The softmax normaliser
-    cancels in the ratio, which is therefore exp(logit_a - max_b logit_b)."""
+    """a is allowed iff G(a|s) / max_b G(b|s) > threshold (strict) = exp(logit_a - max_b logit_b) > threshold."""
     return (logits - logits.max(1, keepdim=True).values).exp() > threshold
-
-
-def masked_argmax(q: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """argmax_a Q(s, a) over the allowed actions only (the most likely action under G is always allowed)."""
-    return torch.where(allowed, q, float("-inf")).argmax(1)
 
 
 class DiscreteBCQ(nn.Module):
@@ -253,19 +227,18 @@ class DiscreteBCQ(nn.Module):
         self.threshold = args.bcq_threshold
 
     @torch.no_grad()
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
-        return masked_argmax(self.q(obs), allowed_actions(self.imitation(obs), self.threshold))
+    def act(self, obs: torch.Tensor) -> torch.Tensor:  # argmax Q over the allowed actions (G's likeliest always is)
+        return torch.where(allowed_actions(self.imitation(obs), self.threshold), self.q(obs), -torch.inf).argmax(1)
 
 
 @torch.no_grad()
 def discrete_target(rewards, next_obs, terminals, agent: DiscreteBCQ, q_target, args: Args) -> torch.Tensor:
     """a' = masked argmax of the ONLINE Q under the ONLINE G's filter; its value is read from the TARGET Q."""
-    next_actions = agent.act(next_obs)
-    next_q = q_target(next_obs).gather(1, next_actions[:, None]).squeeze(1)
+    next_q = q_target(next_obs).gather(1, agent.act(next_obs)[:, None]).squeeze(1)
     return rewards + args.discount * (1.0 - terminals) * next_q
 
 
-def update_discrete(batch, step: int, *, agent: DiscreteBCQ, q_target, opt, args: Args):
+def update_discrete(batch, step, *, agent, q_target, opt, args: Args):
     """One step on Huber TD + NLL of G on data actions + 1e-2 * mean(logits^2), then the target update."""
     obs, actions, rewards, next_obs, terminals = batch
     y = discrete_target(rewards, next_obs, terminals, agent, q_target, args)
@@ -280,10 +253,9 @@ def update_discrete(batch, step: int, *, agent: DiscreteBCQ, q_target, opt, args
     opt.step()
 
     with torch.no_grad():  # target: hard copy every N steps, or Polyak every step
-        if args.target_update_every > 0:
-            if step % args.target_update_every == 0:
-                q_target.load_state_dict(agent.q.state_dict())
-        else:
+        if args.target_update_every > 0 and step % args.target_update_every == 0:
+            q_target.load_state_dict(agent.q.state_dict())
+        elif args.target_update_every == 0:
             for p, tp in zip(agent.q.parameters(), q_target.parameters()):
                 tp.lerp_(p, args.tau)
     return dict(q_loss=q_loss, imitation_loss=imitation_loss, logit_loss=logit_loss, target_q=y.mean())
@@ -291,125 +263,83 @@ def update_discrete(batch, step: int, *, agent: DiscreteBCQ, q_target, opt, args
 
 def q_value(agent, obs: torch.Tensor, a: torch.Tensor, discrete: bool) -> torch.Tensor:
     """Q(s, a) (Discrete) or min(Q1, Q2)(s, a) (Box): what the diagnostics and eval/q_start report."""
-    if discrete:
-        return agent.q(obs).gather(1, a[:, None]).squeeze(1)
-    return torch.min(*agent.critic(obs, a))
+    return agent.q(obs).gather(1, a[:, None]).squeeze(1) if discrete else torch.min(*agent.critic(obs, a))
 
 
 @torch.no_grad()
 def diagnostics(batch, agent, discrete: bool) -> dict[str, torch.Tensor]:
-    """Mean Q on dataset actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), and how far pi strays from the data.
-    Call under common.isolated(): pi(s) draws VAE samples, which must not come from the training stream."""
+    """Q on data actions, the OOD gap Q(s, pi(s)) - Q(s, a_data), pi's distance to the data; under isolated() (VAE)."""
     obs, actions = batch[0], batch[1]
     pi = agent.act(obs)
     q_data, q_pi = q_value(agent, obs, actions, discrete), q_value(agent, obs, pi, discrete)
+    logs = dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_pi - q_data).mean())
     if discrete:
-        n_allowed = allowed_actions(agent.imitation(obs), agent.threshold).float().sum(1).mean()
-        return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_pi - q_data).mean(),
-                    action_mismatch=(pi != actions).float().mean(), allowed_actions=n_allowed)
-    return dict(q_data=q_data.mean(), q_pi_minus_q_data=(q_pi - q_data).mean(),
-                action_mse=((pi - actions) ** 2).sum(-1).mean())
+        allowed = allowed_actions(agent.imitation(obs), agent.threshold).float().sum(1).mean()
+        return dict(logs, action_mismatch=(pi != actions).float().mean(), allowed_actions=allowed)
+    return dict(logs, action_mse=((pi - actions) ** 2).sum(-1).mean())
 
 
 def load_policy(path: str, device: str | torch.device = "cpu") -> Policy:
     """Rebuild the policy saved by --save-model, in environment units: Box, the argmax of Q1 over perturbed VAE
-    candidates; Discrete, the masked greedy action. `dist` is None: BCQ has no density (see the OPE note at the top)."""
+    candidates; Discrete, masked greedy. `dist` is None: no density, so IS-based OPE needs a smoothing (docs/bcq.md)."""
     ckpt = load_checkpoint(path, device, "bcq")
-    args = Args(**ckpt["args"])
+    args = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
     discrete = ckpt["n_actions"] is not None
     agent = (DiscreteBCQ(ckpt["obs_dim"], ckpt["n_actions"], args) if discrete
              else BoxBCQ(ckpt["obs_dim"], ckpt["act_dim"], args)).to(device).eval()
     agent.load_state_dict(ckpt["agent"])
     mean, std = ckpt["obs_mean"], ckpt["obs_std"]
-    if discrete:
-        return Policy(act=lambda o: agent.act((o - mean) / std), dist=None, discrete=True, checkpoint=ckpt)
-    center, half = ckpt["action_center"], ckpt["action_half"]
-    return Policy(act=lambda o: center + half * agent.act((o - mean) / std), dist=None, discrete=False,
-                  checkpoint=ckpt)
+    unscale = (lambda a: a) if discrete else (lambda a: ckpt["action_center"] + ckpt["action_half"] * a)
+    return Policy(act=lambda o: unscale(agent.act((o - mean) / std)), dist=None, discrete=discrete, checkpoint=ckpt)
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    # TRY NOT TO MODIFY: clean errors for user mistakes, flag ranges, threads, seeding, device, data
-    report_user_errors("bcq.py")
-    resumed = read_training_state(args.resume, "bcq.py") if args.resume else None
-    if resumed:  # the interrupted run's own flags; --device and --threads from this command
-        args = resumed_args(args, resumed)
-    check_ranges(args, RANGES)
-    torch.set_num_threads(args.threads)
-    set_seed(args.seed, args.torch_deterministic)
-    device = pick_device(args.device)
-
-    if args.load_model:  # evaluate a saved policy on its own dataset (unless --dataset says otherwise) and exit
-        saved = load_policy(args.load_model, device)
-        ds = load_dataset(args.dataset or saved.checkpoint["args"]["dataset"])
-        report_saved_policy(args.load_model, saved, ds, args.eval_episodes, args.seed + 100, device)
-        raise SystemExit
-
-    args.dataset = args.dataset or DEFAULT_DATASET
-    ds = load_dataset(args.dataset)
-    discrete = ds.discrete
-    obs_dim, act_dim, n_actions = dataset_dims(ds)
-    # The authors' continuous and discrete code have different defaults; None picks the one for this action space
-    if args.batch_size is None:
-        args.batch_size = 64 if discrete else 100
-    if args.learning_rate is None:
-        args.learning_rate = 3e-4 if discrete else 1e-3
-    check_data(args, ds)  # batch size, an environment to evaluate in
+    device, ds = setup(args, "bcq.py", RANGES, load_policy, DEFAULT_DATASET)  # seed, device, data; --load-model exits
+    args.batch_size = args.batch_size or (64 if ds.discrete else 100)  # None: the authors' Box or Discrete value
+    args.learning_rate = args.learning_rate or (3e-4 if ds.discrete else 1e-3)
+    check_ranges(args, {"batch_size": f"[1, {len(ds)}]"})  # the default batch too: not more than the dataset
     rb = ReplayBuffer(ds, device, args.normalize_obs)
-    run_name, writer = make_run(args, "bcq.py", resumed)
+    run = Run(args, "bcq.py", args.total_steps)
 
     # ALGO LOGIC: networks, target copies and optimisers
-    if discrete:
-        agent = DiscreteBCQ(obs_dim, n_actions, args).to(device)
-        q_target = copy.deepcopy(agent.q)  # only the Q network has a target; G is only used online
+    if ds.discrete:
+        agent = DiscreteBCQ(rb.obs_dim, rb.n_actions, args).to(device)
+        q_target = copy.deepcopy(agent.q)  # only Q has a target; G is only used online
         opt = torch.optim.Adam(agent.parameters(), lr=args.learning_rate)  # ONE optimiser for Q and G
         update = partial(update_discrete, agent=agent, q_target=q_target, opt=opt, args=args)
-        trained = dict(agent=agent, q_target=q_target, opt=opt)  # what --resume-every saves
     else:
-        agent = BoxBCQ(obs_dim, act_dim, args).to(device)
+        agent = BoxBCQ(rb.obs_dim, rb.act_dim, args).to(device)
         actor_target, critic_target = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic)  # no target VAE
         vae_opt, critic_opt, actor_opt = (torch.optim.Adam(m.parameters(), lr=args.learning_rate)
                                           for m in (agent.vae, agent.critic, agent.actor))
         update = partial(update_box, agent=agent, actor_target=actor_target, critic_target=critic_target,
                          vae_opt=vae_opt, critic_opt=critic_opt, actor_opt=actor_opt, args=args)
-        trained = dict(agent=agent, actor_target=actor_target, critic_target=critic_target, vae_opt=vae_opt,
-                       critic_opt=critic_opt, actor_opt=actor_opt)
+    update = speed_up(update, args.compile)  # --compile; subnormals flushed (CPU speed only, the same maths)
 
-    if args.compile:  # the same update, compiled; random draws stay eager's (fallback_random), so seeds agree
-        torch._inductor.config.fallback_random = True
-        torch._functorch.config.donated_buffer = False  # an update may take two backward passes through one graph
-        update = torch.compile(update)
-    update = flush_subnormals(update)  # CPU speed only, the same maths: Adam's moments decay into slow subnormals
-
-    def policy(obs: torch.Tensor) -> torch.Tensor:
-        """Evaluation action: the BCQ choice (Box: mapped back to the environment's box; Discrete: masked greedy)."""
-        a = agent.act(obs)
-        return a if discrete else rb.unscale_action(a)
+    def policy(obs: torch.Tensor) -> torch.Tensor:  # evaluation: masked greedy, or the Box choice in the env's box
+        return agent.act(obs) if ds.discrete else rb.unscale_action(agent.act(obs))
 
     def save_model(path: str) -> str:
         """Weights, config and normalisation constants, loadable with torch.load(path, weights_only=True)."""
-        extra = {} if discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
-        torch.save(dict(algo="bcq", args=asdict(args), agent=agent.state_dict(), obs_mean=rb.obs_mean,
-                        obs_std=rb.obs_std, obs_dim=obs_dim, act_dim=act_dim, n_actions=n_actions, **extra), path)
+        extra = {} if ds.discrete else dict(action_center=rb.action_center, action_half=rb.action_half)
+        torch.save(dict(algo="bcq", args=asdict(args), agent=agent.state_dict(), obs_dim=rb.obs_dim, act_dim=rb.act_dim,
+                        n_actions=rb.n_actions, obs_mean=rb.obs_mean, obs_std=rb.obs_std, **extra), path)
         print(f"saved {path}", flush=True)
         return path
 
-    # TRY NOT TO MODIFY: the training loop
-    progress = Progress("bcq.py", args.total_steps)
-    start = restore_training_state(resumed, trained, progress) if resumed else 0
+    # TRY NOT TO MODIFY: the training loop: sample, update, then save / evaluate / log when due
     model_path = None
-    for step in range(start + 1, args.total_steps + 1):
+    for step in range(1, args.total_steps + 1):
         batch = rb.sample(args.batch_size)
         logs = update(batch, step)
 
         if args.save_model and args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            save_model(f"runs/{run_name}/bcq_step{step}.pt")
+            save_model(f"runs/{run.name}/bcq_step{step}.pt")
         if args.save_model and step == args.total_steps:  # before the last evaluation: an error there loses no model
-            model_path = save_model(f"runs/{run_name}/bcq.pt")
+            model_path = save_model(f"runs/{run.name}/bcq.pt")
 
-        # Evaluation: the undiscounted score, and the discounted return earned from the start states next to the
-        # policy's own Q there (overestimation, measured on the same policy). Acting draws VAE samples: isolated.
+        # Evaluation: the score, and the discounted return from the start states next to the policy's own Q there
         evaluated = args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_steps)
         if evaluated:
             t0 = time.time()
@@ -417,21 +347,11 @@ if __name__ == "__main__":
                 ev = evaluate(ds, policy, args.eval_episodes, args.seed + 100, device, rb.normalize, args.discount,
                               reward_transform=(rb.reward_scale, rb.reward_bias))
                 s0 = rb.normalize(ev.start_obs)
-                q_start = q_value(agent, s0, agent.act(s0), discrete).mean().item()
-            log_evaluation(writer, progress, ds, step, ev, q_start, time.time() - t0)
+                q_start = q_value(agent, s0, agent.act(s0), ds.discrete).mean().item()
+            run.evaluation(ds, step, ev, q_start, time.time() - t0)
 
         if step % args.log_every == 0 or step == args.total_steps or evaluated:  # the only host syncs
             with isolated(agent):
-                logs.update(diagnostics(batch, agent, discrete))
-            for k, v in logs.items():
-                if not math.isfinite(v := v.item()):  # stop with a message rather than train on NaNs
-                    raise FloatingPointError(f"{k} = {v} at step {step}: training diverged (try a lower learning "
-                                             "rate, --normalize-obs, or check the dataset's rewards)")
-                writer.add_scalar(f"losses/{k}" if k.endswith("_loss") else f"diagnostics/{k}", v, step)
-            writer.add_scalar("charts/SPS", progress.line(step, f"q_data {logs['q_data']:.2f}"), step)
-
-        if args.resume_every > 0 and step % args.resume_every == 0:
-            save_training_state(f"runs/{run_name}/resume.pt", "bcq.py", step, args, run_name, progress, trained)
-
-    writer.close()
-    progress.summary(run_name, model_path)
+                logs.update(diagnostics(batch, agent, ds.discrete))
+            run.log(step, logs, show=["q_data"])
+    run.finish(model_path)

@@ -24,6 +24,24 @@ class Fixed(nn.Module):
         return self.row.expand(obs.shape[0], -1)
 
 
+class Given(nn.Module):
+    """A stand-in network that returns the given (batch, n_actions) tensor, whatever the observations."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = out
+
+    def forward(self, obs):
+        return self.out
+
+
+def masked_argmax(q, logits, threshold):
+    """The Discrete BCQ choice for per-state Q values and imitation logits."""
+    agent = bcq.DiscreteBCQ(obs_dim=1, n_actions=q.shape[1], args=bcq.Args(bcq_threshold=threshold))
+    agent.q, agent.imitation = Given(q), Given(logits)
+    return agent.act(torch.zeros(q.shape[0], 1))
+
+
 def ratio_to_max(logits):
     """G(a|s) / max_b G(b|s), computed the plain way (softmax, then divide) as an independent reference."""
     probs = logits.softmax(1)
@@ -43,16 +61,16 @@ def test_discrete_bcq_skips_the_best_q_action_when_the_imitation_filter_rules_it
 
 def test_discrete_bcq_ratio_test_is_strict():
     # an action of probability exactly 0 has ratio 0: with threshold 0 it is still excluded (0 > 0 is false)
-    allowed = bcq.allowed_actions(torch.tensor([[0.0, float("-inf"), 1.0]]), threshold=0.0)
-    assert allowed.tolist() == [[True, False, True]]
-    assert bcq.masked_argmax(torch.tensor([[0.0, 100.0, -1.0]]), allowed).tolist() == [0]
+    logits = torch.tensor([[0.0, float("-inf"), 1.0]])
+    assert bcq.allowed_actions(logits, threshold=0.0).tolist() == [[True, False, True]]
+    assert masked_argmax(torch.tensor([[0.0, 100.0, -1.0]]), logits, threshold=0.0).tolist() == [0]
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.1, 0.3, 0.7, 0.95])
 def test_discrete_bcq_choice_is_the_best_q_among_allowed_actions_on_random_cases(threshold):
     g = torch.Generator().manual_seed(0)
     logits, q = torch.randn(4000, 6, generator=g) * 3, torch.randn(4000, 6, generator=g)
-    chosen = bcq.masked_argmax(q, bcq.allowed_actions(logits, threshold))
+    chosen = masked_argmax(q, logits, threshold)
     ratio = ratio_to_max(logits)
     assert (ratio.gather(1, chosen[:, None]) > threshold).all()
     best_allowed = torch.where(ratio > threshold, q, float("-inf")).max(1).values
@@ -451,6 +469,25 @@ def test_update_discrete_hard_copies_the_target_exactly_every_n_steps(every, ste
     expected = params(agent.q) if copied else old_target  # a copy of the just-updated Q, else untouched
     assert all(torch.equal(tp, e) for tp, e in zip(q_target.parameters(), expected))
     assert not torch.equal(agent.q.bias, old_target[1])  # (the online Q did move)
+
+
+@pytest.mark.parametrize("discrete", [False, True])
+def test_load_policy_ignores_args_keys_it_does_not_know(tmp_path, discrete):
+    args = bcq.Args(bcq_threshold=0.5, n_select_samples=3)
+    torch.manual_seed(0)
+    agent = bcq.DiscreteBCQ(2, 3, args) if discrete else bcq.BoxBCQ(2, 1, args)
+    box = {} if discrete else dict(action_center=torch.tensor([1.0]), action_half=torch.tensor([2.0]))
+    path = tmp_path / "bcq.pt"
+    torch.save(dict(algo="bcq", args={**vars(args), "resume_every": 0, "online_steps": 5}, agent=agent.state_dict(),
+                    obs_dim=2, act_dim=None if discrete else 1, n_actions=3 if discrete else None,
+                    obs_mean=torch.zeros(2), obs_std=torch.ones(2), **box), path)
+    policy = bcq.load_policy(str(path))  # iql_finetune-style extra keys (or the dropped --resume's) are left out
+    assert policy.discrete == discrete and policy.dist is None
+    obs = torch.randn(5, 2)
+    torch.manual_seed(1)  # Box acting draws VAE candidates: the same draws for both
+    a = policy.act(obs)
+    torch.manual_seed(1)
+    assert torch.equal(a, agent.act(obs) if discrete else 1.0 + 2.0 * agent.act(obs))  # Box: into the env's box
 
 
 # (6) End to end: train a few steps, save, reload with --load-model and with load_policy.
