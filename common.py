@@ -57,6 +57,8 @@ class ReplayBuffer:
             self.actions = (t(ds.actions) - self.action_center) / self.action_half
         self.rewards = t(ds.rewards) * reward_scale + reward_bias
         self.terminals = t(ds.terminals)  # only true terminals stop bootstrapping; timeouts do not
+        if self.rewards.shape != (self.size,) or self.terminals.shape != (self.size,):  # (N, 1) would broadcast
+            raise ValueError(f"rewards and terminals must be ({self.size},): load data with load_dataset")
         self.mc_returns: torch.Tensor | None = None
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
@@ -224,8 +226,7 @@ class Run:
         for k, v in charts.items():
             self.writer.add_scalar(f"charts/{k}", v, step)
         shown = {**values, **charts}
-        extra = "".join(f" | {k} {shown[k]:.{2 if isinstance(shown[k], float) else 0}f}"
-                        for k in show if k in shown)
+        extra = "".join(f" | {k} {shown[k]:.{2 if isinstance(shown[k], float) else 0}f}" for k in show if k in shown)
         now = time.time()
         sps = (step - self.last_step) / max(now - self.last_t, 1e-9)
         self.last_step, self.last_t = step, now

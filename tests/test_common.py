@@ -1,5 +1,7 @@
 """The thin helpers: the device replay buffer, action scaling, observation normalisation, evaluation, runs."""
 
+import sys
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -7,6 +9,8 @@ import torch
 
 import common as C
 import datasets as D
+import iql
+import online as O
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def test_the_buffer_holds_no_second_copy_of_the_observations_on_the_cpu(pend):
     assert rb.observations.data_ptr() == pend.observations.ctypes.data
     assert rb.next_observations.data_ptr() == pend.next_observations.ctypes.data
     # with room for online rows, or normalised, they are new tensors (the dataset's arrays are never written)
-    online = C.ReplayBuffer(pend, torch.device("cpu"), capacity=10)
+    online = O.OnlineReplayBuffer(pend, torch.device("cpu"), False, 1.0, 0.0, capacity=10)
     assert online.observations.data_ptr() != pend.observations.ctypes.data
     normalized = C.ReplayBuffer(pend, torch.device("cpu"), normalize_obs=True)
     assert normalized.observations.data_ptr() != pend.observations.ctypes.data
@@ -60,7 +64,7 @@ def test_reward_scale_and_bias(pend):
     rb = C.ReplayBuffer(pend, torch.device("cpu"), reward_scale=2.0, reward_bias=-1.0)
     np.testing.assert_allclose(rb.rewards.numpy(), 2 * pend.rewards - 1, rtol=1e-6)
     rets = pend.episode_returns()
-    assert C.return_range_scale(pend) == pytest.approx(1000 / (rets.max() - rets.min()))
+    assert iql.reward_transform(pend, "return-range") == pytest.approx((1000 / (rets.max() - rets.min()), 0.0))
 
 
 def test_mlp_shape():
@@ -112,14 +116,14 @@ def test_check_ranges_names_the_flag_and_its_interval(interval, good, bad):
     class A:
         discount = None
 
-    C.check_ranges(A, {"discount": interval})  # None (an unset optional flag) is skipped
+    D.check_ranges(A, {"discount": interval})  # None (an unset optional flag) is skipped
     for v in good:
         A.discount = v
-        C.check_ranges(A, {"discount": interval})
+        D.check_ranges(A, {"discount": interval})
     for v in bad:
         A.discount = v
         with pytest.raises(C.UserError, match=rf"--discount {v} is out of range: it must lie in \{interval[0]}"):
-            C.check_ranges(A, {"discount": interval})
+            D.check_ranges(A, {"discount": interval})
 
 
 def test_replay_buffer_refuses_per_transition_arrays_that_would_broadcast(pend):
@@ -130,8 +134,8 @@ def test_replay_buffer_refuses_per_transition_arrays_that_would_broadcast(pend):
 
 
 def test_dataset_dims():
-    assert C.dataset_dims(D.generate_builtin("lunarlander-medium", 500)) == (8, 1, 4)
-    assert C.dataset_dims(D.generate_builtin("lunarlander-continuous-medium", 500)) == (8, 2, None)
+    assert D.dataset_dims(D.generate_builtin("lunarlander-medium", 500)) == (8, 1, 4)
+    assert D.dataset_dims(D.generate_builtin("lunarlander-continuous-medium", 500)) == (8, 2, None)
 
 
 def test_evaluate_without_env_id_says_what_to_do(pend):
@@ -140,17 +144,17 @@ def test_evaluate_without_env_id_says_what_to_do(pend):
         C.evaluate(bare, lambda o: o, 1, 0, torch.device("cpu"))
 
 
-def test_flush_subnormals_zeroes_them_inside_the_update_only():
+def test_speed_up_flushes_subnormals_inside_the_update_only():
     tiny = torch.tensor([1e-39, 1e-38, 1e-30])  # two subnormal float32s and a normal one
 
     def update(x, *, scale):
         return x * scale
 
-    flushed = C.flush_subnormals(update)
+    flushed = C.speed_up(update)
     assert flushed(tiny, scale=1.0).tolist() == [0.0, 0.0, pytest.approx(1e-30)]
     assert (update(tiny, scale=1.0) == tiny).all() and (tiny * 1.0)[0] > 0  # outside: IEEE arithmetic again
     with pytest.raises(ZeroDivisionError):
-        C.flush_subnormals(lambda: 1 / 0)()
+        C.speed_up(lambda: 1 / 0)()
     assert (tiny * 1.0)[0] > 0  # restored after an exception too
 
 
@@ -165,8 +169,8 @@ def test_evaluate_discounts_the_rewards_the_critics_were_trained_on():
 
 
 def test_collector_restores_each_modules_mode_even_when_acting_fails(pend):
-    rb = C.ReplayBuffer(pend, torch.device("cpu"), capacity=5)
-    collector = C.OnlineCollector(pend, rb, seed=0)
+    rb = O.OnlineReplayBuffer(pend, torch.device("cpu"), False, 1.0, 0.0, capacity=5)
+    collector = O.OnlineCollector(pend, rb, seed=0)
     frozen, training = torch.nn.Linear(1, 1).eval(), torch.nn.Linear(1, 1)
     collector.step(lambda obs: torch.zeros(len(obs), 1), frozen, training)
     assert not frozen.training and training.training  # each back to what it was, not all to train
@@ -181,8 +185,8 @@ def test_collector_restores_each_modules_mode_even_when_acting_fails(pend):
 
 
 def test_a_warm_up_step_takes_the_seeded_action_spaces_sample_in_network_units(pend):
-    rb = C.ReplayBuffer(pend, torch.device("cpu"), capacity=3)
-    collector = C.OnlineCollector(pend, rb, seed=4)
+    rb = O.OnlineReplayBuffer(pend, torch.device("cpu"), False, 1.0, 0.0, capacity=3)
+    collector = O.OnlineCollector(pend, rb, seed=4)
     twin = gym.make(pend.env_id, **pend.env_kwargs).action_space
     twin.seed(4)
     for row in range(len(pend), len(pend) + 3):
@@ -196,23 +200,28 @@ def test_a_checkpoint_of_another_environment_is_refused_in_one_line(pend):
     ckpt = dict(obs_dim=8, act_dim=1, n_actions=4, args=dict(dataset="lunarlander-medium"))
     with pytest.raises(C.UserError, match=r"lunarlander-medium \(8-d observations, 4 actions\); pendulum-medium has "
                                           r"3-d observations, 1-d actions"):
-        C.check_policy_fits("iql.pt", ckpt, pend)
-    C.check_policy_fits("iql.pt", dict(ckpt, obs_dim=3, n_actions=None), pend)  # the same spaces pass
+        D.check_policy_fits("iql.pt", ckpt, pend)
+    D.check_policy_fits("iql.pt", dict(ckpt, obs_dim=3, n_actions=None), pend)  # the same spaces pass
 
 
 def test_a_folder_is_not_called_missing(tmp_path):
     with pytest.raises(C.UserError, match="is a folder: pass the .pt file in it"):
-        C.load_checkpoint(str(tmp_path))
+        D.load_checkpoint(str(tmp_path))
 
 
-def test_start_up_checks_name_the_missing_environment(pend):
-    class Args:
-        batch_size, eval_episodes = 8, 0
-
-    C.check_data(Args, pend)
-    bare = D.Dataset(**{k: getattr(pend, k) for k in ("observations", "actions", "rewards", "next_observations",
-                                                      "terminals", "timeouts")})
-    Args.eval_episodes = 1
-    with pytest.raises(C.UserError, match="no env_id in the dataset, so there is no environment to evaluate in; "
-                                          "pass --eval-episodes 0"):
-        C.check_data(Args, bare)
+def test_start_up_checks_name_the_missing_environment(pend, tmp_path):
+    bare = D.Dataset(**{k: getattr(pend, k) for k in D.ARRAY_KEYS})
+    D.save_npz(bare, tmp_path / "bare.npz")
+    args = iql.Args(dataset=str(tmp_path / "bare.npz"), batch_size=8, eval_episodes=0, device="cpu")
+    try:
+        device, ds = C.setup(args, "iql.py", iql.RANGES, iql.load_policy, iql.DEFAULT_DATASET)
+        assert device == torch.device("cpu") and len(ds) == len(pend)
+        args.eval_episodes = 1  # refused at start-up, before any training
+        with pytest.raises(C.UserError, match="no env_id in the dataset, so there is no environment to evaluate in; "
+                                              "pass --eval-episodes 0"):
+            C.setup(args, "iql.py", iql.RANGES, iql.load_policy, iql.DEFAULT_DATASET)
+        args.batch_size = len(pend) + 1
+        with pytest.raises(C.UserError, match=rf"--batch-size {len(pend) + 1} is out of range: it must lie in \[1, "):
+            C.setup(args, "iql.py", iql.RANGES, iql.load_policy, iql.DEFAULT_DATASET)
+    finally:
+        sys.excepthook = sys.__excepthook__  # setup installs the one-line error hook

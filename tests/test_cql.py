@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.conftest import Member, run_script
+from tests.conftest import ROOT, Member, run_script
 
 import cql
 
@@ -116,7 +116,8 @@ def test_box_cql_alpha_zero_is_the_plain_sac_critic_update():
     before = copy.deepcopy(critics)
     q_opt = SGD(critics.parameters(), lr=1.0)  # delta = -gradient
     torch.manual_seed(1)
-    logs = cql.update_box(b, 1, critics=critics, critics_target=critics_t, actor=actor, log_alpha=log_alpha,
+    logs = cql.update_box(b, 1, logged(1, args), critics=critics, critics_target=critics_t, actor=actor,
+                          log_alpha=log_alpha,
                           log_alpha_prime=log_alpha_prime, q_opt=q_opt,
                           actor_opt=SGD(actor.parameters(), lr=0.01),
                           alpha_opt=SGD([log_alpha], lr=0.01),
@@ -137,7 +138,8 @@ def test_box_cql_alpha_zero_is_the_plain_sac_critic_update():
     assert len(delta) == len(grads) == 12 and all(torch.allclose(d, -g, atol=1e-6) for d, g in zip(delta, grads))
     # between logging steps alpha 0 skips the conservative term altogether (SAC's cost, not CQL's)
     args.log_every = 1000
-    logs = cql.update_box(b, 2, critics=critics, critics_target=critics_t, actor=actor, log_alpha=log_alpha,
+    logs = cql.update_box(b, 2, logged(2, args), critics=critics, critics_target=critics_t, actor=actor,
+                          log_alpha=log_alpha,
                           log_alpha_prime=log_alpha_prime, q_opt=q_opt,
                           actor_opt=SGD(actor.parameters(), lr=0.01),
                           alpha_opt=SGD([log_alpha], lr=0.01),
@@ -153,7 +155,7 @@ def test_discrete_cql_alpha_zero_is_the_plain_double_dqn_update():
     ref, ref_t = copy.deepcopy(qnet), copy.deepcopy(qnet_t)  # the update moves its target by Polyak
     b = batch(4, discrete=True)
     before = [p.detach().clone() for p in qnet.parameters()]
-    logs = cql.update_discrete(b, 1, qnet=qnet, qnet_target=qnet_t, q_opt=SGD(qnet.parameters(), lr=1.0),
+    logs = cql.update_discrete(b, 1, True, qnet=qnet, qnet_target=qnet_t, q_opt=SGD(qnet.parameters(), lr=1.0),
                                args=args)
 
     obs, actions, rewards, next_obs, terminals = b
@@ -182,6 +184,11 @@ def test_discrete_cql_term_lowers_unseen_actions_and_raises_the_data_action():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Networks. With n_layers=0 every mlp is one nn.Linear, so each output is a hand computation from set weights.
+def logged(step: int, args: cql.Args) -> bool:
+    """Whether cql.py's loop logs `step` (and so tells update_box to measure the gap with --cql-alpha 0)."""
+    return step % args.log_every == 0 or step == args.total_steps
+
+
 def linear_args(**overrides) -> cql.Args:
     return cql.Args(hidden_dim=4, n_layers=0, **overrides)
 
@@ -283,17 +290,17 @@ def test_discrete_q_network_scores_every_action_and_acts_greedily():
                                                    [3.0, 0.0, -2.5]]))
     assert qnet.act(obs).tolist() == [0, 1, 2, 0]
     assert qnet.act(torch.stack([obs, obs.flip(0)])).tolist() == [[0, 1, 2, 0], [0, 2, 1, 0]]  # any batch shape
-    # discrete_q reads Q(s, a) off the head: a = (1, 1, 0, 2) -> 1, 3, -1, -2.5
-    assert cql.discrete_q(qnet, obs, torch.tensor([1, 1, 0, 2])).tolist() == [1.0, 3.0, -1.0, -2.5]
+    # q_value reads Q(s, a) off the head: a = (1, 1, 0, 2) -> 1, 3, -1, -2.5
+    assert cql.q_value(qnet, 0.0, obs, torch.tensor([1, 1, 0, 2])).tolist() == [1.0, 3.0, -1.0, -2.5]
 
 
-def test_pessimistic_q_takes_the_smaller_critic_state_by_state():
+def test_q_value_takes_the_smaller_critic_state_by_state():
     # Q1(s, a) = s0 and Q2(s, a) = s1: state (1, 2) -> min 1 (Q1); state (3, -1) -> min -1 (Q2)
     q = linear_ensemble(2, 1, [([1.0, 0.0, 0.0], 0.0), ([0.0, 1.0, 0.0], 0.0)])
     obs = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
-    assert cql.pessimistic_q(q, obs, torch.zeros(2, 1), 0.0).tolist() == [1.0, -1.0]
+    assert cql.q_value(q, 0.0, obs, torch.zeros(2, 1)).tolist() == [1.0, -1.0]
     # lcb 0.5: mean (1.5, 1), population std (0.5, 2) -> (1.25, 0)
-    assert cql.pessimistic_q(q, obs, torch.zeros(2, 1), 0.5).tolist() == [1.25, 0.0]
+    assert cql.q_value(q, 0.5, obs, torch.zeros(2, 1)).tolist() == [1.25, 0.0]
 
 
 def test_pessimistic_is_the_minimum_or_mean_minus_k_population_std():
@@ -318,16 +325,12 @@ def test_box_gap_gives_one_gap_per_critic_with_shared_proposals():
     assert gaps.tolist() == pytest.approx([math.log(1.5 * math.e) - 3.0, math.log(1.5)], abs=1e-6)
 
 
-@pytest.mark.parametrize("discrete, flags, raises", [
-    (True, dict(), False), (True, dict(n_critics=3), True), (True, dict(n_critics=1), True),
-    (True, dict(q_lcb=0.5), True), (False, dict(n_critics=3, q_lcb=0.5), False)])
-def test_critic_flags_are_box_only(discrete: bool, flags: dict, raises: bool):
-    args = cql.Args(**flags)
-    if raises:
-        with pytest.raises(cql.UserError, match="apply to Box CQL; discrete CQL has one double-DQN Q network"):
-            cql.check_critic_flags(args, discrete)
-    else:
-        cql.check_critic_flags(args, discrete)
+@pytest.mark.parametrize("flags", [["--n-critics", "3"], ["--n-critics", "1"], ["--q-lcb", "0.5"]])
+def test_critic_flags_are_box_only(tmp_path, flags: list[str]):
+    proc = subprocess.run([sys.executable, str(ROOT / "cql.py"), "--dataset", "cartpole-medium", *flags], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (  # after the dataset's progress bar
+        "cql.py: error: --n-critics/--q-lcb apply to Box CQL; discrete CQL has one double-DQN Q network")
 
 
 def test_diagnostics_report_the_critics_spread_on_data_and_policy_actions():
@@ -335,10 +338,10 @@ def test_diagnostics_report_the_critics_spread_on_data_and_policy_actions():
     q = linear_ensemble(1, 1, [([0.0, 1.0], 0.0), ([0.0, -1.0], 0.0)])
     b = (torch.zeros(3, 1), torch.full((3, 1), 0.5))
     greedy = lambda obs: torch.full((len(obs), 1), 0.2)  # noqa: E731
-    logs = cql.diagnostics(b, partial(cql.pessimistic_q, q, lcb=0.0), greedy, False, q)
+    logs = cql.diagnostics(b, partial(cql.q_value, q, 0.0), greedy, False, q)
     assert logs["q_std_data"].item() == pytest.approx(0.5) and logs["q_std_pi"].item() == pytest.approx(0.2)
     assert logs["q_data"].item() == pytest.approx(-0.5) and logs["q_pi_minus_q_data"].item() == pytest.approx(0.3)
-    assert "q_std_data" not in cql.diagnostics(b, partial(cql.pessimistic_q, q, lcb=0.0), greedy, False)
+    assert "q_std_data" not in cql.diagnostics(b, partial(cql.q_value, q, 0.0), greedy, False)
 
 
 def actor_with_head(mean: list[float], log_std: list[float], obs_dim: int = 2) -> cql.TanhGaussianActor:
@@ -480,7 +483,7 @@ def run_update_box(nets: dict, b, step: int, args: cql.Args, seed: int = 11):
                 alpha_opt=SGD([nets["log_alpha"]], lr=LR["alpha"]),
                 alpha_prime_opt=SGD([nets["log_alpha_prime"]], lr=LR["alpha_prime"]))
     torch.manual_seed(seed)
-    logs = cql.update_box(b, step, **nets, **opts, args=args)
+    logs = cql.update_box(b, step, logged(step, args), **nets, **opts, args=args)
     return nets, logs
 
 
@@ -533,7 +536,7 @@ def reference_box_step(nets: dict, b, step: int, args: cql.Args, seed: int = 11)
                 v = v - alpha * logp_next
         y = rewards + args.discount * (1 - terminals) * v
     conservative = args.cql_alpha > 0
-    measured = conservative or step % args.log_every == 0 or step == args.total_steps + args.online_steps * args.utd
+    measured = conservative or logged(step, args)
     with torch.no_grad():  # proposals: N uniform (density 2^-d), N from pi(s), N from pi(s'), all scored at s
         a_unif = 2 * torch.rand(batch_size, big_n, d) - 1
         a_cur, logp_cur = policy_draw(actor, obs, big_n)
@@ -669,7 +672,8 @@ def one_box_step(critics, critics_target, step: int, args: cql.Args, seed: int =
     actor = FixedActor()
     log_alpha, log_alpha_prime = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
     torch.manual_seed(seed)
-    return cql.update_box(fixed_batch(), step, critics=critics, critics_target=critics_target, actor=actor,
+    return cql.update_box(fixed_batch(), step, logged(step, args), critics=critics, critics_target=critics_target,
+                          actor=actor,
                           log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, q_opt=SGD(critics.parameters(), 0.1),
                           actor_opt=SGD(actor.parameters(), 0.1), alpha_opt=SGD([log_alpha], 0.1),
                           alpha_prime_opt=SGD([log_alpha_prime], 0.1), args=args)
@@ -740,7 +744,7 @@ def test_discrete_update_by_hand_double_dqn_target_huber_td_cql_term_and_polyak(
     b = (torch.zeros(2, 2), torch.tensor([0, 2]), torch.tensor([1.7, 0.5]), torch.ones(2, 2), torch.tensor([0.0, 1.0]))
     for p in qnet.parameters():
         p.grad = torch.full_like(p, 7.0)  # a stale gradient must not leak into the step
-    logs = cql.update_discrete(b, 1, qnet=qnet, qnet_target=qnet_t, q_opt=SGD(qnet.parameters(), lr=0.1),
+    logs = cql.update_discrete(b, 1, True, qnet=qnet, qnet_target=qnet_t, q_opt=SGD(qnet.parameters(), lr=0.1),
                                args=args)
     # double DQN: the online net picks a' = argmax (1, 3, 2) = 1, the target scores it: -1 (plain DQN would take 5)
     # y = (1.7 + 0.9 * 1 * -1, 0.5 + 0) = (0.8, 0.5); Q(s, a) = (b0, b2) = (1, 2); errors (0.2, 1.5)
@@ -770,7 +774,7 @@ def test_discrete_hard_target_update_copies_exactly_every_n_steps(every: int):
     b = batch(4, discrete=True)
     for step in range(1, 4):
         old_target = copy.deepcopy(qnet_t.state_dict())
-        cql.update_discrete(b, step, qnet=qnet, qnet_target=qnet_t, q_opt=opt, args=args)
+        cql.update_discrete(b, step, True, qnet=qnet, qnet_target=qnet_t, q_opt=opt, args=args)
         copied = step % every == 0
         for k, v in qnet_t.state_dict().items():  # a copy of the updated online net, or left exactly as it was
             assert torch.equal(v, qnet.state_dict()[k] if copied else old_target[k]), (step, k)

@@ -1,14 +1,15 @@
 """Offline-to-online fine-tuning: known answers for the replay buffer's online rows (add, the online/offline split of
 a batch, Cal-QL's Monte-Carlo returns and the hold on unfinished episodes), the collector (replayed against an
 independent copy of the environment), Cal-QL's floor and the exploration actions on hand-set networks, one Cal-QL
-update step of each kind against the formula written out, and end-to-end runs of iql.py and cql.py with an online
-phase (slow). The dataset cache comes from conftest.py."""
+update step of each kind against the formula written out, and end-to-end runs of iql_finetune.py and
+cql_finetune.py (slow). The dataset cache comes from conftest.py."""
 
 import copy
 import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import gymnasium as gym
@@ -19,12 +20,28 @@ from tests.conftest import ROOT, run_script
 from tests.test_cql import SGD, FixedActor, fixed_batch, linear_args, linear_ensemble, set_linear
 from tests.test_scripts import scalars
 
-import common as C
 import cql
+import cql_finetune as CF
 import datasets as D
 import iql
+import iql_finetune as IF
+import online as O
 
 CPU = torch.device("cpu")
+
+
+def buffer(ds: D.Dataset, capacity: int = 0, **kw) -> O.OnlineReplayBuffer:
+    """online.OnlineReplayBuffer with ReplayBuffer's keyword defaults; remembers its dataset for `with_returns`."""
+    kw = {**dict(normalize_obs=False, reward_scale=1.0, reward_bias=0.0), **kw}
+    rb = O.OnlineReplayBuffer(ds, CPU, kw["normalize_obs"], kw["reward_scale"], kw["reward_bias"], capacity)
+    rb.dataset = ds
+    return rb
+
+
+def with_returns(rb: O.OnlineReplayBuffer, discount: float) -> None:
+    """Cal-QL's G as cql_finetune.py sets it up: floored by min(r_min, 0) of the data, on the transformed rewards."""
+    floor = min(rb.rewards[: rb.n_offline].min().item(), 0.0)
+    rb.track_returns(partial(CF.returns_to_go, discount=discount, floor=floor), rb.dataset.episode_ends())
 
 
 def hand_dataset(rewards, terminals=None, timeouts=None, box: bool = False, env_id: str | None = None) -> D.Dataset:
@@ -47,12 +64,12 @@ def rows(batch) -> torch.Tensor:
 def test_returns_to_go_per_episode_terminal_timeout_and_the_data_end_on_transformed_rewards():
     # three episodes: rows 0-2 end in a terminal, rows 3-4 are cut by a time limit, rows 5-6 by the end of the data
     ds = hand_dataset([1, 2, 3, 4, 5, 6, 7], terminals=[0, 0, 1, 0, 0, 0, 0], timeouts=[0, 0, 0, 0, 1, 0, 0])
-    rb = C.ReplayBuffer(ds, CPU, reward_scale=2.0, reward_bias=-1.0, capacity=3)
-    rb.returns_to_go(0.5)
+    rb = buffer(ds, reward_scale=2.0, reward_bias=-1.0, capacity=3)
+    with_returns(rb, 0.5)
     # r' = 2 r - 1 = (1, 3, 5 | 7, 9 | 11, 13); G_t = r'_t + 0.5 G_{t+1}, 0 after each episode's last row (no
     # bootstrap at the time-limit cut): (1 + 0.5 (3 + 0.5 * 5), 3 + 2.5, 5 | 7 + 4.5, 9 | 11 + 6.5, 13)
     expected = [3.75, 5.5, 5.0, 11.5, 9.0, 17.5, 13.0, 0.0, 0.0, 0.0]  # the 3 free online rows hold 0
-    assert rb.mc_returns.tolist() == expected and rb.discount == 0.5
+    assert rb.mc_returns.tolist() == expected
     # a batch now carries each row's G last
     torch.manual_seed(0)
     batch = rb.sample(64)
@@ -65,8 +82,8 @@ def test_returns_to_go_stay_below_the_behaviour_value_with_negative_rewards_cut_
     # *above* V^mu, which goes on past the cut; the tail is completed with the data's smallest reward, r_min = -3:
     # -3 / (1 - 0.5) = -6, which no continuation can fall below.
     ds = hand_dataset([-1, -2, -1, -3, -1], terminals=[0, 0, 0, 0, 1], timeouts=[0, 0, 1, 0, 0])
-    rb = C.ReplayBuffer(ds, CPU)
-    rb.returns_to_go(0.5)
+    rb = buffer(ds)
+    with_returns(rb, 0.5)
     # cut episode: G_2 = -1 + 0.5 * -6 = -4, G_1 = -2 + 0.5 * -4 = -4, G_0 = -1 + 0.5 * -4 = -3 (the truncated sum
     # would give -1, -2.5, -2.25); terminal episode: no tail, G = (-3 + 0.5 * -1, -1)
     assert rb.mc_returns.tolist() == [-3.0, -4.0, -4.0, -3.5, -1.0]
@@ -77,13 +94,13 @@ def test_an_episode_of_only_the_failure_reward_gets_the_authors_sparse_rule():
     # G = r_neg / (1 - gamma) = -1 / (1 - 0.9) = -10 at every step (the authors' calc_return_to_go); a successful
     # episode ending in a terminal keeps its discounted sum
     ds = hand_dataset([-1, -1, -1, -1, 0], terminals=[0, 0, 0, 0, 1], timeouts=[0, 0, 1, 0, 0])
-    rb = C.ReplayBuffer(ds, CPU)
-    rb.returns_to_go(0.9)
+    rb = buffer(ds)
+    with_returns(rb, 0.9)
     np.testing.assert_allclose(rb.mc_returns.tolist(), [-10.0, -10.0, -10.0, -1.0, 0.0], rtol=1e-6)
 
 
 def test_without_returns_to_go_a_batch_is_the_five_usual_tensors():
-    rb = C.ReplayBuffer(hand_dataset([1.0, 2.0]), CPU, capacity=2)
+    rb = buffer(hand_dataset([1.0, 2.0]), capacity=2)
     assert rb.mc_returns is None and len(rb.sample(4)) == 5
     rb.add(np.array([9.0]), torch.tensor(0), 1.0, np.array([10.0]), False)
     rb.end_episode()
@@ -98,7 +115,7 @@ def test_add_stores_the_normalised_obs_the_network_action_and_the_transformed_re
     actions = np.linspace(0.0, 4.0, 50, dtype=np.float32)[:, None]  # no env: the box is the data's [0, 4]
     ds = D.Dataset(observations=obs, actions=actions, rewards=np.zeros(50, np.float32), next_observations=obs,
                    terminals=np.zeros(50, bool), timeouts=np.zeros(50, bool))
-    rb = C.ReplayBuffer(ds, CPU, normalize_obs=True, reward_scale=2.0, reward_bias=-1.0, capacity=2)
+    rb = buffer(ds, normalize_obs=True, reward_scale=2.0, reward_bias=-1.0, capacity=2)
     assert len(rb.rewards) == 52 and rb.size == rb.ready == rb.n_offline == 50
     mean, std = obs.astype(np.float64).mean(0), obs.astype(np.float64).std(0) + 1e-3
     rb.add(np.array([5.0, -3.0]), torch.tensor([0.25]), 1.5, np.array([6.0, -2.0]), True)
@@ -116,18 +133,18 @@ def test_add_stores_the_normalised_obs_the_network_action_and_the_transformed_re
 
 
 def test_add_stores_a_discrete_action_index_and_a_buffer_without_capacity_is_full():
-    rb = C.ReplayBuffer(hand_dataset([1.0, 2.0, 3.0]), CPU, capacity=1)
+    rb = buffer(hand_dataset([1.0, 2.0, 3.0]), capacity=1)
     rb.add(np.array([7.0]), torch.tensor(2), 0.5, np.array([8.0]), False)
     assert rb.actions.dtype == torch.long and rb.actions[3].item() == 2 and rb.observations[3].item() == 7.0
     with pytest.raises(ValueError, match="full"):
-        C.ReplayBuffer(hand_dataset([1.0]), CPU).add(np.array([0.0]), torch.tensor(0), 0.0, np.array([0.0]), False)
+        buffer(hand_dataset([1.0])).add(np.array([0.0]), torch.tensor(0), 0.0, np.array([0.0]), False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # sample(): uniform as before until online rows exist; then round(B * ratio) of them, the rest from the dataset
 def test_before_any_online_row_sampling_is_the_old_uniform_draw_whatever_the_ratio_and_capacity():
     ds = hand_dataset(np.arange(10.0))
-    for rb in (C.ReplayBuffer(ds, CPU), C.ReplayBuffer(ds, CPU, capacity=5)):
+    for rb in (buffer(ds), buffer(ds, capacity=5)):
         for ratio in (0.0, 0.5, 1.0):
             torch.manual_seed(3)
             got = rb.sample(32, ratio)
@@ -136,9 +153,9 @@ def test_before_any_online_row_sampling_is_the_old_uniform_draw_whatever_the_rat
             assert torch.equal(got[2], torch.as_tensor(ds.rewards)[rows(got)])
 
 
-def online_buffer(n_online: int = 3, **kw) -> C.ReplayBuffer:
+def online_buffer(n_online: int = 3, **kw) -> O.OnlineReplayBuffer:
     """10 dataset rows (obs 0..9, reward = row), then online rows with obs 100, 101, ... and reward 50."""
-    rb = C.ReplayBuffer(hand_dataset(np.arange(10.0)), CPU, capacity=5, **kw)
+    rb = buffer(hand_dataset(np.arange(10.0)), capacity=5, **kw)
     for i in range(n_online):
         rb.add(np.array([100.0 + i]), torch.tensor(0), 50.0, np.array([101.0 + i]), False)
     return rb
@@ -171,7 +188,7 @@ def test_ratio_zero_with_online_rows_is_uniform_over_every_ready_row():
 
 
 def test_online_share_is_the_expected_online_fraction_of_a_batch():
-    rb = C.ReplayBuffer(hand_dataset(np.arange(10.0)), CPU, capacity=5)
+    rb = buffer(hand_dataset(np.arange(10.0)), capacity=5)
     assert rb.online_share(8, 0.0) == 0.0 and rb.online_share(8, 0.5) == 0.0  # nothing online yet
     rb = online_buffer()
     assert rb.online_share(8, 0.0) == pytest.approx(3 / 13)  # uniform over 13 rows, 3 online
@@ -182,8 +199,8 @@ def test_online_share_is_the_expected_online_fraction_of_a_batch():
 
 
 def test_cal_ql_holds_an_online_episode_back_until_it_ends_then_fills_its_returns():
-    rb = C.ReplayBuffer(hand_dataset(np.arange(10.0)), CPU, reward_scale=2.0, reward_bias=-1.0, capacity=5)
-    rb.returns_to_go(0.5)
+    rb = buffer(hand_dataset(np.arange(10.0)), reward_scale=2.0, reward_bias=-1.0, capacity=5)
+    with_returns(rb, 0.5)
     offline_g = rb.mc_returns[:10].clone()
     rb.add(np.array([100.0]), torch.tensor(0), 1.0, np.array([101.0]), False)  # r' = 1
     rb.add(np.array([101.0]), torch.tensor(1), 2.0, np.array([102.0]), False)  # r' = 3
@@ -209,8 +226,8 @@ def test_cal_ql_holds_an_online_episode_back_until_it_ends_then_fills_its_return
 def test_online_returns_stop_at_a_terminal_inside_what_end_episode_fills():
     # G_t = r_t + gamma (1 - terminal_t) G_{t+1}: a terminal row is not bootstrapped even if rows follow it (the only
     # place the (1 - terminal) factor shows: the dataset's episodes, and the collector's, end at their terminal)
-    rb = C.ReplayBuffer(hand_dataset(np.arange(4.0)), CPU, capacity=3)
-    rb.returns_to_go(0.5)
+    rb = buffer(hand_dataset(np.arange(4.0)), capacity=3)
+    with_returns(rb, 0.5)
     rb.add(np.array([0.0]), torch.tensor(0), 1.0, np.array([0.0]), True)
     rb.add(np.array([0.0]), torch.tensor(0), 2.0, np.array([0.0]), False)
     rb.add(np.array([0.0]), torch.tensor(0), 4.0, np.array([0.0]), False)
@@ -247,15 +264,15 @@ def test_collector_adds_the_environments_transitions_and_reports_each_episode(na
     ds = D.generate_builtin(name, 2000)
     discrete = ds.discrete
     cap = 40 if discrete else 201
-    rb = C.ReplayBuffer(ds, CPU, normalize_obs=True, reward_scale=2.0, reward_bias=-0.5, capacity=cap)
-    rb.returns_to_go(0.9)  # Cal-QL: each episode is held back until the collector ends it
+    rb = buffer(ds, normalize_obs=True, reward_scale=2.0, reward_bias=-0.5, capacity=cap)
+    with_returns(rb, 0.9)  # Cal-QL: each episode is held back until the collector ends it
     n = len(ds)
     net = torch.nn.Dropout(0.5)
     # CartPole: always push left (episodes of ~10 steps, ending in a terminal); Pendulum: network action 0.5,
     # i.e. torque 1.0 in [-2, 2], for the 200 steps of a time-limited episode
     explore = Recorder(torch.tensor(0) if discrete else torch.tensor([0.5]), net)
     env_action = 0 if discrete else np.array([1.0], np.float32)
-    collector = C.OnlineCollector(ds, rb, seed=7)
+    collector = O.OnlineCollector(ds, rb, seed=7)
     twin = gym.make(ds.env_id, **ds.env_kwargs)
     twin_obs, _ = twin.reset(seed=7)
     episodes, start = [], n
@@ -281,8 +298,9 @@ def test_collector_adds_the_environments_transitions_and_reports_each_episode(na
             assert rb.ready == rb.size  # the finished episode is sampleable, with its discounted returns
             r = rb.rewards[start:rb.size].double()
             # a time-limit cut goes on with the tail of the data's smallest transformed reward (a lower bound)
-            assert rb.reward_floor == min(rb.rewards[:n].min().item(), 0.0)
-            tail = 0.0 if terminated else rb.reward_floor / (1 - 0.9)
+            floor = rb.returns_to_go.keywords["floor"]
+            assert floor == min(rb.rewards[:n].min().item(), 0.0)
+            tail = 0.0 if terminated else floor / (1 - 0.9)
             g = [sum(0.9**j * r[t + j].item() for j in range(length - t)) + 0.9 ** (length - t) * tail
                  for t in range(length)]
             np.testing.assert_allclose(rb.mc_returns[start:rb.size].numpy(), g, rtol=1e-5)
@@ -303,8 +321,8 @@ def test_two_collectors_with_the_same_seed_and_explore_collect_the_same_rows():
     ds = D.generate_builtin("cartpole-medium", 2000)
 
     def collect(seed: int):
-        rb = C.ReplayBuffer(ds, CPU, capacity=60)
-        collector = C.OnlineCollector(ds, rb, seed=seed)
+        rb = buffer(ds, capacity=60)
+        collector = O.OnlineCollector(ds, rb, seed=seed)
         torch.manual_seed(0)
         explore = lambda obs: torch.randint(0, 2, (len(obs),))  # noqa: E731 (draws from the training stream)
         episodes = [collector.step(explore) for _ in range(60)]
@@ -319,8 +337,8 @@ def test_two_collectors_with_the_same_seed_and_explore_collect_the_same_rows():
 
 def test_a_dataset_without_an_environment_cannot_be_fine_tuned():
     ds = hand_dataset([1.0, 2.0])
-    with pytest.raises(C.UserError, match="no env_id"):
-        C.OnlineCollector(ds, C.ReplayBuffer(ds, CPU, capacity=1), seed=0)
+    with pytest.raises(D.UserError, match="no env_id"):
+        O.OnlineCollector(ds, buffer(ds, capacity=1), seed=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,7 +349,7 @@ def test_calibrate_floors_only_the_policy_proposals_by_each_states_return():
                        [-9.0, -9.0, -9.0, 2.0, -9.0, -9.0]],  # critic 1, state 2 (G = -4)
                       [[-1.0, -1.0, 0.6, 0.4, 0.5, -7.0],  # critic 2, state 1
                        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]])  # critic 2, state 2
-    floored, rate = cql.calibrate(q, torch.tensor([0.5, -4.0]), n)
+    floored, rate = CF.calibrate(q, torch.tensor([0.5, -4.0]), n)
     expected = torch.tensor([[[-3.0, 4.0, 0.5, 1.0, 0.5, 5.0],
                               [-9.0, -9.0, -4.0, 2.0, -4.0, -4.0]],
                              [[-1.0, -1.0, 0.6, 0.5, 0.5, 0.5],
@@ -361,13 +379,13 @@ def test_epsilon_greedy_is_greedy_at_zero_uniform_at_one_and_the_mix_in_between(
     args = cql.Args(hidden_dim=4, n_layers=0)
     qnet = set_linear(cql.DiscreteQNetwork(1, 3, args), torch.zeros(3, 1), [0.0, 2.0, 1.0])  # greedy: action 1
     obs = torch.zeros(600, 1)
-    assert (cql.explore_discrete(qnet, 0.0, obs) == 1).all()
+    assert (CF.explore_discrete(qnet, 0.0, obs) == 1).all()
     torch.manual_seed(0)
-    got = cql.explore_discrete(qnet, 1.0, obs)
+    got = CF.explore_discrete(qnet, 1.0, obs)
     torch.manual_seed(0)
     assert torch.equal(got, torch.randint(0, 3, (600,))) and set(got.tolist()) == {0, 1, 2}
     torch.manual_seed(1)
-    got = cql.explore_discrete(qnet, 0.3, obs)
+    got = CF.explore_discrete(qnet, 0.3, obs)
     torch.manual_seed(1)
     random_action = torch.randint(0, 3, (600,))
     assert torch.equal(got, torch.where(torch.rand(600) < 0.3, random_action, torch.ones(600, dtype=torch.long)))
@@ -382,7 +400,7 @@ def test_iql_explore_samples_the_gaussian_clipped_to_the_box_and_the_categorical
     obs = torch.zeros(4000, 1)
     torch.manual_seed(0)
     with torch.no_grad():
-        got = iql.explore(actor, obs)
+        got = IF.explore(actor, obs)
     torch.manual_seed(0)
     raw = torch.distributions.Normal(torch.tensor([0.9, -0.2]).expand(4000, 2), 1.0).sample()
     assert torch.allclose(got, raw.clamp(-1.0, 1.0), atol=1e-6)
@@ -391,7 +409,7 @@ def test_iql_explore_samples_the_gaussian_clipped_to_the_box_and_the_categorical
     set_linear(cat.net, torch.zeros(3, 1), torch.log(torch.tensor([0.2, 0.5, 0.3])))
     torch.manual_seed(1)
     with torch.no_grad():
-        got = iql.explore(cat, obs)
+        got = IF.explore(cat, obs)
     torch.manual_seed(1)
     probs = torch.tensor([0.2, 0.5, 0.3]).expand(4000, 3)
     assert torch.equal(got, torch.distributions.Categorical(probs=probs).sample())
@@ -404,26 +422,27 @@ def test_cql_explore_box_is_a_tanh_gaussian_sample():
     actor = cql.TanhGaussianActor(3, 2, cql.Args(hidden_dim=8, n_layers=1))
     obs = torch.randn(5, 3)
     torch.manual_seed(1)
-    got = cql.explore_box(actor, obs)
+    got = CF.explore_box(actor, obs)
     torch.manual_seed(1)
     assert torch.equal(got, actor.sample(obs)[0]) and got.abs().max() < 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One Cal-QL update step of each kind
-def box_step(critics, batch, args: cql.Args, seed: int = 4) -> dict:
+def box_step(critics, batch, args: cql.Args, seed: int = 4, cal_ql: bool = True) -> dict:
     """One update_box step with FixedActor, which draws nothing: the step's first draws are the uniform proposals."""
     actor = FixedActor()
     log_alpha, log_alpha_prime = torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)
     torch.manual_seed(seed)
-    return cql.update_box(batch, 1, critics=critics, critics_target=copy.deepcopy(critics), actor=actor,
+    return cql.update_box(batch, 1, True, critics=critics, critics_target=copy.deepcopy(critics), actor=actor,
                           log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, q_opt=SGD(critics.parameters(), 0.1),
                           actor_opt=SGD(actor.parameters(), 0.1), alpha_opt=SGD([log_alpha], 0.1),
-                          alpha_prime_opt=SGD([log_alpha_prime], 0.1), args=args)
+                          alpha_prime_opt=SGD([log_alpha_prime], 0.1), args=args,
+                          calibrate=partial(CF.calibrate, n=args.cql_n_actions) if cal_ql else None)
 
 
 def test_box_cal_ql_step_floors_the_policy_proposals_in_the_gap_and_its_gradient():
-    args = linear_args(n_critics=2, cql_alpha=1.0, cql_n_actions=2, discount=0.5, cal_ql=True)
+    args = linear_args(n_critics=2, cql_alpha=1.0, cql_n_actions=2, discount=0.5)
     c = torch.tensor([0.0, 1.0])
     critics = linear_ensemble(1, 1, [([0.0, ci], 0.0) for ci in c.tolist()])  # Q_i(s, a) = c_i a; a_data = 0
     g = torch.tensor([0.2, -5.0])
@@ -453,13 +472,14 @@ def box_nets(seed: int = 0) -> dict:
                 actor=cql.TanhGaussianActor(3, 2, args))
 
 
-def real_box_step(nets: dict, batch, args: cql.Args) -> tuple[dict, dict]:
+def real_box_step(nets: dict, batch, args: cql.Args, cal_ql: bool = False) -> tuple[dict, dict]:
     nets = copy.deepcopy(nets)
     log_alpha, log_alpha_prime = torch.tensor(0.3, requires_grad=True), torch.tensor(-0.4, requires_grad=True)
     torch.manual_seed(11)
-    logs = cql.update_box(batch, 2, **nets, log_alpha=log_alpha, log_alpha_prime=log_alpha_prime,
+    logs = cql.update_box(batch, 2, True, **nets, log_alpha=log_alpha, log_alpha_prime=log_alpha_prime,
                           q_opt=SGD(nets["critics"].parameters(), 0.1), actor_opt=SGD(nets["actor"].parameters(), 0.05),
-                          alpha_opt=SGD([log_alpha], 0.2), alpha_prime_opt=SGD([log_alpha_prime], 0.3), args=args)
+                          alpha_opt=SGD([log_alpha], 0.2), alpha_prime_opt=SGD([log_alpha_prime], 0.3), args=args,
+                          calibrate=partial(CF.calibrate, n=args.cql_n_actions) if cal_ql else None)
     return logs, nets
 
 
@@ -475,7 +495,7 @@ def test_box_cal_ql_with_a_floor_below_every_q_is_plain_cql_and_a_huge_floor_is_
     nets, b = box_nets(), real_box_batch()
     flags = dict(cql_alpha=2.0, cql_n_actions=3, cql_lagrange=lagrange, cql_target_action_gap=1.0)
     plain, plain_nets = real_box_step(nets, b, cql.Args(**flags))
-    low, low_nets = real_box_step(nets, (*b, torch.full((16,), -1e9)), cql.Args(cal_ql=True, **flags))
+    low, low_nets = real_box_step(nets, (*b, torch.full((16,), -1e9)), cql.Args(**flags), cal_ql=True)
     assert low.pop("cal_ql_bound_rate").item() == 0.0 and low.keys() == plain.keys()
     for k in plain:
         assert torch.equal(low[k], plain[k]), k
@@ -485,7 +505,7 @@ def test_box_cal_ql_with_a_floor_below_every_q_is_plain_cql_and_a_huge_floor_is_
     # G = 1000 above every Q: the 2n policy terms are G - log pi, which swamp the rest: gap ~ G + log sum exp(-log pi)
     # - Q(s, a_data). Replay the update's draws: a ~ pi(s) (temperature, actor), a' ~ pi(s') (target), then the
     # proposals: the uniform ones, then n from pi(s) and n from pi(s')
-    high, _ = real_box_step(nets, (*b, torch.full((16,), 1000.0)), cql.Args(cal_ql=True, **flags))
+    high, _ = real_box_step(nets, (*b, torch.full((16,), 1000.0)), cql.Args(**flags), cal_ql=True)
     assert high["cal_ql_bound_rate"].item() == 1.0
     torch.manual_seed(11)
     actor, critics = nets["actor"], nets["critics"]
@@ -502,12 +522,12 @@ def test_box_cal_ql_with_a_floor_below_every_q_is_plain_cql_and_a_huge_floor_is_
 
 
 def discrete_step(g: torch.Tensor | None):
-    args = cql.Args(hidden_dim=4, n_layers=0, cql_alpha=0.5, discount=0.9, tau=0.5, cal_ql=g is not None)
+    args = cql.Args(hidden_dim=4, n_layers=0, cql_alpha=0.5, discount=0.9, tau=0.5)
     qnet = set_linear(cql.DiscreteQNetwork(2, 3, args), torch.zeros(3, 2), [1.0, 3.0, 2.0])
     qnet_t = set_linear(cql.DiscreteQNetwork(2, 3, args), torch.zeros(3, 2), [5.0, -1.0, 4.0])
     b = (torch.zeros(2, 2), torch.tensor([0, 2]), torch.tensor([1.7, 0.5]), torch.ones(2, 2), torch.tensor([0.0, 1.0]))
-    logs = cql.update_discrete(b if g is None else (*b, g), 1, qnet=qnet, qnet_target=qnet_t,
-                               q_opt=SGD(qnet.parameters(), lr=0.1), args=args)
+    logs = cql.update_discrete(b if g is None else (*b, g), 1, True, qnet=qnet, qnet_target=qnet_t,
+                               q_opt=SGD(qnet.parameters(), lr=0.1), args=args, cal_ql=g is not None)
     return logs, qnet.net[0].bias.detach().clone(), qnet_t.net[0].bias.detach().clone()
 
 
@@ -541,7 +561,7 @@ def test_discrete_cal_ql_with_a_floor_below_every_q_is_plain_cql():
 # End-to-end runs (slow)
 ONLINE = ["--total-steps", "20", "--online-steps", "30", "--utd", "2", "--batch-size", "32", "--hidden-dim", "32",
           "--seed", "3"]
-SMALL = {"iql.py": [], "cql.py": ["--cql-n-actions", "2"]}
+SMALL = {"iql_finetune.py": [], "cql_finetune.py": ["--cql-n-actions", "2"]}
 
 
 def env_steps_at(step: int, total: int = 20, utd: int = 2) -> int:
@@ -551,10 +571,10 @@ def env_steps_at(step: int, total: int = 20, utd: int = 2) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, dataset, extra", [
-    ("iql.py", "cartpole-medium", []), ("iql.py", "pendulum-medium", []),
-    ("cql.py", "cartpole-medium", []), ("cql.py", "pendulum-medium", []),
-    ("cql.py", "cartpole-medium", ["--cal-ql", "--online-ratio", "0.5"]),
-    ("cql.py", "pendulum-medium", ["--cal-ql", "--online-ratio", "0.5"]),
+    ("iql_finetune.py", "cartpole-medium", []), ("iql_finetune.py", "pendulum-medium", []),
+    ("cql_finetune.py", "cartpole-medium", []), ("cql_finetune.py", "pendulum-medium", []),
+    ("cql_finetune.py", "cartpole-medium", ["--cal-ql", "--online-ratio", "0.5"]),
+    ("cql_finetune.py", "pendulum-medium", ["--cal-ql", "--online-ratio", "0.5"]),
 ])
 def test_online_run_logs_env_steps_and_online_scores_and_saves_a_loadable_model(tmp_path, script, dataset, extra):
     out = run_script(script, "--dataset", dataset, *ONLINE, *SMALL[script], *extra, "--log-every", "5",
@@ -589,19 +609,20 @@ def test_online_run_logs_env_steps_and_online_scores_and_saves_a_loadable_model(
             assert share == pytest.approx(k / (n + k), rel=1e-5), step
     if extra and dataset == "pendulum-medium":
         assert "diagnostics/cal_ql_bound_rate" in scalars(run, "diagnostics/")
-    (path,) = tmp_path.glob(f"runs/*/{script[:-3]}.pt")
+    offline = script.replace("_finetune", "")  # the checkpoint is the offline script's, which loads it
+    (path,) = tmp_path.glob(f"runs/*/{offline[:-3]}.pt")
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["args"]["online_steps"] == 30
-    out = run_script(script, "--load-model", str(path), "--eval-episodes", "1", cwd=tmp_path)
+    out = run_script(offline, "--load-model", str(path), "--eval-episodes", "1", cwd=tmp_path)
     assert f"on {dataset} over 1 episodes: normalized" in out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["iql.py", "cql.py"])
+@pytest.mark.parametrize("script", ["iql_finetune.py", "cql_finetune.py"])
 @pytest.mark.parametrize("dataset", ["pendulum-medium", "cartpole-medium"])
 def test_online_runs_are_the_same_whatever_the_logging_and_evaluation(tmp_path, script, dataset):
     # the settings that could leak into training (as tests/test_scripts.py), and both halves of the batch
-    extra = {"iql.py": ["--actor-dropout", "0.1"], "cql.py": ["--cql-alpha", "0"]}[script]
+    extra = {"iql_finetune.py": ["--actor-dropout", "0.1"], "cql_finetune.py": ["--cql-alpha", "0"]}[script]
     base = ["--dataset", dataset, *ONLINE, *SMALL[script], *extra]
     common = [*base, "--online-ratio", "0.5"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -636,11 +657,11 @@ def test_online_runs_are_the_same_whatever_the_logging_and_evaluation(tmp_path, 
 SPY = """
 import runpy, sys
 import torch.nn as nn
-import common
-returns_to_go, step = common.ReplayBuffer.returns_to_go, common.OnlineCollector.step
-def spy_returns(self, discount):
-    print("returns_to_go discount", discount)
-    return returns_to_go(self, discount)
+import online
+track_returns, step = online.OnlineReplayBuffer.track_returns, online.OnlineCollector.step
+def spy_returns(self, returns_to_go, episode_ends):
+    print("returns_to_go discount", returns_to_go.keywords["discount"])
+    return track_returns(self, returns_to_go, episode_ends)
 def spy_step(self, explore, *modules):
     def acting(obs):
         used = [m for m in explore.args if isinstance(m, nn.Module)]
@@ -648,15 +669,16 @@ def spy_step(self, explore, *modules):
             isinstance(x, nn.Dropout) for m in used for x in m.modules()))
         return explore(obs)
     return step(self, acting, *modules)
-common.ReplayBuffer.returns_to_go, common.OnlineCollector.step = spy_returns, spy_step
+online.OnlineReplayBuffer.track_returns, online.OnlineCollector.step = spy_returns, spy_step
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, extra", [("iql.py", ["--actor-dropout", "0.1"]),
-                                           ("cql.py", ["--cal-ql", "--discount", "0.9", "--cql-n-actions", "2"])])
+@pytest.mark.parametrize("script, extra", [("iql_finetune.py", ["--actor-dropout", "0.1"]),
+                                           ("cql_finetune.py", ["--cal-ql", "--discount", "0.9", "--cql-n-actions",
+                                                                "2"])])
 def test_the_acting_policy_runs_in_eval_mode_and_cal_ql_returns_use_the_discount(tmp_path, script, extra):
     flags = ["--dataset", "pendulum-medium", "--total-steps", "5", "--online-steps", "4", "--batch-size", "16",
              "--hidden-dim", "16", "--eval-episodes", "0", *extra]
@@ -666,9 +688,9 @@ def test_the_acting_policy_runs_in_eval_mode_and_cal_ql_returns_use_the_discount
     assert proc.returncode == 0, proc.stderr
     acting = [line for line in proc.stdout.splitlines() if line.startswith("acting with")]
     # one action per environment step, every module it uses in eval mode (IQL's actor has dropout layers to switch)
-    assert acting == ["acting with [False] dropout layers " + ("2" if script == "iql.py" else "0")] * 4
+    assert acting == ["acting with [False] dropout layers " + ("2" if script == "iql_finetune.py" else "0")] * 4
     returns = [line for line in proc.stdout.splitlines() if line.startswith("returns_to_go")]
-    assert returns == (["returns_to_go discount 0.9"] if script == "cql.py" else [])
+    assert returns == (["returns_to_go discount 0.9"] if script == "cql_finetune.py" else [])
 
 
 def fail_one_line(script: str, *flags: str, cwd: Path) -> str:
@@ -687,29 +709,34 @@ def fail_one_line(script: str, *flags: str, cwd: Path) -> str:
 def test_online_flag_errors_are_one_line(tmp_path):
     for name in ("cartpole-medium", "pendulum-medium"):  # generated now, so no progress bar shares stderr
         D.load_dataset(name)
-    for script in ("iql.py", "cql.py"):
+    for script in ("iql.py", "cql.py"):  # the offline scripts train at least one step and know no online flags
         line = fail_one_line(script, "--dataset", "cartpole-medium", "--total-steps", "0", cwd=tmp_path)
-        assert "--total-steps 0 trains nothing offline: give it an online phase (--online-steps M)" in line
+        assert "--total-steps 0 is out of range: it must lie in [1, inf)" in line
+    assert "--online-steps 0 is out of range" in fail_one_line(
+        "iql_finetune.py", "--dataset", "cartpole-medium", "--total-steps", "0", "--online-steps", "0", cwd=tmp_path)
+    assert "--total-steps 0 --online-steps 0 trains nothing" in fail_one_line(
+        "cql_finetune.py", "--dataset", "cartpole-medium", "--total-steps", "0", "--online-steps", "0", cwd=tmp_path)
+    for script in ("iql_finetune.py", "cql_finetune.py"):
         assert "--online-ratio 1.5 is out of range" in fail_one_line(
             script, "--dataset", "cartpole-medium", "--online-steps", "5", "--online-ratio", "1.5", cwd=tmp_path)
         assert "--utd 0 is out of range" in fail_one_line(
             script, "--dataset", "cartpole-medium", "--online-steps", "5", "--utd", "0", cwd=tmp_path)
-    assert "--deterministic-actor" in fail_one_line("iql.py", "--dataset", "pendulum-medium", "--deterministic-actor",
-                                                    "--online-steps", "5", cwd=tmp_path)
-    assert "--online-epsilon" in fail_one_line("cql.py", "--dataset", "cartpole-medium", "--online-steps", "5",
+    assert "--deterministic-actor" in fail_one_line("iql_finetune.py", "--dataset", "pendulum-medium",
+                                                    "--deterministic-actor", "--online-steps", "5", cwd=tmp_path)
+    assert "--online-epsilon" in fail_one_line("cql_finetune.py", "--dataset", "cartpole-medium", "--online-steps", "5",
                                                "--online-epsilon", "1.5", cwd=tmp_path)
     bare = D.generate_builtin("cartpole-medium", 500)
     bare.env_id = None
     D.save_npz(bare, tmp_path / "bare.npz")
-    assert "no env_id" in fail_one_line("iql.py", "--dataset", str(tmp_path / "bare.npz"), "--online-steps", "5",
-                                        cwd=tmp_path)
+    assert "no env_id" in fail_one_line("iql_finetune.py", "--dataset", str(tmp_path / "bare.npz"), "--online-steps",
+                                        "5", cwd=tmp_path)
 
 
 @pytest.mark.slow
 def test_iql_actor_lr_is_constant_in_both_phases_when_an_online_phase_follows(tmp_path):
     # the authors' fine-tuning config: no decay before or after the switch (a cosine over the offline steps would
     # take the rate to 0 at the switch and then jump back to --learning-rate)
-    run_script("iql.py", "--dataset", "cartpole-medium", "--total-steps", "20", "--online-steps", "10",
+    run_script("iql_finetune.py", "--dataset", "cartpole-medium", "--total-steps", "20", "--online-steps", "10",
                "--learning-rate", "0.001", "--batch-size", "16", "--hidden-dim", "16", "--log-every", "1",
                "--eval-episodes", "0", cwd=tmp_path)
     lr = scalars(next((tmp_path / "runs").iterdir()), "charts/")["charts/actor_lr"]
@@ -718,7 +745,7 @@ def test_iql_actor_lr_is_constant_in_both_phases_when_an_online_phase_follows(tm
 
 @pytest.mark.slow
 def test_from_scratch_the_first_learning_starts_steps_are_random_and_train_nothing(tmp_path):
-    run_script("cql.py", "--dataset", "cartpole-medium", "--total-steps", "0", "--online-steps", "30",
+    run_script("cql_finetune.py", "--dataset", "cartpole-medium", "--total-steps", "0", "--online-steps", "30",
                "--learning-starts", "20", "--cql-alpha", "0", "--online-ratio", "1", "--batch-size", "8",
                "--hidden-dim", "8", "--log-every", "1", "--eval-episodes", "0", cwd=tmp_path)
     charts = scalars(next((tmp_path / "runs").iterdir()), "charts/")
@@ -726,5 +753,5 @@ def test_from_scratch_the_first_learning_starts_steps_are_random_and_train_nothi
     # policy's
     assert sorted(charts["charts/env_steps"]) == list(range(1, 11))
     assert [charts["charts/env_steps"][s] for s in range(1, 11)] == list(range(21, 31))
-    assert "--learning-starts 30" in fail_one_line("cql.py", "--dataset", "cartpole-medium", "--total-steps", "0",
-                                                   "--online-steps", "30", "--learning-starts", "30", cwd=tmp_path)
+    assert "--learning-starts 30" in fail_one_line("cql_finetune.py", "--dataset", "cartpole-medium", "--total-steps",
+                                                   "0", "--online-steps", "30", "--learning-starts", "30", cwd=tmp_path)

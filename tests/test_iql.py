@@ -236,7 +236,7 @@ def test_categorical_actor_log_prob_is_log_softmax_and_it_acts_greedily_per_stat
     assert actor.act(obs).tolist() == [0, 1]  # the argmax of each row's own logits
 
 
-def test_q_pi_is_the_twin_min_at_the_actors_evaluation_action_box():
+def test_q_start_is_the_twin_min_at_the_actors_evaluation_action_box():
     args = iql.Args(**LINEAR)
     q, q1, q2 = _twin(1, 1, None, args)
     actor = iql.GaussianActor(1, 1, args)
@@ -245,10 +245,10 @@ def test_q_pi_is_the_twin_min_at_the_actors_evaluation_action_box():
     _linear(actor.net[0], [[1.0]], [0.0])  # pi(s) = tanh(s)
     obs = torch.tensor([[math.atanh(0.5)], [math.atanh(-0.25)]])
     # pi = [0.5, -0.25]: Q1 = [0.5, -0.25], Q2 = [-0.5, 0.25]; min = [-0.5, -0.25] (Q2 then Q1 is the smaller)
-    assert iql.q_pi(obs, q, actor, 0.0).tolist() == pytest.approx([-0.5, -0.25], abs=1e-6)
+    assert iql.pessimistic(q(obs, actor.act(obs)), 0.0).tolist() == pytest.approx([-0.5, -0.25], abs=1e-6)
 
 
-def test_q_pi_is_the_twin_min_at_the_actors_evaluation_action_discrete():
+def test_q_start_is_the_twin_min_at_the_actors_evaluation_action_discrete():
     args = iql.Args(**LINEAR)
     q, q1, q2 = _twin(1, 1, 3, args)
     actor = iql.CategoricalActor(1, 3, args)
@@ -257,7 +257,7 @@ def test_q_pi_is_the_twin_min_at_the_actors_evaluation_action_discrete():
     _linear(actor.net[0], [[1.0], [-1.0], [0.0]], [0.0, 0.0, 0.0])  # logits [s, -s, 0]
     obs = torch.tensor([[1.0], [-1.0], [0.0]])
     # pi = [0, 1, 0] (s = 0: tie -> first): min(Q1, Q2) at those actions = [min(1, 4), min(5, 3), min(1, 4)]
-    assert iql.q_pi(obs, q, actor, 0.0).tolist() == pytest.approx([1.0, 3.0, 1.0])
+    assert iql.pessimistic(q(obs, actor.act(obs)), 0.0).tolist() == pytest.approx([1.0, 3.0, 1.0])
 
 
 # One full IQL step on linear networks with plain SGD, checked against gradients derived by hand (no autograd).
