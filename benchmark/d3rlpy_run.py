@@ -12,8 +12,9 @@ What is matched to our scripts (each value is our script's default for that acti
   constants (expectile, beta / weight_temp, CQL weight, sampled actions, BCQ phi / lambda / threshold);
 - evaluation: `common.evaluate` on the same episodes as our scripts (episode i seeded seed + 100 + i), d3rlpy's
   greedy `predict` (our scripts also evaluate the deterministic action), logged under the same TensorBoard tags
-  (`eval/normalized_score`, `eval/return`, `charts/SPS`) so `benchmark/aggregate.py` reads both;
-- CPU arithmetic: d3rlpy's update is wrapped in `common.flush_subnormals`, as our scripts' is (the same maths;
+  (`eval/normalized_score`, `eval/return`, `charts/SPS`) so `benchmark/aggregate.py` reads both, and the same
+  console lines and run folder (`common.Run`; `eval/q_start` is NaN: d3rlpy's Q is not read);
+- CPU arithmetic: d3rlpy's update is wrapped in `common.speed_up`, as our scripts' is (the same maths;
   long runs would otherwise slow down as Adam's moments decay into subnormal floats: docs/benchmark.md).
 
 What d3rlpy cannot match, and what it is set to instead:
@@ -29,6 +30,7 @@ What d3rlpy cannot match, and what it is set to instead:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -42,11 +44,9 @@ import torch  # noqa: E402
 from d3rlpy.models.encoders import VectorEncoderFactory  # noqa: E402
 from d3rlpy.optimizers import AdamFactory  # noqa: E402
 from d3rlpy.optimizers.lr_schedulers import CosineAnnealingLRFactory  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from common import (Progress, action_bounds, dataset_dims, evaluate, flush_subnormals,  # noqa: E402
-                    read_training_state, restore_training_state, save_training_state)
-from datasets import UserError, load_dataset  # noqa: E402
+from common import Run, evaluate, speed_up  # noqa: E402
+from datasets import UserError, action_bounds, dataset_dims, load_dataset  # noqa: E402
 
 
 NOT_AVAILABLE = 3  # exit status for "d3rlpy has no such algorithm for this action space" (run.py reports n/a)
@@ -101,8 +101,8 @@ def make_algo(algo: str, discrete: bool, total_steps: int, action_scaler, compil
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algo", choices=["iql", "cql", "bcq"], help="required, unless --resume")
-    p.add_argument("--dataset", help="a built-in name or an .npz path (as in our scripts); required, unless --resume")
+    p.add_argument("--algo", choices=["iql", "cql", "bcq"], required=True)
+    p.add_argument("--dataset", required=True, help="a built-in name or an .npz path (as in our scripts)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--total-steps", type=int, default=5000, help="gradient steps")
     p.add_argument("--eval-every", type=int, default=1000, help="evaluate every this many gradient steps")
@@ -114,14 +114,7 @@ def main() -> None:
     p.add_argument("--reward-scaling", choices=["none", "return-range"], default="none",
                    help="IQL: as iql.py's flag; return-range is d3rlpy's ReturnBasedRewardScaler(multiplier=1000), "
                         "r * 1000 / (max - min episode return), the authors' locomotion setting")
-    p.add_argument("--resume-every", type=int, default=0,
-                   help="save the whole training state (networks, optimisers, schedulers, random streams, "
-                        "evaluations) to runs/{run}/resume.pt every N gradient steps (0: never), as our scripts do")
-    p.add_argument("--resume", default=None, help="continue an interrupted run from its resume.pt, with that run's "
-                   "flags (--device from this command), from the folder that holds its runs/")
     a = p.parse_args()
-    if a.resume is None and (a.algo is None or a.dataset is None):
-        p.error("the following arguments are required: --algo, --dataset (or --resume)")
     try:
         train(a)
     except UserError as e:
@@ -129,19 +122,14 @@ def main() -> None:
 
 
 def train(a: argparse.Namespace) -> None:
-    resumed = read_training_state(a.resume, "d3rlpy_run.py") if a.resume else None
-    if resumed:  # the interrupted run's own flags; where it runs (--device) from this command
-        a = argparse.Namespace(**{**resumed["args"], "resume": a.resume, "device": a.device})
     if a.reward_scaling == "return-range" and a.algo != "iql":  # before loading the data
         raise UserError("--reward-scaling applies to --algo iql (as in our scripts)")
-    if a.eval_every <= 0 or a.resume_every < 0:
-        raise UserError("--eval-every must be above 0 and --resume-every at least 0")
-    # d3rlpy runs whole epochs: one between two evaluations or saves, so the steps must fit them exactly
-    epoch = math.gcd(a.eval_every, a.resume_every) if a.resume_every > 0 else a.eval_every
-    if a.total_steps % epoch != 0:
-        raise UserError(f"--total-steps {a.total_steps} is not a multiple of --eval-every {a.eval_every}"
-                        + (f" and --resume-every {a.resume_every}" if a.resume_every > 0 else "")
-                        + ": d3rlpy trains in whole epochs between evaluations; pick multiples")
+    if a.eval_every <= 0:
+        raise UserError("--eval-every must be above 0")
+    # d3rlpy runs whole epochs: one between two evaluations, so the steps must fit them exactly
+    if a.total_steps % a.eval_every != 0:
+        raise UserError(f"--total-steps {a.total_steps} is not a multiple of --eval-every {a.eval_every}: d3rlpy "
+                        "trains in whole epochs between evaluations; pick multiples")
 
     ds = load_dataset(a.dataset)
     _, _, n_actions = dataset_dims(ds)
@@ -164,52 +152,32 @@ def train(a: argparse.Namespace) -> None:
     algo = make_algo(a.algo, ds.discrete, a.total_steps, scaler, a.compile_graph,
                      reward_scaler).create(device=a.device)
     algo.build_with_dataset(data)
-    algo.update = flush_subnormals(algo.update)  # as in our scripts: CPU speed only, the same maths
-    # every network and optimiser (with its scheduler) d3rlpy checkpoints: what --resume-every saves
-    trained = algo.impl.modules.create_checkpointer(a.device).modules
+    algo.update = speed_up(algo.update)  # as in our scripts: CPU speed only, the same maths
 
-    progress = Progress("d3rlpy_run.py", a.total_steps)
-    if resumed:
-        run_name = resumed["run_name"]
-        writer = SummaryWriter(f"runs/{run_name}", purge_step=resumed["step"] + 1)
-        print(f"d3rlpy_run.py: resuming run {run_name} (d3rlpy {d3rlpy.__version__}, {type(algo).__name__})",
-              flush=True)
-        start = restore_training_state(resumed, trained, progress)
-        algo.set_grad_step(start)
-    else:
-        exp_name = a.exp_name or f"d3rlpy_{a.algo}"
-        dataset = Path(a.dataset).stem if a.dataset.endswith(".npz") else a.dataset
-        run_name = f"{dataset}__{exp_name}__{a.seed}__{int(time.time())}"
-        writer = SummaryWriter(f"runs/{run_name}")
-        writer.add_text("hyperparameters", f"```\n{algo.config}\n```")
-        print(f"d3rlpy_run.py: run {run_name} (d3rlpy {d3rlpy.__version__}, {type(algo).__name__})", flush=True)
-        start = 0
+    # our scripts' run folder, TensorBoard log and console lines (common.Run reads the flags as a dataclass)
+    a.exp_name = a.exp_name or f"d3rlpy_{a.algo}"
+    run = Run(dataclasses.make_dataclass("Flags", list(vars(a)))(**vars(a)), "d3rlpy_run.py", a.total_steps)
+    run.writer.add_text("d3rlpy_config", f"```\n{algo.config}\n```")
+    print(f"d3rlpy_run.py: d3rlpy {d3rlpy.__version__}, {type(algo).__name__}", flush=True)
 
     def policy(obs: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(algo.predict(obs.cpu().numpy()))
 
-    def on_epoch(algo_, epoch_: int, done: int) -> None:  # called by d3rlpy after every `epoch` steps
-        step = start + done
-        if step % a.eval_every == 0 and a.eval_episodes > 0:
+    def on_epoch(algo_, epoch_: int, step: int) -> None:  # called by d3rlpy after every --eval-every steps
+        if a.eval_episodes > 0:
             # the episodes our scripts evaluate on: episode i is seeded seed + 100 + i (see their --seed)
             t0 = time.time()
-            ret = float(evaluate(ds, policy, a.eval_episodes, a.seed + 100, torch.device("cpu")).returns.mean())
-            if not math.isfinite(ret):
+            ev = evaluate(ds, policy, a.eval_episodes, a.seed + 100, torch.device("cpu"))
+            if not math.isfinite(ev.returns.mean()):
                 raise FloatingPointError(f"non-finite evaluation return at step {step}")
-            norm = float(ds.normalized_score(ret))
-            writer.add_scalar("eval/return", ret, step)
-            writer.add_scalar("eval/normalized_score", norm, step)
-            progress.eval(step, ret, norm, time.time() - t0)
-        writer.add_scalar("charts/SPS", progress.line(step), step)
-        writer.flush()
-        if a.resume_every > 0 and step % a.resume_every == 0:
-            save_training_state(f"runs/{run_name}/resume.pt", "d3rlpy_run.py", step, a, run_name, progress, trained)
+            run.evaluation(ds, step, ev, float("nan"), time.time() - t0)  # q_start: d3rlpy's Q is not read
+        run.log(step, {})
+        run.writer.flush()
 
-    algo.fit(data, n_steps=a.total_steps - start, n_steps_per_epoch=epoch, experiment_name=run_name,
+    algo.fit(data, n_steps=a.total_steps, n_steps_per_epoch=a.eval_every, experiment_name=run.name,
              with_timestamp=False, logger_adapter=d3rlpy.logging.NoopAdapterFactory(), show_progress=False,
              save_interval=10**9, epoch_callback=on_epoch)
-    writer.close()
-    progress.summary(run_name, "not saved (d3rlpy_run.py keeps no policy)")
+    run.finish("not saved (d3rlpy_run.py keeps no policy)")  # printed as "model not saved (...)"
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
 """How much subnormal floats slow a long Box BCQ run on CPU, and what flushing them to zero gives back (what
-`common.flush_subnormals` does around every script's update).
+`common.speed_up` does around every script's update).
 
 Adam keeps running moments of each weight's gradient. Where the gradient stays zero (a ReLU unit that no longer
 fires) they shrink by 0.9 and 0.999 a step until they fall below float32's smallest normal number, 1.2e-38; x86
-CPUs compute on such subnormal ("denormal") numbers many times slower. This loads the state a `--resume-every`
-run saved, counts its subnormal values, and times the same updates with `torch.set_flush_denormal` off and on,
+CPUs compute on such subnormal ("denormal") numbers many times slower. This loads the training state a long run
+saved, counts its subnormal values, and times the same updates with `torch.set_flush_denormal` off and on,
 alternately, each round from the saved state:
 
     python benchmark/denormal_speed.py benchmark/results/mujoco/runs/hopper-medium__bcq-mujoco__1__*/resume.pt
+
+The state is a `resume.pt` that bcq.py wrote with `--resume-every N` before the resume feature was dropped (the
+networks and Adam's moments: a `--save-model` file holds no optimiser state, so it cannot show the slowdown); its
+flags that today's bcq.py no longer has (--resume-every, --resume) are left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
@@ -24,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bcq  # noqa: E402
-from common import ReplayBuffer, dataset_dims  # noqa: E402
-from datasets import load_dataset  # noqa: E402
+from common import ReplayBuffer  # noqa: E402
+from datasets import dataset_dims, load_dataset  # noqa: E402
 
 
 def subnormal_share(state) -> tuple[int, int]:
@@ -60,7 +65,7 @@ def steps_per_second(saved: dict, args: bcq.Args, rb: ReplayBuffer, dims: tuple[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("resume", help="a Box bcq.py run's runs/<run>/resume.pt")
+    p.add_argument("resume", help="a Box bcq.py run's runs/<run>/resume.pt (written by an earlier version)")
     p.add_argument("--steps", type=int, default=200, help="updates timed per round and setting")
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
@@ -68,7 +73,8 @@ def main() -> None:
     state = torch.load(a.resume, map_location="cpu", weights_only=True)
     if state.get("script") != "bcq.py" or "vae_opt" not in state["trained"]:
         raise SystemExit(f"{a.resume}: not the resume.pt of a Box bcq.py run")
-    args = bcq.Args(**state["args"])
+    known = {f.name for f in dataclasses.fields(bcq.Args)}
+    args = bcq.Args(**{k: v for k, v in state["args"].items() if k in known})
     ds = load_dataset(args.dataset)
     rb = ReplayBuffer(ds, torch.device("cpu"), args.normalize_obs)
     dims = dataset_dims(ds)[:2]

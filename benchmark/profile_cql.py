@@ -36,10 +36,10 @@ def main(steps: int = 30, obs_dim: int = 8, act_dim: int = 2, batch: int = 256) 
     data = (torch.randn(batch, obs_dim), torch.rand(batch, act_dim) * 2 - 1, torch.randn(batch),
             torch.randn(batch, obs_dim), torch.zeros(batch))
     for step in range(1, 4):  # warm-up
-        cql.update_box(data, step, **nets)
+        cql.update_box(data, step, logging=False, **nets)
     t0 = time.perf_counter()
     for step in range(4, 4 + steps):
-        cql.update_box(data, step, **nets)
+        cql.update_box(data, step, logging=False, **nets)
     full = (time.perf_counter() - t0) / steps
 
     # the phases, each timed alone on the same networks
@@ -73,7 +73,7 @@ def main(steps: int = 30, obs_dim: int = 8, act_dim: int = 2, batch: int = 256) 
         print(f"  {k:10s} {1000 * v:6.1f} ms  ({100 * v / full:4.1f}% of a step)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for step in range(4, 9):
-            cql.update_box(data, step, **nets)
+            cql.update_box(data, step, logging=False, **nets)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 

@@ -1,4 +1,4 @@
-"""Run {algorithms} x {datasets} x {seeds} in parallel processes; resumable (a finished run is not redone).
+"""Run {algorithms} x {datasets} x {seeds} in parallel processes; a finished run is not redone.
 
     python benchmark/run.py --preset small               # the small preset (see PRESETS below)
     python benchmark/run.py --algos iql --datasets lunarlander-medium --seeds 1 2 3 --total-steps 20000
@@ -8,10 +8,10 @@
 
 Each run is `python {algo}.py --dataset D --seed S --total-steps N --exp-name {algo}-{tag}` started in
 `benchmark/results/{tag}/` (so its TensorBoard log lands in `benchmark/results/{tag}/runs/`), with one torch
-thread per process. When a run exits cleanly the runner writes `done/{algo}__{dataset}__{seed}.json`
-(command, wall time); runs with such a file are skipped next time, and a run stopped part-way that saved its state
-(--resume-every) continues from it (`--resume`). A progress line (runs done / total, elapsed,
-ETA) is printed as each run ends, and every --status-every minutes while none does.
+thread per process (the finetune preset's runs are iql_finetune.py / cql_finetune.py: PRESETS' "scripts").
+When a run exits cleanly the runner writes `done/{algo}__{dataset}__{seed}.json` (command, wall time); runs with
+such a file are skipped next time, and a run stopped part-way starts again from the beginning. A progress line
+(runs done / total, elapsed, ETA) is printed as each run ends, and every --status-every minutes while none does.
 
 With `--ray [ADDRESS]` each run is a Ray task instead (one CPU, --gpus-per-run GPUs) on a cluster joined at ADDRESS
 (`auto`, `ray://host:10001`, `host:port`; none: a local one started here). The task runs the same command in a
@@ -49,14 +49,16 @@ ALIASES = {"bc": ("iql", ["--beta", "0"]),
            # docs/finetune.md: Cal-QL, and the online baseline from scratch (SAC / double DQN: CQL with alpha 0,
            # every batch from the online data, 5,000 uniformly random steps before the first update as CleanRL's
            # learning_starts; its preset adds --total-steps 0 after the runner's --total-steps and, for Box, the SAC
-           # target with its entropy term)
-           "calql": ("cql", ["--cal-ql"]),
-           "scratch": ("cql", ["--cql-alpha", "0", "--online-ratio", "1", "--learning-starts", "5000"]),
+           # target with its entropy term), both cql_finetune.py
+           "calql": ("cql_finetune", ["--cal-ql"]),
+           "scratch": ("cql_finetune", ["--cql-alpha", "0", "--online-ratio", "1", "--learning-starts", "5000"]),
            # docs/cql.md, critic ensembles: plain SAC (CQL without its term) and SAC-N with ten critics
            "sac": ("cql", ["--cql-alpha", "0"]), "sacn": ("cql", ["--cql-alpha", "0", "--n-critics", "10"])}
 ONLINE = ["--online-steps", "50000"]
-RESUMABLE = ["--resume-every", "10000"]
-SAVE_EVERY_50K = [*RESUMABLE, "--save-model", "--checkpoint-every", "50000"]
+# a preset's "scripts": the script that runs in place of another for every algorithm of the preset (after ALIASES);
+# fine-tuning is its own entry point, offline pre-training then the online phase (docs/finetune.md)
+FINETUNE_SCRIPTS = {"iql": "iql_finetune", "cql": "cql_finetune"}
+SAVE_EVERY_50K = ["--save-model", "--checkpoint-every", "50000"]
 
 PRESETS = {
     # one seed of the eight core datasets, short runs: 41 minutes on 2 cores from a fresh clone (benchmark/README.md),
@@ -75,7 +77,7 @@ PRESETS = {
     # docs/finetune.md: 20k offline steps, then 50k environment steps of fine-tuning (one gradient step each),
     # against the same 50k steps online from scratch. Box CQL / Cal-QL left out (3 min per 1,000 steps on this CPU)
     "finetune": dict(algos=["iql", "cql", "calql", "scratch"], seeds=[1, 2, 3], total_steps=20000, eval_every=5000,
-                     eval_episodes=10, skip=["cql@box", "calql@box"],
+                     eval_episodes=10, skip=["cql@box", "calql@box"], scripts=FINETUNE_SCRIPTS,
                      extra={**DISCRETE_IQL_BETA, "iql": ONLINE, "cql": ONLINE, "calql": ONLINE,
                             "scratch": [*ONLINE, "--total-steps", "0"], "scratch@box": ["--backup-entropy"]},
                      datasets=["lunarlander-medium", "lunarlander-continuous-medium"]),
@@ -86,12 +88,10 @@ PRESETS = {
                      datasets=["lunarlander-continuous-medium", "lunarlander-continuous-expert"]),
     # docs/mujoco.md: the locomotion datasets at research scale, one seed (IQL with the authors' locomotion reward
     # scaling). Pick the datasets with --datasets: hopper-medium, hopper-medium-replay, halfcheetah-medium, ...
-    # Runs save their state every 10,000 steps (one stopped part-way goes on from there when the preset is rerun)
-    # and their policy every 50,000 (the policies ope.py is validated on, docs/ope.md)
+    # Runs save their policy every 50,000 steps (the policies ope.py is validated on, docs/ope.md)
     "mujoco": dict(algos=["iql", "bcq"], seeds=[1], total_steps=300000, eval_every=25000, eval_episodes=10,
                    extra={"iql": ["--reward-scaling", "return-range", *SAVE_EVERY_50K],
-                          "bcq": SAVE_EVERY_50K, "d3rlpy_iql": ["--reward-scaling", "return-range", *RESUMABLE],
-                          "d3rlpy_bcq": RESUMABLE},
+                          "bcq": SAVE_EVERY_50K, "d3rlpy_iql": ["--reward-scaling", "return-range"]},
                    datasets=["hopper-medium", "hopper-medium-replay", "halfcheetah-medium", "walker2d-medium",
                              "halfcheetah-medium-expert"]),
     # the learning table of the docs: 3 seeds, every quality but random
@@ -198,22 +198,20 @@ def job_list(cfg: dict) -> list[tuple[str, str, int]]:
             if f"{algo}@{'box' if is_box(d) else 'discrete'}" not in skip]
 
 
-def command(algo: str, dataset: str, seed: int, cfg: dict, out: Path) -> tuple[list[str], bool]:
-    """The command of one run, and whether it continues a run stopped part-way: one that saved its state
-    (--resume-every in its flags) goes on from its latest runs/.../resume.pt with its own flags."""
+def command(algo: str, dataset: str, seed: int, cfg: dict) -> list[str]:
+    """The command of one run: its script (an alias's, then the preset's "scripts" in place of it) with the alias's
+    flags, the runner's, then the extra flags (the last value of a flag wins, as tyro reads them)."""
     if algo.startswith("d3rlpy_"):  # the same run with d3rlpy, in its own virtual environment
         python, script = cfg["d3rlpy_python"], "benchmark/d3rlpy_run.py"
         start = ["--algo", algo.removeprefix("d3rlpy_")]
     else:
         script, alias_flags = ALIASES.get(algo, (algo, []))
+        script = cfg.get("scripts", {}).get(script, script)
         python, script, start = sys.executable, f"{script}.py", ["--device", cfg["device"], *alias_flags]
-    saved = sorted((out / "runs").glob(f"{dataset.replace('/', '-')}__{algo}-{cfg['tag']}__{seed}__*/resume.pt"))
-    if saved:
-        return [python, str(ROOT / script), "--resume", str(saved[-1])], True
-    cmd = [python, str(ROOT / script), *start]
-    return cmd + ["--dataset", dataset, "--seed", str(seed), "--total-steps", str(cfg["total_steps"]),
-                  "--eval-every", str(cfg["eval_every"]), "--eval-episodes", str(cfg["eval_episodes"]),
-                  "--exp-name", f"{algo}-{cfg['tag']}", *extra_flags(cfg["extra"], algo, dataset)], False
+    return [python, str(ROOT / script), *start, "--dataset", dataset, "--seed", str(seed),
+            "--total-steps", str(cfg["total_steps"]), "--eval-every", str(cfg["eval_every"]),
+            "--eval-episodes", str(cfg["eval_episodes"]), "--exp-name", f"{algo}-{cfg['tag']}",
+            *extra_flags(cfg["extra"], algo, dataset)]
 
 
 def folder_config(cfg: dict, previous: dict) -> dict:
@@ -229,20 +227,17 @@ def one_thread() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def run_local(cmd: list[str], cwd: Path, log: Path, resumed: bool) -> int:
+def run_local(cmd: list[str], cwd: Path, log: Path) -> int:
     """Run a command in `cwd` on this machine, its console output into `log`; return its exit status."""
-    with open(log, "a" if resumed else "w") as f:  # a resumed run's console log goes on after the first part
+    with open(log, "w") as f:
         return subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=one_thread()).returncode
 
 
-def for_worker(cmd: list[str], out: Path) -> list[str]:
+def for_worker(cmd: list[str]) -> list[str]:
     """A run's command as a Ray task runs it (run_in_temp_folder): this Python as "{python}" (the worker's), files
-    of the project as "{code}/..." (the worker's copy), files of the results folder relative to it (the task's
-    temporary folder holds what it needs of them)."""
+    of the project as "{code}/..." (the worker's copy)."""
     def move(arg: str) -> str:
         path = Path(arg)
-        if path.is_absolute() and path.is_relative_to(out):
-            return str(path.relative_to(out))
         return f"{{code}}/{path.relative_to(ROOT)}" if path.is_absolute() and path.is_relative_to(ROOT) else arg
     return ["{python}" if cmd[0] == sys.executable else cmd[0], *map(move, cmd[1:])]
 
@@ -257,13 +252,12 @@ class RunKilled(RuntimeError):
     """A run ended by a signal, as when its node goes down: Ray starts the task again (retry_exceptions)."""
 
 
-def run_in_temp_folder(cmd: list[str], inputs: dict[str, bytes]) -> tuple[int, bytes, dict[str, bytes]]:
-    """The Ray task: a command from for_worker, run in a new temporary folder holding `inputs` (a resumed run's
-    resume.pt), with this node's Python and copy of the project (Ray starts the task in its working_dir). Returns
-    the exit status, the console output and every file the run wrote (runs/{run}/...)."""
+def run_in_temp_folder(cmd: list[str]) -> tuple[int, bytes, dict[str, bytes]]:
+    """The Ray task: a command from for_worker, run in a new temporary folder with this node's Python and copy of
+    the project (Ray starts the task in its working_dir). Returns the exit status, the console output and every file
+    the run wrote (runs/{run}/...)."""
     cmd = [arg.replace("{python}", sys.executable).replace("{code}", os.getcwd()) for arg in cmd]
     with tempfile.TemporaryDirectory() as tmp:
-        write_files(Path(tmp), inputs)
         proc = subprocess.run(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=one_thread())
         files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
     if proc.returncode < 0:  # its node may answer before it dies: a run killed by a signal is a lost run, not a result
@@ -285,15 +279,13 @@ def start_ray(address: str, gpus_per_run: float) -> tuple[Callable, int]:
     if gpus_per_run > 0:
         slots = min(slots, int(resources.get("GPU", 0) / gpus_per_run))
 
-    def run_remote(cmd: list[str], cwd: Path, log: Path, resumed: bool) -> int:
-        inputs = {str(Path(cmd[-1]).relative_to(cwd)): Path(cmd[-1]).read_bytes()} if resumed else {}
+    def run_remote(cmd: list[str], cwd: Path, log: Path) -> int:
         try:
-            status, console, files = ray.get(task.remote(for_worker(cmd, cwd), inputs))
+            status, console, files = ray.get(task.remote(for_worker(cmd)))
         except ray.exceptions.RayError as e:  # e.g. its node died more than RAY_RETRIES times
             status, console, files = -1, f"Ray task failed: {e}\n".encode(), {}
         write_files(cwd, files)
-        with open(log, "ab" if resumed else "wb") as f:
-            f.write(console)
+        log.write_bytes(console)
         return status
 
     return run_remote, max(1, slots)
@@ -304,10 +296,10 @@ def run_job(algo: str, dataset: str, seed: int, cfg: dict, out: Path, execute: C
     marker = out / "done" / f"{key}.json"
     if marker.exists():
         return f"skip {key} (done)"
-    cmd, resumed = command(algo, dataset, seed, cfg, out)
+    cmd = command(algo, dataset, seed, cfg)
     log = out / "logs" / f"{key}.log"
     t0 = time.time()
-    returncode = execute(cmd, out, log, resumed)
+    returncode = execute(cmd, out, log)
     info = dict(cmd=" ".join(cmd[1:]), algo=algo, dataset=dataset, seed=seed)
     if returncode == D3RLPY_NOT_AVAILABLE and algo.startswith("d3rlpy_"):
         marker.write_text(json.dumps(dict(info, not_available=log.read_text().strip().splitlines()[-1]), indent=1))

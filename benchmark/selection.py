@@ -143,8 +143,8 @@ def evaluate_checkpoint(checkpoint: str, episodes: int, seed: int, device: str) 
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from common import evaluate, load_checkpoint, pick_device
-    from datasets import load_dataset
+    from common import evaluate
+    from datasets import load_checkpoint, load_dataset, pick_device
 
     torch.set_num_threads(1)
     dev = pick_device(device)

@@ -1,4 +1,4 @@
-"""The benchmark runner is resumable and the aggregator turns its logs into a table and a picture."""
+"""The benchmark runner skips finished runs and the aggregator turns its logs into a table and a picture."""
 
 import json
 import shutil
@@ -7,9 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from tests.conftest import ROOT, stop_at
+from tests.conftest import ROOT
 
 
 def test_runner_skips_finished_runs_and_aggregator_writes_the_table(tmp_path):
@@ -32,7 +31,7 @@ def test_runner_skips_finished_runs_and_aggregator_writes_the_table(tmp_path):
     na = json.loads((tmp_path / "t" / "done" / "d3rlpy_iql__cartpole-medium__1.json").read_text())
     assert na["not_available"] == "d3rlpy has no discrete IQL" and "--algo iql" in na["cmd"]
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert "skip iql__cartpole-medium__1 (done)" in second.stdout  # resumable: a finished run is not redone
+    assert "skip iql__cartpole-medium__1 (done)" in second.stdout  # a finished run is not redone
     assert "skip d3rlpy_iql__cartpole-medium__1 (done)" in second.stdout
 
     agg = subprocess.run([sys.executable, str(ROOT / "benchmark" / "aggregate.py"), str(tmp_path / "t")],
@@ -68,9 +67,9 @@ def test_bc_runs_iql_with_beta_zero_and_presets_can_skip_an_action_space():
     jobs = job_list(dict(PRESETS["choosing"], seeds=[1], datasets=["pendulum-medium", "lunarlander-medium"]))
     assert ("cql", "lunarlander-medium", 1) in jobs and ("cql", "pendulum-medium", 1) not in jobs
     assert len(jobs) == 7 and ("bc", "pendulum-medium", 1) in jobs
-    # fine-tuning: Cal-QL and the from-scratch baseline are cql.py; the baseline's --total-steps 0 comes after the
-    # runner's --total-steps (the last value wins), Box CQL / Cal-QL are left out
-    assert ALIASES["calql"] == ("cql", ["--cal-ql"]) and ALIASES["scratch"][0] == "cql"
+    # fine-tuning: Cal-QL and the from-scratch baseline are cql_finetune.py; the baseline's --total-steps 0 comes
+    # after the runner's --total-steps (the last value wins), Box CQL / Cal-QL are left out
+    assert ALIASES["calql"] == ("cql_finetune", ["--cal-ql"]) and ALIASES["scratch"][0] == "cql_finetune"
     ft = PRESETS["finetune"]
     assert extra_flags(ft["extra"], "scratch", "lunarlander-medium")[-2:] == ["--total-steps", "0"]
     assert extra_flags(ft["extra"], "iql", "lunarlander-medium") == ["--online-steps", "50000", "--beta", "0.3"]
@@ -83,30 +82,50 @@ def test_bc_runs_iql_with_beta_zero_and_presets_can_skip_an_action_space():
     assert ("calql", "lunarlander-continuous-medium", 1) in gpu_jobs and len(gpu_jobs) == 8
 
 
-def test_a_run_stopped_part_way_goes_on_from_its_saved_state(tmp_path):
+def test_mujoco_runs_save_their_policies_and_start_from_the_beginning():
     sys.path.insert(0, str(ROOT / "benchmark"))
     from run import PRESETS, command
 
     cfg = dict(PRESETS["mujoco"], tag="mujoco", device="cpu", d3rlpy_python="python")
-    fresh, resumed = command("bcq", "hopper-medium", 1, cfg, tmp_path)
-    assert not resumed and "--dataset" in fresh and " ".join(fresh).endswith("--resume-every 10000 --save-model "
-                                                                             "--checkpoint-every 50000")
-    run = tmp_path / "runs" / "hopper-medium__bcq-mujoco__1__1700000000"
-    run.mkdir(parents=True)
-    assert command("bcq", "hopper-medium", 1, cfg, tmp_path)[1] is False  # a folder without a saved state
-    (run / "resume.pt").write_bytes(b"")
-    cmd, resumed = command("bcq", "hopper-medium", 1, cfg, tmp_path)
-    assert resumed and cmd[1:] == [str(ROOT / "bcq.py"), "--resume", str(run / "resume.pt")]  # its own flags
-    assert not command("bcq", "hopper-medium", 2, cfg, tmp_path)[1]  # another seed starts afresh
-    assert not command("iql", "hopper-medium", 1, cfg, tmp_path)[1]
-    fresh, resumed = command("d3rlpy_bcq", "hopper-medium", 1, cfg, tmp_path)  # d3rlpy's runs go on the same way
-    assert not resumed and fresh[1:4] == [str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", "bcq"]
-    assert " ".join(fresh).endswith("--resume-every 10000")
-    run = tmp_path / "runs" / "hopper-medium__d3rlpy_bcq-mujoco__1__1700000000"
-    run.mkdir(parents=True)
-    (run / "resume.pt").write_bytes(b"")
-    cmd, resumed = command("d3rlpy_bcq", "hopper-medium", 1, cfg, tmp_path)
-    assert resumed and cmd == ["python", str(ROOT / "benchmark" / "d3rlpy_run.py"), "--resume", str(run / "resume.pt")]
+    cmd = command("bcq", "hopper-medium", 1, cfg)
+    assert cmd[1] == str(ROOT / "bcq.py") and "--dataset" in cmd
+    assert " ".join(cmd).endswith("--exp-name bcq-mujoco --save-model --checkpoint-every 50000")
+    assert not any("resume" in arg for arg in cmd)
+    d3 = command("d3rlpy_bcq", "hopper-medium", 1, cfg)
+    assert d3[:4] == ["python", str(ROOT / "benchmark" / "d3rlpy_run.py"), "--algo", "bcq"]
+    assert " ".join(d3).endswith("--exp-name d3rlpy_bcq-mujoco") and not any("resume" in arg for arg in d3)
+    assert " ".join(command("d3rlpy_iql", "hopper-medium", 1, cfg)).endswith("--reward-scaling return-range")
+
+
+def test_finetune_runs_are_the_finetuning_scripts_with_the_flags_of_the_committed_results():
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    from run import PRESETS, command, job_list
+
+    # iql / cql -> iql_finetune.py / cql_finetune.py, calql and scratch -> cql_finetune.py; every other flag as the
+    # runs of benchmark/results/finetune were started (then by iql.py / cql.py), in the same order, less the
+    # --save-model --checkpoint-every N that two of them had on top (saving files changes no number)
+    cfg = dict(PRESETS["finetune"], tag="finetune", device="cpu", d3rlpy_python="python")
+    script = {"iql": "iql_finetune.py", "cql": "cql_finetune.py", "calql": "cql_finetune.py",
+              "scratch": "cql_finetune.py"}
+    committed, compared = ROOT / "benchmark" / "results" / "finetune" / "done", 0
+    for algo, dataset, seed in job_list(cfg):
+        cmd = command(algo, dataset, seed, cfg)
+        assert cmd[:2] == [sys.executable, str(ROOT / script[algo])], cmd
+        marker = committed / f"{algo}__{dataset}__{seed}.json"
+        if marker.exists():
+            flags = json.loads(marker.read_text())["cmd"].split()[1:]
+            if "--checkpoint-every" in flags:
+                at = flags.index("--checkpoint-every")
+                flags = flags[:at] + flags[at + 2:]
+            assert cmd[2:] == [f for f in flags if f != "--save-model"], (algo, dataset, seed)
+            compared += 1
+    assert compared == len(job_list(cfg)) == 18  # every run of the table
+    assert "--cal-ql" in command("calql", "lunarlander-medium", 1, cfg)
+    # outside the finetune preset, iql and cql are the offline scripts
+    assert command("iql", "lunarlander-medium", 1, dict(cfg, scripts={}))[1] == str(ROOT / "iql.py")
+    small = dict(PRESETS["small"], tag="small", device="cpu", d3rlpy_python="python")
+    assert command("cql", "lunarlander-medium", 1, small)[1] == str(ROOT / "cql.py")
+    assert command("bc", "lunarlander-medium", 1, small)[1] == str(ROOT / "iql.py")
 
 
 def test_config_json_lists_the_runs_of_every_command_into_the_folder():
@@ -217,35 +236,20 @@ D3RLPY_PYTHON = ROOT / ".venv-d3rlpy" / "bin" / "python"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not D3RLPY_PYTHON.exists(), reason="needs .venv-d3rlpy (benchmark/requirements-d3rlpy.txt)")
-def test_a_resumed_d3rlpy_run_ends_where_a_run_never_stopped_ends(tmp_path):
+def test_a_d3rlpy_run_logs_what_the_aggregator_reads(tmp_path):
     flags = ["--algo", "iql", "--dataset", "pendulum-medium", "--total-steps", "40", "--eval-every", "10",
-             "--eval-episodes", "1", "--resume-every", "20", "--reward-scaling", "return-range"]
+             "--eval-episodes", "1", "--reward-scaling", "return-range"]
     script = str(ROOT / "benchmark" / "d3rlpy_run.py")
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    whole = subprocess.run([str(D3RLPY_PYTHON), script, *flags], cwd=a, env=env, capture_output=True, text=True)
+    whole = subprocess.run([str(D3RLPY_PYTHON), script, *flags], cwd=tmp_path, env=env, capture_output=True,
+                           text=True)
     assert whole.returncode == 0, whole.stderr
-    # stopped before it saves at step 40: it goes on from step 20, and logged steps 30 and 40 again
-    stopped = subprocess.run([str(D3RLPY_PYTHON), "-c", stop_at(40), script, *flags], cwd=b, env=env,
-                             capture_output=True, text=True)
-    assert stopped.returncode == 9 and "step       30/40" in stopped.stdout, stopped.stderr
-    (state,) = b.glob("runs/*/resume.pt")
-    assert torch.load(state, weights_only=True)["step"] == 20
-    rest = subprocess.run([str(D3RLPY_PYTHON), script, "--resume", str(state)], cwd=b, env=env, capture_output=True,
-                          text=True)
-    assert rest.returncode == 0 and "resuming at step 20" in rest.stdout, rest.stderr
-    assert whole.stdout.splitlines()[-1].split(" | ")[1:3] == rest.stdout.splitlines()[-1].split(" | ")[1:3]
-    ca, cb = (torch.load(next(d.glob("runs/*/resume.pt")), weights_only=True) for d in (a, b))
-    assert ca["step"] == cb["step"] == 40 and ca["evals"] == cb["evals"] and len(ca["evals"]) == 4
-    assert ca["trained"].keys() == cb["trained"].keys() and "policy" in ca["trained"]
-    for k in ca["trained"]:
-        if "optim" not in ca["trained"][k]:  # a network (an optimiser's state holds tensors and numbers)
-            assert all(torch.equal(v, cb["trained"][k][n]) for n, v in ca["trained"][k].items()), k
-    assert str(ca["trained"]) == str(cb["trained"])  # optimisers and the actor's cosine schedule too
+    assert "step       30/40" in whole.stdout and "| ETA " in whole.stdout  # our scripts' progress lines
+    assert "model not saved (d3rlpy_run.py keeps no policy)" in whole.stdout.splitlines()[-1]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ea, eb = (EventAccumulator(str(next((d / "runs").iterdir()))).Reload() for d in (a, b))
-    for tag in ("eval/return", "charts/SPS"):  # what the stopped part logged after step 20 is dropped
-        assert [e.step for e in eb.Scalars(tag)] == [e.step for e in ea.Scalars(tag)] == [10, 20, 30, 40], tag
-    assert [e.value for e in ea.Scalars("eval/return")] == [e.value for e in eb.Scalars("eval/return")]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("pendulum-medium__d3rlpy_iql__1__")
+    ea = EventAccumulator(str(run)).Reload()
+    for tag in ("eval/return", "eval/normalized_score", "charts/SPS"):
+        assert [e.step for e in ea.Scalars(tag)] == [10, 20, 30, 40], tag
