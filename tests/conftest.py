@@ -41,23 +41,6 @@ def run_script(script: str, *flags: str, cwd: Path, timeout: int = 300, env_root
     return proc.stdout
 
 
-def stop_at(step: int) -> str:
-    """Python source for `python -c SOURCE script.py flags...`: runs the script, but exits with status 9 when its
-    progress line (common.Progress.line) reaches `step`, as a run killed there would stop."""
-    return f"""
-import runpy, sys
-import common
-class Stop(common.Progress):
-    def line(self, step, extra=""):
-        if step == {step}:
-            raise SystemExit(9)
-        return super().line(step, extra)
-common.Progress = Stop
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 class Member:
     """Member i of a QEnsemble with n_layers = 0 seen as the nn.Linear it replaces: weight (out, in), bias (out,)
     (views into the stacked parameters, so writing them sets the member). Used by the IQL and CQL tests."""
