@@ -6,15 +6,16 @@
 # Which policy is valued: importance weights need a density, so IS ... WDR value the distribution the policy was trained
 # as (`Policy.dist`, "dist"); FQE and MB value its evaluation action (`Policy.act`, "act", what the training scripts
 # score) unless --fqe-action sample. Rollouts check the rows that value the policy they run (--rollout-action).
+# Read top down: the IS family and its intervals, pi_e, pi_b, FQE, MB, one policy's rows, the command line. Reading
+# the checkpoints, the notes and warnings, the table, the verdict, the JSON, the rollouts and the report on several
+# policies are in benchmark/ope_report.py.
+from __future__ import annotations
+
 import copy
-import importlib
-import json
 import math
-import re
+import random
 import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -24,82 +25,8 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from common import (Dataset, Policy, UserError, action_bounds, check_ranges, dataset_dims, evaluate,
-                    load_checkpoint, load_dataset, mlp, pick_device, report_user_errors, set_seed)
-
-
-@dataclass
-class Args:
-    policy: tyro.conf.UseAppendAction[list[str]]
-    """a checkpoint saved by `--save-model` (iql.pt, cql.pt, bcq.pt); repeat the flag to compare several policies"""
-    dataset: str | None = None
-    """a built-in name, a Minari id or an `.npz` path; unset: the dataset the first policy was trained on"""
-    seed: int = 1
-    """seed of torch and numpy; ground-truth rollout i is seeded `seed + 100 + i` (as the training scripts)"""
-    device: str = "auto"
-    """`auto` picks CUDA when present, else CPU; or any torch device string"""
-    threads: int = 1
-    """CPU threads: 1 stays fast when other processes share the cores; more only helps on an idle machine"""
-    discount: float = 0.99
-    """gamma of the discounted estimates (the undiscounted column always uses gamma = 1)"""
-    bootstrap: int = 2000
-    """bootstrap resamples of whole episodes for the 95% CIs (0: none); 2000 leave 50 per tail"""
-    # Behaviour policy and importance weights
-    behavior: Literal["auto", "logged", "fitted"] = "auto"
-    """`logged`: the dataset's exact behavior_log_probs; `fitted`: behaviour cloning; `auto`: logged if present"""
-    bc_steps: int = 5000
-    """gradient steps of each behaviour-cloning fit"""
-    coverage: bool = True
-    """report per policy its action mass where a behaviour model fitted on all the data is thin (FQE/MB extrapolate)"""
-    bc_folds: int = 2
-    """cross-fitting: each of this many folds of episodes gets log pi_b from a model fitted on the others (1: none)"""
-    clip_log_ratio: tuple[float, float] | None = None
-    """clip each per-step log pi_e - log pi_b to [LOW, HIGH] (DOPE used -6 2): less variance, some bias. Off"""
-    smoothing_width: float | None = None
-    """no-density policies: Box, N(action, W^2) truncated to the box; Discrete, W-greedy. Unset: IS/DR skipped"""
-    weight_threshold: float = 100.0
-    """diagnostic: the share of episodes whose importance weight w_{0:H-1} exceeds this value is reported"""
-    # FQE
-    fqe_steps: int = 20_000
-    """FQE gradient steps (DOPE ran 1,000,000; raise it when FQE has not settled; 0: skip FQE, DR and WDR)"""
-    fqe_action: Literal["act", "sample"] = "act"
-    """the policy FQE and MB value: `act` (the evaluation action) or `sample` (the distribution IS values)"""
-    fqe_tau: float = 0.02
-    """Polyak rate of FQE's target network; --fqe-steps x this is about the Bellman backups made (20,000 x 0.02 = 400:
-    four effective horizons at gamma 0.99; DOPE: 0.005 over 1M steps)"""
-    fqe_time_limit_terminal: bool = False
-    """stop FQE's bootstrap at time limits too, to compare with the finite-horizon IS, MB and rollouts (approximate)"""
-    refit_bootstrap: int = 0
-    """K > 0: FQE's CI from K refits, each on a bootstrap resample of whole episodes (K times slower; it includes the
-    fitting's variance). 0: the one fit's values at the start states are resampled (start states only)"""
-    learning_rate: float = 3e-4
-    """AdamW learning rate of every fitted network (FQE, behaviour cloning, model ensemble; weight decay 1e-5)"""
-    batch_size: int = 256
-    """transitions per gradient step of every fitted network"""
-    hidden_dim: int = 256
-    """width of the hidden layers of every fitted network"""
-    n_layers: int = 2
-    """hidden layers of every fitted network"""
-    v_samples: int = 10
-    """Box: actions drawn from pi_e(.|s) to average Q over (V(s) = E_{a~pi_e} Q(s, a)); Discrete sums exactly"""
-    # Model-based
-    mb_ensemble: int = 5
-    """number of dynamics models (each predicts s' - s, r and a termination logit from (s, a))"""
-    mb_steps: int = 10_000
-    """gradient steps of the model ensemble (0: skip the model-based estimate)"""
-    mb_horizon: int | None = None
-    """rollout length of the model; unset: the dataset's longest episode"""
-    # Validation against the real environment
-    rollouts: int = 0
-    """run each policy this many episodes in the dataset's environment and report each estimator's error (on their own
-    random streams: every estimate is the same with or without them)"""
-    rollout_action: Literal["act", "sample"] = "act"
-    """what the rollouts run: `act` (the evaluation action) or `sample` (pi_e's distribution, what IS ... WDR value)"""
-    plot: str | None = None
-    """write a PNG of the estimates with their 95% CIs (and the rollouts' value when --rollouts > 0) to this path"""
-    out: str = "{policy}.{dataset}.ope.json"
-    """each policy's JSON ({policy}: its path, {dataset}: the dataset's name); a file there from other settings is
-    refused before any work, never overwritten: give another --out"""
+from common import Policy, mlp
+from datasets import Dataset, UserError, action_bounds, check_ranges, dataset_dims, load_dataset, pick_device
 
 
 class OPEError(UserError):
@@ -108,16 +35,9 @@ class OPEError(UserError):
 
 ESTIMATORS = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR", "FQE", "MB")
 WEIGHTED = ("IS", "WIS", "PDIS", "WPDIS", "DR", "WDR")  # the rows that need importance weights (a pi_e density)
-COVERAGE_WARN = 0.05  # warn when pi_e puts more of its action mass where the data are thin than the data's own
-# actions do (5%: the check's quantile); chosen on 34 policies, docs/ope.md "Validation at scale"
+COVERAGE_WARN = 0.05  # above the data's own 5% of action mass where the data are thin: a warning (docs/ope.md)
 MIN_ESS_SHARE = 0.1  # below this share of the episodes a weighted row gets a warning, no interval, no rank metrics
 PROGRESS_EVERY = 200  # hot loops advance their progress bar every this many steps: no host sync per step
-
-
-def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm:
-    """A bar on stderr, gone when the phase ends; redrawn every 0.5 s on a terminal, 10 s into a file (TQDM_DISABLE)."""
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
 # ---- Episodes: the IS family, the bootstrap and the initial states need whole episodes, in time order ----------------
@@ -185,8 +105,7 @@ def _shifted_exp(log_w: np.ndarray, axis: int = 0) -> np.ndarray:
 
 
 def dr_per_episode(rewards, log_ratios, q_sa, v_s, mask, gamma) -> np.ndarray:
-    """Jiang & Li 2016, backwards from V_DR^(H) = 0: V_DR^(t) = V̂(s_t) + rho_t (r_t + gamma V_DR^(t+1) - Q̂(s_t, a_t)).
-    Returns V_DR^(0) of each episode."""
+    """V_DR^(0) per episode (Jiang & Li 2016): V_DR^(t) = V̂_t + rho_t (r_t + gamma V_DR^(t+1) - Q̂_t), V_DR^(H) = 0."""
     mask = np.asarray(mask, dtype=bool)
     r, q, v = (np.where(mask, np.asarray(x, dtype=np.float64), 0.0) for x in (rewards, q_sa, v_s))
     value = np.zeros(len(r))
@@ -253,40 +172,8 @@ def per_decision_ess(log_ratios, mask, gamma) -> float:
     return float(ess @ d / d.sum())
 
 
-# A high-confidence lower bound for IS (Thomas, Theocharous, Ghavamzadeh 2015): for X_i >= 0 and a clip c,
-# with probability >= 1 - delta, E[X] >= mean(min(X, c)) - 7 c ln(2/delta) / (3(n-1))
-#                                         - (1/n) sqrt(2 ln(2/delta) / (n-1) * (n sum Y^2 - (sum Y)^2)).
-def hcope_bound(x: np.ndarray, c: float, delta: float, n_range: int | None = None) -> float:
-    """The bound on the sample x (Y = min(x, c)); `n_range` predicts it on n_range samples (m in the range term, the
-    variance term scaled), as the paper chooses c on a held-out split."""
-    x = np.asarray(x, dtype=np.float64)
-    n, m = len(x), n_range or len(x)
-    y = np.minimum(x, c)
-    log_term = math.log(2.0 / delta)
-    spread = max(n * (y**2).sum() - y.sum() ** 2, 0.0)
-    if n_range is None:
-        return float(y.mean() - 7 * c * log_term / (3 * (n - 1)) - math.sqrt(2 * log_term / (n - 1) * spread) / n)
-    return float(y.mean() - 7 * c * log_term / (3 * (m - 1)) - math.sqrt(2 * log_term / (m * n * (n - 1)) * spread))
-
-
-def hcope_lower_bound(x: np.ndarray, delta: float, rng: np.random.Generator, pre_share: float = 0.05) -> float:
-    """A 1 - delta lower bound on E[X] (X >= 0): c maximises the predicted bound on a random `pre_share` of the
-    samples, and the bound is evaluated on the others only (so the choice does not bias it)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = rng.permutation(len(x))
-    n_pre = max(int(round(pre_share * len(x))), 2)
-    pre, post = x[order[:n_pre]], x[order[n_pre:]]
-    if len(post) < 2:
-        return float("nan")
-    candidates = np.unique(np.concatenate([pre, [pre.mean()]]))
-    candidates = candidates[candidates > 0] if (candidates > 0).any() else np.array([1.0])
-    c = max(candidates, key=lambda cc: hcope_bound(pre, cc, delta, n_range=len(post)))
-    return hcope_bound(post, float(c), delta)
-
-
 def bootstrap_counts(n: int, n_boot: int, rng: np.random.Generator) -> np.ndarray | None:
-    """(n_boot, n) multinomial counts: how often each whole episode is drawn in each resample; None if n < 2 or
-    n_boot == 0 (one episode cannot be resampled into a confidence interval)."""
+    """(n_boot, n): how often each whole episode is drawn in each resample; None if n < 2 or n_boot == 0."""
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64) if n >= 2 and n_boot > 0 else None
 
 
@@ -300,8 +187,7 @@ def percentile_ci(samples: np.ndarray) -> list[float] | None:
 
 
 def tail_mc_error(samples: np.ndarray, batches: int = 10) -> float:
-    """Monte-Carlo error of the interval's endpoints: their spread over `batches` disjoint batches of the resamples,
-    over sqrt(batches) (nan when a batch has too few finite values)."""
+    """Monte-Carlo error of the interval's endpoints: their std over disjoint batches of resamples / sqrt(batches)."""
     parts = [percentile_ci(b) for b in np.array_split(np.asarray(samples, dtype=np.float64), batches)]
     if any(p is None for p in parts):
         return float("nan")
@@ -331,9 +217,8 @@ def truncated_normal_sample(loc, scale, low, high) -> torch.Tensor:
 
 
 class Target:
-    """pi_e: `act`, the evaluation action; `density` (None if none), what `log_prob`, `probs` and `sample` use. A Box
-    Gaussian (the policy's own or the smoothing one) is truncated to the action box: the environment would clip a
-    sample outside it onto the boundary, a point mass no behaviour density covers; `sample` draws exactly from it."""
+    """pi_e: `act`, the evaluation action; `density` (None if none), which `log_prob`, `probs` and `sample` use. A Box
+    Gaussian is truncated to the action box (a clipped sample is a point mass on the edge no pi_b density covers)."""
 
     def __init__(self, policy: Policy, n_actions: int | None, low: torch.Tensor | None, high: torch.Tensor | None,
                  smoothing: float | None, probe_obs: torch.Tensor | None = None):
@@ -415,8 +300,7 @@ def batched(fn, *tensors: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
 
 
 def policy_at(target: Target, obs: torch.Tensor, mode: str, k: int) -> torch.Tensor:
-    """pi_e at states as FQE consumes it. Discrete: probabilities (B, n) (`act`: one-hot on the evaluation action);
-    Box: actions (B, k, d) to average over (`act`: the evaluation action, k = 1)."""
+    """pi_e as FQE reads it: Discrete, probabilities (B, n); Box, actions (B, k, d) to average over (`act`: k = 1)."""
     if target.discrete:
         return F.one_hot(target.act(obs).long(), target.n_actions).float() if mode == "act" else target.probs(obs)
     return target.act(obs)[:, None] if mode == "act" else target.sample(obs, k)
@@ -431,9 +315,14 @@ def unit_actions(actions: torch.Tensor, stats: dict) -> torch.Tensor:
     return (actions - (stats["high"] + stats["low"]) / 2) / ((stats["high"] - stats["low"]) / 2)
 
 
+def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm:
+    """A bar on stderr, gone when the phase ends; redrawn every 0.5 s on a terminal, 10 s into a file (TQDM_DISABLE)."""
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+
 def gradient_steps(params, loss_fn, steps: int, lr: float, bar, after_step=None) -> None:
-    """`steps` AdamW updates (weight decay 1e-5) of loss_fn(), each followed by after_step(step); the bar advances
-    every PROGRESS_EVERY steps. Every network here (pi_b, FQE, the models) is fitted by it."""
+    """`steps` AdamW updates (weight decay 1e-5) of loss_fn(), each then after_step(step): every network here."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-5)
     for step in range(1, steps + 1):
         loss = loss_fn()
@@ -449,8 +338,7 @@ def gradient_steps(params, loss_fn, steps: int, lr: float, bar, after_step=None)
 
 # ---- Behaviour policy: logged exact log-probabilities, or behaviour cloning (maximum likelihood) -------------------
 class BehaviorModel(nn.Module):
-    """pi_b fitted to the data: categorical (Discrete), or a Gaussian with state-dependent mean (inside the box) and
-    std, truncated to the action box (Box), so its density integrates to 1 where the data live."""
+    """pi_b fitted to the data: categorical (Discrete), or a state-dependent Gaussian truncated to the action box."""
 
     def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, stats: dict, args: Args):
         super().__init__()
@@ -480,8 +368,7 @@ def train_behavior_model(data: dict, rows: torch.Tensor, stats: dict, dims: tupl
 
 
 def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args, rng: np.random.Generator):
-    """Cross-fitted behaviour cloning: each of --bc-folds folds of episodes gets log pi_b(a|s) from a model trained on
-    the other folds. Returns (log pi_b per row, its mean, folds used)."""
+    """Each of --bc-folds folds of episodes gets log pi_b(a|s) from a model fitted on the others: (per row, mean, k)."""
     n_rows, k = len(data["rewards"]), max(1, min(args.bc_folds, ep.n))  # k = 1: fit and score on everything
     fold = np.empty(n_rows, dtype=np.int64)
     fold[ep.rows[ep.mask]] = np.repeat(rng.permutation(ep.n) % k, ep.lengths)
@@ -499,9 +386,8 @@ def fit_behavior(data: dict, ep: Episodes, stats: dict, dims: tuple, args: Args,
 
 @torch.no_grad()
 def low_coverage_share(model: BehaviorModel, target: Target, data: dict, mode: str, k: int, q: float = 0.05) -> float:
-    """The share of pi_e's action mass on the dataset's states (the policy FQE and MB value: `mode`) where the fitted
-    behaviour density is below its q-quantile on the data's own actions: where FQE and the model extrapolate. About q
-    for a policy that acts like the data."""
+    """pi_e's (`mode`) action mass on the data's states where the fitted pi_b is below its q-quantile on the data's own
+    actions: where FQE and MB extrapolate (about q for a policy that acts like the data)."""
     obs = data["obs"]
     threshold = torch.quantile(batched(model.log_prob, obs, data["actions"]).float(), q)
     pi = batched(lambda o: policy_at(target, o, mode, k), obs)
@@ -526,8 +412,7 @@ def check_behavior_log_probs(log_probs: np.ndarray, name: str) -> None:
 # Regress Q(s, a) on r + gamma (1 - terminal) E_{a'~pi_e} Q̄(s', a'): dataset (s, a) on the left, pi_e's actions at s'
 # on the right, Q̄ a Polyak target network; the estimate is the mean over initial states of E_{a~pi_e} Q̄(s0, a).
 class QModel(nn.Module):
-    """Q(s, a): Box, an MLP on s ⊕ a (a rescaled to [-1, 1]); Discrete, an MLP from s to Q(s, .). It outputs Q / scale,
-    scale = reward scale / (1 - gamma), so the regression targets are O(1) (DOPE's (1 - gamma) normalisation)."""
+    """Q(s, a): an MLP on s ⊕ a (Box) or s -> Q(s, .) (Discrete), outputting Q / scale, scale ~ r / (1 - gamma)."""
 
     def __init__(self, obs_dim: int, act_dim: int, n_actions: int | None, stats: dict, scale: float,
                  hidden: int = 256, layers: int = 2):
@@ -557,9 +442,8 @@ class QModel(nn.Module):
 def fit_fqe(q: QModel, data: dict, next_pi: torch.Tensor, gamma: float, steps: int, tau: float, lr: float,
             batch_size: int, probe: tuple[torch.Tensor, torch.Tensor] | None = None,
             desc: str = "FQE") -> tuple[QModel, list]:
-    """Train `q` by FQE; returns the target network (the one FQE evaluates with) and the trace of the mean of
-    E_{pi} Q̄(s, a) over the probe states at 5 points of training (still moving: more --fqe-steps).
-    next_pi: pi_e at every row's s' (`policy_at`); Box holds k actions per row, one is drawn per update."""
+    """FQE: the target network Q̄ and the mean of E_pi Q̄ over the probe states at 5 points of training (moving: more
+    --fqe-steps). next_pi: pi_e at every row's s' (`policy_at`; Box: k actions, one drawn per update)."""
     target = copy.deepcopy(q)
     r = data["rewards"]
     lo = min(float(r.min()), 0.0) / (1 - gamma) if gamma < 1 else -math.inf  # values lie in [r_min, r_max] / (1-g),
@@ -654,8 +538,7 @@ def fit_model(model: DynamicsEnsemble, data: dict, n_models: int, steps: int, lr
 @torch.no_grad()
 def model_rollout(model: DynamicsEnsemble, act_fn, s0: torch.Tensor, n_models: int, horizon: int,
                   gamma: float, desc: str = "model rollouts") -> tuple[np.ndarray, np.ndarray]:
-    """Every member rolls out its own copy of each initial state under act_fn for `horizon` steps, ending with its
-    predicted probability (a Bernoulli draw per step). Returns (discounted, undiscounted) returns, each (E, n)."""
+    """Each member rolls each initial state out under act_fn, ending with its predicted probability: (disc, undisc)."""
     state = s0[None].expand(n_models, -1, -1).clone()
     alive = torch.ones(state.shape[:2], device=s0.device)
     disc, undisc = torch.zeros_like(alive), torch.zeros_like(alive)
@@ -675,8 +558,7 @@ def model_rollout(model: DynamicsEnsemble, act_fn, s0: torch.Tensor, n_models: i
 # ---- One policy: the model-based estimators (FQE, MB), the weighted ones (IS ... WDR), their rows -----------------
 @dataclass
 class Row:
-    """An estimator's row before resampling: which policy it values, its discounted and undiscounted terms, its ESS
-    (weighted rows), and with --refit-bootstrap the refitted estimates its interval comes from."""
+    """An estimator before resampling: the policy it values, its terms, ESS (weighted rows), FQE refit estimates."""
     values: str
     disc: tuple
     undisc: tuple | None = None
@@ -686,8 +568,7 @@ class Row:
 
 def fqe_refits(ep: Episodes, new_q, data: dict, next_pi: torch.Tensor, s0: torch.Tensor, pi0: torch.Tensor,
                args: Args, label: str) -> np.ndarray | None:
-    """--refit-bootstrap K: FQE refitted on the rows of K bootstrap resamples of whole episodes (with multiplicity),
-    each valued over its resample's initial states. Its own numpy stream, a forked torch RNG: no other number moves."""
+    """--refit-bootstrap K: FQE refitted on K resamples of whole episodes, on its own streams (nothing else moves)."""
     counts = bootstrap_counts(ep.n, args.refit_bootstrap, np.random.default_rng([args.seed, 1]))
     if counts is None:
         return None
@@ -706,7 +587,7 @@ def fqe_refits(ep: Episodes, new_q, data: dict, next_pi: torch.Tensor, s0: torch
 def model_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, args: Args, res: dict,
                     model: DynamicsEnsemble | None, coverage_model: BehaviorModel | None, label: str):
     """FQE, the coverage check and MB, which need only actions from pi_e: ({name: Row or why skipped}, FQE's Q̂)."""
-    gamma, device, diag, warn, q = args.discount, data["rewards"].device, res["diagnostics"], res["warnings"], None
+    gamma, device, diag, q = args.discount, data["rewards"].device, res["diagnostics"], None
     s0 = data["obs"][torch.as_tensor(ep.rows[:, 0], device=device)]
     values = "dist" if args.fqe_action == "sample" and target.density is not None else "act"  # no density: acts
     rows = {"FQE": "--fqe-steps 0", "MB": "--mb-steps 0"}
@@ -728,48 +609,26 @@ def model_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
             rows["FQE"].refits = fqe_refits(ep, new_q, fqe_data, next_pi, s0, pi0, args, label)
             if rows["FQE"].refits is not None:
                 diag["fqe_interval"], diag["fqe_refit_estimates"] = "refit", rows["FQE"].refits.tolist()
-                res["notes"].append(f"FQE's interval: {args.refit_bootstrap} refits, each on a bootstrap resample of "
-                                    "whole episodes (refit, the fitting's variance included)")
-        if len(trace) >= 2 and abs(trace[-1] - trace[-2]) > 0.05 * max(abs(trace[-1]), 1e-6):
-            warn.append(f"FQE has not settled: its estimate moved {trace[-2]:.2f} -> {trace[-1]:.2f} over the last 20% "
-                        f"of training; its target network makes about steps x tau = {args.fqe_steps * args.fqe_tau:.3g}"
-                        f" Bellman backups, the effective horizon 1/(1-gamma) is {1 / max(1 - gamma, 1e-9):.0f}: raise "
-                        "--fqe-steps (DOPE used 1M)")
-        cut = ep.n - int(ds.terminals[ep.rows[np.arange(ep.n), ep.lengths - 1]].sum())  # episodes ended by time limit
-        horizon = int(ep.lengths.max())
-        if cut and gamma**horizon > 0.05 and not args.fqe_time_limit_terminal:
-            res["notes"].append(
-                f"FQE values the infinite-horizon discounted return (it bootstraps through the time limit): {cut} "
-                f"episodes are cut at <= {horizon} steps, gamma^H = {gamma**horizon:.2f}, so FQE adds about "
-                "gamma^H V(s_H), which the finite-horizon IS, MB and rollouts lack: higher where later rewards are "
-                "positive, lower where they are negative (Pendulum). --fqe-time-limit-terminal stops it at the cut")
     diag["low_coverage_share"] = None  # the share of the valued policy's actions where the data are thin
     if coverage_model is not None:
-        share = diag["low_coverage_share"] = low_coverage_share(coverage_model, target, data, args.fqe_action,
-                                                                args.v_samples)
-        if share > COVERAGE_WARN:
-            warn.append(f"{100 * share:.0f}% of pi_e's action mass on dataset states lies where the fitted behaviour "
-                        "density is below its 5th percentile on the data's actions (5% for the data's own "
-                        "actions): FQE and MB extrapolate there; do not trust their values")
+        diag["low_coverage_share"] = low_coverage_share(coverage_model, target, data, args.fqe_action, args.v_samples)
     if model is not None:  # roll the (policy-independent) ensemble out under this policy
         horizon = args.mb_horizon or int(ep.lengths.max())
         disc, undisc = model_rollout(model, target.act if args.fqe_action == "act" else target.sample, s0,
                                      args.mb_ensemble, horizon, gamma, desc=f"model rollouts {label}".rstrip())
         rows["MB"] = Row(values, mean_terms(disc.mean(0)), mean_terms(undisc.mean(0)))
-        member = disc.mean(1)
-        diag["mb_member_estimates"], diag["mb_horizon"] = member.tolist(), horizon
-        if len(member) > 1 and member.std() > 0.2 * max(abs(member.mean()), 1e-6):
-            warn.append(f"the model ensemble disagrees: member estimates {np.round(member, 2).tolist()}")
+        diag["mb_member_estimates"], diag["mb_horizon"] = disc.mean(1).tolist(), horizon
     return rows, q
 
 
 def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, stats: dict, log_pb: np.ndarray,
                        args: Args, res: dict, q: QModel | None) -> dict:
     """IS, WIS, PDIS, WPDIS, DR and WDR (with FQE's Q̂), the divergence diagnostics and the HCOPE lower bound."""
-    if target.density is None:
-        res["notes"].append(target.skip_reason)
+    from benchmark import ope_report as report  # the lower bound
+
+    if target.density is None:  # (the note says why)
         return {name: "the policy has no density (see the note below)" for name in WEIGHTED}
-    gamma, diag, notes, warnings = args.discount, res["diagnostics"], res["notes"], res["warnings"]
+    gamma, diag = args.discount, res["diagnostics"]
     log_pe = batched(target.log_prob, data["obs"], data["actions"]).double().cpu().numpy()
     if np.isnan(log_pe).any():
         raise OPEError(f"pi_e's log_prob is NaN for {int(np.isnan(log_pe).sum())} dataset actions (first at row "
@@ -779,8 +638,6 @@ def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, st
     if args.clip_log_ratio is not None:  # DOPE: per-step log-ratios clipped to [-6, 2]; trades variance for bias
         lo, hi = args.clip_log_ratio
         diag["clipped_share"] = float(((lr_rows < lo) | (lr_rows > hi)).mean())
-        notes.append(f"per-step log-ratios clipped to [{lo}, {hi}] ({100 * diag['clipped_share']:.1f}% of steps "
-                     "clipped): the IS-family estimates are biased by the clipping")
         lr_used = np.clip(lr_rows, lo, hi)
     rewards, log_ratios, mask = ep.pad(ds.rewards), ep.pad(lr_used), ep.mask
     log_w = log_weights(log_ratios, mask)[:, -1]
@@ -799,23 +656,11 @@ def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, st
     if not target.discrete and target.gaussian(data["obs"][:1]) is not None:  # how much truncation changes pi_e
         mass = batched(lambda o: log_box_mass(*target.gaussian(o), target.low, target.high).sum(-1).exp(), data["obs"])
         diag["pi_e_mass_inside_box"] = float(mass.mean())
-        if diag["pi_e_mass_inside_box"] < 0.9:
-            notes.append(f"pi_e's Gaussian keeps {100 * diag['pi_e_mass_inside_box']:.0f}% of its mass inside the "
-                         "action box on dataset states: the 'dist' rows value it truncated to the box (renormalised)")
 
-    # A 95% lower bound from IS (Thomas et al. 2015): returns mapped to [0, 1] by the data's reward range over the
-    # longest episode, so that X_i = w_i (G_i - g_lo) / (g_hi - g_lo) >= 0. It rests on E[w] = 1, so it takes the
-    # unclipped ratios, and on a known pi_b: with a fitted one it is approximate
-    disc = gamma ** np.arange(rewards.shape[1])
-    g_lo, g_hi = min(stats["r_min"], 0.0) * disc.sum(), max(stats["r_max"], 0.0) * disc.sum()
-    with np.errstate(over="ignore", invalid="ignore"):
-        x = np.exp(log_weights(ep.pad(lr_rows), mask)[:, -1]) * ((rewards @ disc) - g_lo) / max(g_hi - g_lo, 1e-12)
-    lb = hcope_lower_bound(x, 0.05, np.random.default_rng(args.seed)) if np.isfinite(x).all() else float("nan")
-    exact = args.behavior != "fitted" and ds.behavior_log_probs is not None  # main's rule for the logged log-probs
-    bound, returns = g_lo + (g_hi - g_lo) * lb, rewards @ disc
-    diag["hcope"] = dict(delta=0.05, lower_bound_discounted=bound, data_discounted=float(returns.mean()),
-                         smallest_observed_discounted=float(returns.min()), vacuous=not bound >= returns.min(),
-                         approximate=None if exact else "pi_b is fitted: the guarantee assumes the true pi_b")
+    # a 95% lower bound from IS (Thomas et al. 2015): on the unclipped ratios (it rests on E[w] = 1), exact only with
+    # the logged pi_b (main's rule for them)
+    exact = args.behavior != "fitted" and ds.behavior_log_probs is not None
+    diag["hcope"] = report.lower_bound(rewards, ep.pad(lr_rows), mask, gamma, stats, args.seed, exact)
 
     # DR and WDR: FQE's Q̂ and V̂(s) = E_{a~pi_e(.|s)} Q̂(s, a) under the *same* distribution as the ratios (only then
     # is DR unbiased for any Q̂)
@@ -824,29 +669,16 @@ def weighted_estimates(ds: Dataset, ep: Episodes, target: Target, data: dict, st
         q_sa = ep.pad(batched(q, data["obs"], data["actions"]).double().cpu().numpy())
         v_s = ep.pad(batched(lambda o: q.expected(o, policy_at(target, o, "sample", args.v_samples)),
                              data["obs"]).double().cpu().numpy())
-        notes.append("undiscounted DR/WDR use the discounted FQE Q as control variate: still unbiased (any Q̂ is), "
-                     "less variance reduction")
     terms_d, terms_u = (contributions(rewards, log_ratios, mask, g, q_sa, v_s) for g in (gamma, 1.0))
     ess = {name: diag["ess" if name in ("IS", "WIS") else "per_decision_ess"] for name in terms_d}
     rows = {name: Row("dist", terms_d[name], terms_u[name], ess[name]) for name in terms_d}
     rows.update({name: "needs FQE's Q (--fqe-steps 0)" for name in WEIGHTED if name not in rows})
-    if diag["ess_share"] < MIN_ESS_SHARE:
-        warnings.append(f"effective sample size {diag['ess']:.1f} is {100 * diag['ess_share']:.1f}% of the {ep.n} "
-                        f"episodes (< {100 * MIN_ESS_SHARE:.0f}%; per-decision ESS {diag['per_decision_ess']:.1f}): a "
-                        "few episodes carry the weight; do not trust IS ... WDR here (rows below it show no interval)")
-    if diag["zero_prob_share"] > 0:
-        warnings.append(f"{100 * diag['zero_prob_share']:.2f}% of dataset actions have probability 0 under pi_e: "
-                        "their episodes get weight 0 (the weighted estimates rest on the others), KL is infinite")
-    if diag["max_log10_weight"] > 300:
-        warnings.append(f"the largest episode weight is 10^{diag['max_log10_weight']:.0f}: IS and PDIS overflow "
-                        "float64 (inf/nan); the self-normalised estimators still work")
     return rows
 
 
 def table_row(ds: Dataset, row: Row, counts: np.ndarray | None, n: int, notes: list, name: str) -> dict:
-    """One estimator's results: estimates from resample(terms), 95% CIs from resample(terms, counts), or from the
-    refits. A weighted row whose ESS is below MIN_ESS_SHARE of the n episodes gets no interval (resampling a handful
-    of dominant episodes gives tight, meaningless ones) and is marked unreliable: out of the rank metrics."""
+    """One estimator's results and 95% CIs. A weighted row whose ESS is below MIN_ESS_SHARE of the n episodes gets no
+    interval (resampling a few dominant episodes gives tight, meaningless ones), and is unreliable: out of the ranks."""
     d, u = float(resample(row.disc)), float(resample(row.undisc)) if row.undisc is not None else float("nan")
     low_ess = row.ess is not None and row.ess < MIN_ESS_SHARE * n
     boot = None if low_ess else counts
@@ -867,13 +699,13 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
                     args: Args, model: DynamicsEnsemble | None = None, rng: np.random.Generator | None = None,
                     label: str = "", coverage_model: BehaviorModel | None = None) -> dict:
     """Every estimator for one policy ({name: table_row, or why skipped}), diagnostics, notes and warnings."""
+    from benchmark import ope_report as report  # the notes and warnings the rows and diagnostics call for
+
     counts = bootstrap_counts(ep.n, args.bootstrap, rng or np.random.default_rng(args.seed))
     res = dict(estimates={}, diagnostics={}, notes=list(target.notes), warnings=[])
-    if counts is None and args.bootstrap > 0:
-        res["notes"].append(f"only {ep.n} episode: a bootstrap over episodes needs at least 2, so no confidence "
-                            "intervals")
     rows, q = model_estimates(ds, ep, target, data, stats, args, res, model, coverage_model, label)
     rows.update(weighted_estimates(ds, ep, target, data, stats, log_pb, args, res, q))
+    report.add_notes(res, args, ds, ep, target)
     skipped = dict.fromkeys(("values", "discounted", "undiscounted", "normalized", "ci_discounted", "ci_undiscounted",
                              "ci_normalized", "ess", "skipped", "unreliable", "ci_mc_error"))
     est = {name: table_row(ds, row, counts, ep.n, res["notes"], name) if isinstance(row, Row) else
@@ -881,237 +713,7 @@ def evaluate_policy(ds: Dataset, ep: Episodes, target: Target, data: dict, stats
     return {**res, "estimates": {name: est[name] for name in ESTIMATORS}}
 
 
-# ---- Ground truth, policy selection and the DOPE metrics (Fu et al. 2021) ------------------------------------------
-def ground_truth(ds: Dataset, target: Target, args: Args, device: torch.device, label: str = "") -> dict:
-    """--rollouts: the policy --rollout-action names, run in the dataset's environment (episode i seeded
-    seed + 100 + i, the same for every policy), with its 95% CI. common.evaluate runs it on a forked torch stream and
-    the CI has its own numpy stream, so no estimate of this or a later policy depends on --rollouts."""
-    if ds.env_id is None:
-        raise OPEError(f"{ds.name}: no env_id in the dataset metadata, so --rollouts cannot run the policy")
-    with progress_bar(args.rollouts, f"ground-truth rollouts {label}".rstrip(), unit="episode") as bar:
-        ev = evaluate(ds, target.act if args.rollout_action == "act" else target.sample, args.rollouts,
-                      args.seed + 100, device, discount=args.discount, on_episode=bar.update)
-    boot = bootstrap_counts(args.rollouts, args.bootstrap, np.random.default_rng([args.seed, 2]))
-    ci_d, ci_u = (percentile_ci(resample(mean_terms(x), boot)) if boot is not None else None
-                  for x in (ev.discounted_returns, ev.returns))
-    return dict(values="act" if args.rollout_action == "act" or target.density is None else "dist",
-                episodes=args.rollouts, discounted=float(ev.discounted_returns.mean()),
-                undiscounted=float(ev.returns.mean()), normalized=float(ds.normalized_score(ev.returns.mean())),
-                ci_discounted=ci_d, ci_normalized=[float(ds.normalized_score(x)) for x in ci_u] if ci_u else None)
-
-
-def spearman(x, y) -> float:
-    """Spearman's rank correlation (average ranks for ties); nan if either side is constant or has a nan."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
-        return float("nan")
-
-    def ranks(v):
-        r = np.empty(len(v))
-        r[np.argsort(v, kind="stable")] = np.arange(len(v), dtype=np.float64)
-        for value in np.unique(v):  # ties share their average rank
-            r[v == value] = r[v == value].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    return float("nan") if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
-
-
-def top_k(estimates, true_values, k: int) -> np.ndarray:
-    """The estimator's k highest-ranked policies; ties go to the lower true value, so that neither the order of the
-    policies nor luck decides (an estimator that cannot tell two policies apart is charged the worse)."""
-    return np.lexsort((np.asarray(true_values, dtype=np.float64), -np.asarray(estimates, dtype=np.float64)))[:k]
-
-
-def regret_at_1(estimates, true_values) -> float:
-    """True value of the best policy minus the true value of the one the estimator ranks first."""
-    estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
-    if not np.isfinite(estimates).all():
-        return float("nan")
-    return float(true_values.max() - true_values[top_k(estimates, true_values, 1)[0]])
-
-
-def normalized_regret_at_k(estimates, true_values, k: int, floor: float | None = None) -> float:
-    """DOPE's normalized regret@k: (best true value - best true value in the estimator's top k) / (best true value -
-    floor), floor the smallest true value unless given (0: the top k hold the best policy; 1: the worst)."""
-    estimates, true_values = np.asarray(estimates, dtype=np.float64), np.asarray(true_values, dtype=np.float64)
-    spread = true_values.max() - (true_values.min() if floor is None else floor)
-    if not np.isfinite(estimates).all() or spread <= 0:
-        return float("nan")
-    return float((true_values.max() - true_values[top_k(estimates, true_values, k)].max()) / spread)
-
-
-# ---- Output: a short table per policy and the selection on the console; everything in its JSON (--out) -----------
-def cell(x, width: int = 9, prec: int = 2) -> str:
-    """x right-aligned in `width`: a number, an interval [low, high], text, or n/a (None, nan)."""
-    if isinstance(x, list | tuple):
-        x = f"[{x[0]:.{prec}f}, {x[1]:.{prec}f}]"
-    elif x is None or (isinstance(x, float) and math.isnan(x)):
-        x = "n/a"
-    return f"{x:>{width}}" if isinstance(x, str) else f"{x:>{width}.{prec}f}"
-
-
-def format_table(path: str, res: dict) -> str:
-    """One policy's table; the JSON has all of it and more (the CIs' Monte-Carlo error, FQE's trace, MB's members)."""
-    d, truth = res["diagnostics"], res.get("truth")
-    behavior = "ESTIMATED (fitted, see above)" if res["behavior"].startswith("ESTIMATED") else res["behavior"]
-    lines = [f"== {path}", f"   pi_e: {res['density'] or 'no density'}; behaviour: {behavior}"]
-    if "ess" in d:
-        lines.append(f"   KL(pi_b||pi_e) {d['kl_behavior_target']:.3f} nats/step, top episode holds "
-                     f"{100 * d['top_episode_weight_share']:.0f}% of the weight, ESS {d['ess']:.1f}/{d['n_episodes']}, "
-                     f"per-decision ESS {d['per_decision_ess']:.1f}")
-    lines.append(f"   {'estimator':<9} {'policy':<6} {'discounted':>10} {'95% CI':>20} {'undisc.':>9} "
-                 f"{'normalized':>10} {'95% CI':>18} {'ESS':>7}" + (" |  err disc |err norm|" if truth else ""))
-    for name, e in {**res["estimates"], **({"truth": truth} if truth else {})}.items():
-        if e.get("skipped"):
-            lines.append(f"   {name:<9} skipped: {e['skipped'][:90]}")
-            continue
-        no_ci = "no CI: ESS low !" if e.get("unreliable") else None
-        row = (f"   {name:<9} {e['values']:<6} {cell(e['discounted'], 10)} {cell(no_ci or e['ci_discounted'], 20)} "
-               f"{cell(e['undiscounted'], 9, 1)} {cell(e['normalized'], 10, 1)} "
-               f"{cell(no_ci or e['ci_normalized'], 18, 1)}")
-        if name == "truth":
-            row += f"   ({truth['episodes']} rollout episode{'s' if truth['episodes'] > 1 else ''})"
-        else:
-            row += " " + cell(e["ess"], 7, 1)
-            if truth:  # * marks a row that values another policy than the rollouts ran
-                flag = "*" if e["values"] != truth["values"] else " "
-                row += f" | {cell(e['error_discounted'])}{flag} {cell(e['abs_error_normalized'], 9, 1)}"
-        lines.append(row)
-    if any(e["unreliable"] for e in res["estimates"].values()):
-        lines.append(f"   ! ESS below {100 * MIN_ESS_SHARE:.0f}% of the episodes: no interval (it would be "
-                     "meaningless), and the row is left out of the rank metrics")
-    if d.get("low_coverage_share") is not None:
-        lines.append(f"   coverage: {100 * d['low_coverage_share']:.1f}% of pi_e's action mass where the data are thin "
-                     f"(the data's own actions: 5%; a warning above {100 * COVERAGE_WARN:.0f}%)")
-    if "hcope" in d:
-        h = d["hcope"]
-        verdict = "better than" if h["lower_bound_discounted"] > h["data_discounted"] else "not shown better than"
-        approx = " (APPROXIMATE: pi_b is fitted, the guarantee assumes it known)" if h.get("approximate") else ""
-        useless = (f" VACUOUS (below the smallest observed return, {h['smallest_observed_discounted']:.2f}: the "
-                   "weights are too uneven to bound anything);" if h.get("vacuous") else ";")
-        lines.append(f"   95% lower bound on the discounted value{approx}: {cell(h['lower_bound_discounted'], 0)}"
-                     f"{useless} the data's {h['data_discounted']:.2f}: pi_e is {verdict} the data with 95% confidence")
-    return "\n".join(lines + [f"   note: {n}" for n in res["notes"]] + [f"   WARNING: {w}" for w in res["warnings"]])
-
-
-def closing_line(res: dict) -> str:
-    """Which of one policy's estimates to trust and why, or that none can be and what to do; from the data alone
-    (the rollouts, when run, only check it): the IS family with a usable ESS, else FQE, else MB, each only without a
-    warning against it."""
-    est, d, warned = res["estimates"], res["diagnostics"], " ".join(res["warnings"])
-    share = d.get("low_coverage_share")
-    thin = share is not None and share > COVERAGE_WARN
-    doubts = {"IS ... WDR": [f"rest on an ESS of {d['ess']:.1f} of {d['n_episodes']} episodes" if "ess" in d else
-                             "need a density of pi_e (--smoothing-width)"],
-              "FQE": ["has not settled"] * ("FQE has not settled" in warned),
-              "MB": ["has models that disagree"] * ("ensemble disagrees" in warned)}
-    a = res.get("args", {})
-    backups, horizon = a.get("fqe_steps", 0) * a.get("fqe_tau", 1.0), 1 / max(1 - a.get("discount", 0.0), 1e-9)
-    if a and backups < horizon:  # a trace that barely moves over a few backups is not settled
-        doubts["FQE"].append(f"made about {backups:.0f} Bellman backups (--fqe-steps x --fqe-tau) for an effective "
-                             f"horizon of {horizon:.0f}")
-    for name in ("FQE", "MB"):
-        if thin:
-            doubts[name].append(f"extrapolates ({100 * share:.0f}% of pi_e's actions where the data are thin)")
-        doubts[name] = ["was not run"] if est[name]["skipped"] else doubts[name]
-    pick = next((n for n in ("WDR", "WPDIS") if not est[n]["skipped"] and not est[n]["unreliable"]), None)
-    if pick is not None:
-        why = f"its weights spread over {est[pick]['ess']:.0f} effective episodes of {d['n_episodes']}" + (
-            " (pi_b fitted: approximate)" if res["behavior"].startswith("ESTIMATED") else ", with the exact pi_b")
-        doubts.pop("IS ... WDR")
-    else:
-        pick = next((n for n in ("FQE", "MB") if not doubts[n]), None)
-        where = "no coverage check ran" if share is None else "pi_e stays where the data are"
-        why = (f"it settled and {where}" + (f" (coverage {100 * share:.1f}%)" if share is not None else "")
-               if pick == "FQE" else f"its models agree and {where}")
-        doubts.pop(pick, None)
-    doubt = "; ".join(f"{n} {' and '.join(w)}" for n, w in doubts.items() if w)
-    if pick is None:
-        todo = "raise --fqe-steps until FQE settles" if doubts["FQE"] and not thin else (
-            "the data do not cover this policy: only running it (--rollouts N) can tell its value")
-        return f"verdict: trust none of the estimates: {doubt}; {todo}"
-    e, refit = est[pick], pick == "FQE" and d.get("fqe_interval") == "refit"
-    ci = (f" (95% CI {e['ci_discounted'][0]:.2f} to {e['ci_discounted'][1]:.2f}"
-          + (", start states only)" if pick in ("FQE", "MB") and not refit else ")") if e["ci_discounted"] else "")
-    return (f"verdict: trust {pick}: {e['discounted']:.2f} discounted{ci}, the value of '{e['values']}'; {why}"
-            + (f"; not the others: {doubt}" if doubt else ""))
-
-
-def output_paths(args: Args, dataset: str) -> dict[str, Path]:
-    """Each policy's JSON path from --out. A file already there is replaced only if it holds a run with the same
-    settings (those that change a number: all but --threads, --plot, --out and the order of the policies)."""
-    try:
-        paths = {p: Path(args.out.format(policy=p, dataset=re.sub(r"[^\w.-]+", "_", dataset))) for p in args.policy}
-    except (KeyError, IndexError, ValueError) as e:
-        raise OPEError(f"--out {args.out}: only {{policy}} and {{dataset}} can be filled in ({e!r})") from None
-    if len(set(paths.values())) < len(paths):
-        raise OPEError(f"--out {args.out} gives several policies the same file: put {{policy}} in it")
-    new = json.loads(json.dumps(asdict(args)))
-    for path in (p for p in paths.values() if p.exists()):
-        try:
-            old = json.loads(path.read_text())["args"]
-            changed = [f"--{k.replace('_', '-')} {old[k]} there, {v} here" for k, v in new.items()
-                       if k in old and k not in ("threads", "plot", "out")
-                       and (sorted(v) != sorted(old[k]) if k == "policy" else v != old[k])]
-        except (OSError, ValueError, KeyError, TypeError):
-            changed = ["not a result of ope.py"]
-        if changed:
-            raise OPEError(f"{path} exists ({'; '.join(changed)[:200]}): it is not overwritten; write elsewhere with "
-                           "--out (e.g. --out '{policy}.run2.ope.json') or remove it")
-        print(f"{path} holds a run with the same settings: it will be replaced", flush=True)
-    return paths
-
-
-def write_json(path: Path, res: dict) -> None:
-    """The policy's --out file: everything, nan and inf as null."""
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list | tuple):
-            return [clean(v) for v in x]
-        return (float(x) if math.isfinite(x) else None) if isinstance(x, float | np.floating) else x
-
-    path.write_text(json.dumps(clean(res), indent=2))
-
-
-# ---- TRY NOT TO MODIFY: checkpoints, data on the device, flag ranges, the run ----------------------------------------
-def read_checkpoint(path: str, device: str | torch.device = "cpu") -> dict:
-    """common.load_checkpoint (a missing, corrupt or foreign file is an error, in one line) as an OPEError."""
-    try:
-        return load_checkpoint(path, device)
-    except UserError as e:
-        raise OPEError(str(e)) from None
-
-
-def load_target_policy(path: str, ds: Dataset, device: torch.device) -> Policy:
-    """Rebuild a checkpoint with the `load_policy` of the script that saved it, and check it fits the dataset."""
-    algo = read_checkpoint(path, device)["algo"]  # load_checkpoint checked it is there
-    try:
-        module = importlib.import_module(algo)
-    except ImportError as e:
-        raise OPEError(f"{path}: saved by '{algo}', but there is no {algo}.py to rebuild it ({e})") from e
-    policy = module.load_policy(path, device)
-    if not isinstance(policy, Policy):
-        raise OPEError(f"{algo}.load_policy returned {type(policy).__name__}, not common.Policy")
-    obs_dim, act_dim, n_actions = dataset_dims(ds)
-    ck = policy.checkpoint if isinstance(policy.checkpoint, dict) else {}
-    trained = f"trained on {ck.get('args', {}).get('dataset', '?')}"
-    if policy.discrete != ds.discrete or ck.get("n_actions", n_actions) != n_actions:
-        raise OPEError(f"{path}: the checkpoint's action space ({'Discrete' if policy.discrete else 'Box'}, "
-                       f"n_actions {ck.get('n_actions')}; {trained}) does not match {ds.name} "
-                       f"({'Discrete' if ds.discrete else 'Box'}, n_actions {n_actions})")
-    if ck.get("obs_dim", obs_dim) != obs_dim or (not ds.discrete and ck.get("act_dim", act_dim) != act_dim):
-        raise OPEError(f"{path}: the checkpoint expects obs_dim {ck.get('obs_dim')}, act_dim {ck.get('act_dim')} "
-                       f"({trained}); {ds.name} has obs_dim {obs_dim}, act_dim {act_dim}")
-    with torch.no_grad():
-        a = policy.act(torch.as_tensor(ds.observations[:2], device=device))
-    if tuple(a.shape) != ((2,) if ds.discrete else (2, act_dim)):
-        raise OPEError(f"{path}: the policy's actions have shape {tuple(a.shape[1:])}, {ds.name} needs "
-                       f"{() if ds.discrete else (act_dim,)}")
-    return policy
-
-
+# ---- TRY NOT TO MODIFY: the data on the device, the flags, the run ---------------------------------------------------
 def device_data(ds: Dataset, device: torch.device) -> tuple[dict, dict]:
     """The dataset as tensors on the device, and the statistics every fitted network normalises with."""
     def t(x, dtype=torch.float32):
@@ -1131,6 +733,76 @@ def device_data(ds: Dataset, device: torch.device) -> tuple[dict, dict]:
     return data, stats
 
 
+@dataclass
+class Args:
+    policy: tyro.conf.UseAppendAction[list[str]]
+    """a checkpoint saved by `--save-model` (iql.pt, cql.pt, bcq.pt); repeat the flag to compare several policies"""
+    dataset: str | None = None
+    """a built-in name, a Minari id or an `.npz` path; unset: the dataset the first policy was trained on"""
+    seed: int = 1
+    """seed of torch and numpy; ground-truth rollout i is seeded `seed + 100 + i` (as the training scripts)"""
+    device: str = "auto"
+    """`auto` picks CUDA when present, else CPU; or any torch device string"""
+    threads: int = 1
+    """CPU threads: 1 stays fast when other processes share the cores; more only helps on an idle machine"""
+    discount: float = 0.99
+    """gamma of the discounted estimates (the undiscounted column always uses gamma = 1)"""
+    bootstrap: int = 2000
+    """bootstrap resamples of whole episodes for the 95% CIs (0: none); 2000 leave 50 per tail"""
+    # Behaviour policy and importance weights
+    behavior: Literal["auto", "logged", "fitted"] = "auto"
+    """`logged`: the dataset's exact behavior_log_probs; `fitted`: behaviour cloning; `auto`: logged if present"""
+    bc_steps: int = 5000
+    """gradient steps of each behaviour-cloning fit"""
+    coverage: bool = True
+    """report per policy its action mass where a behaviour model fitted on all the data is thin (FQE/MB extrapolate)"""
+    bc_folds: int = 2
+    """cross-fitting: each of this many folds of episodes gets log pi_b from a model fitted on the others (1: none)"""
+    clip_log_ratio: tuple[float, float] | None = None
+    """clip each per-step log pi_e - log pi_b to [LOW, HIGH] (DOPE used -6 2): less variance, some bias. Off"""
+    smoothing_width: float | None = None
+    """no-density policies: Box, N(action, W^2) truncated to the box; Discrete, W-greedy. Unset: IS/DR skipped"""
+    weight_threshold: float = 100.0
+    """diagnostic: the share of episodes whose importance weight w_{0:H-1} exceeds this value is reported"""
+    # FQE
+    fqe_steps: int = 20_000
+    """FQE gradient steps (DOPE ran 1,000,000; raise it when FQE has not settled; 0: skip FQE, DR and WDR)"""
+    fqe_action: Literal["act", "sample"] = "act"
+    """the policy FQE and MB value: `act` (the evaluation action) or `sample` (the distribution IS values)"""
+    fqe_tau: float = 0.02
+    """Polyak rate of FQE's target; x --fqe-steps ~ Bellman backups (20,000 x 0.02: 4 horizons at gamma .99)"""
+    fqe_time_limit_terminal: bool = False
+    """stop FQE's bootstrap at time limits too, to compare with the finite-horizon IS, MB and rollouts (approximate)"""
+    refit_bootstrap: int = 0
+    """K > 0: FQE's CI from K refits on bootstrap resamples of episodes (K times slower); 0: start states only"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate of every fitted network (FQE, behaviour cloning, model ensemble; weight decay 1e-5)"""
+    batch_size: int = 256
+    """transitions per gradient step of every fitted network"""
+    hidden_dim: int = 256
+    """width of the hidden layers of every fitted network"""
+    n_layers: int = 2
+    """hidden layers of every fitted network"""
+    v_samples: int = 10
+    """Box: actions drawn from pi_e(.|s) to average Q over (V(s) = E_{a~pi_e} Q(s, a)); Discrete sums exactly"""
+    # Model-based
+    mb_ensemble: int = 5
+    """number of dynamics models (each predicts s' - s, r and a termination logit from (s, a))"""
+    mb_steps: int = 10_000
+    """gradient steps of the model ensemble (0: skip the model-based estimate)"""
+    mb_horizon: int | None = None
+    """rollout length of the model; unset: the dataset's longest episode"""
+    # Validation against the real environment
+    rollouts: int = 0
+    """run each policy this many episodes in its environment, for each estimate's error (which they do not change)"""
+    rollout_action: Literal["act", "sample"] = "act"
+    """what the rollouts run: `act` (the evaluation action) or `sample` (pi_e's distribution, what IS ... WDR value)"""
+    plot: str | None = None
+    """write a PNG of the estimates with their 95% CIs (and the rollouts' value when --rollouts > 0) to this path"""
+    out: str = "{policy}.{dataset}.ope.json"
+    """each policy's JSON ({policy}: its path, {dataset}: the dataset's name); one there of other settings: an error"""
+
+
 RANGES = {"discount": "[0, 1]", "bootstrap": "[0, inf)", "bc_steps": "[0, inf)", "bc_folds": "[1, inf)",
           "weight_threshold": "(0, inf)", "fqe_steps": "[0, inf)", "fqe_tau": "(0, 1]", "learning_rate": "(0, inf)",
           "batch_size": "[1, inf)", "hidden_dim": "[1, inf)", "n_layers": "[0, inf)", "v_samples": "[1, inf)",
@@ -1140,39 +812,34 @@ RANGES = {"discount": "[0, 1]", "bootstrap": "[0, inf)", "bc_steps": "[0, inf)",
 
 
 def main(args: Args) -> dict[str, dict]:
+    from benchmark import ope_report as report  # the table, the verdict, the files, the rollouts, several policies
+
     check_ranges(args, RANGES)
     if not args.policy:
         raise OPEError("no policy to evaluate: pass --policy PATH (a checkpoint saved by --save-model; repeat the "
                        "flag for several)")
     if args.clip_log_ratio is not None and args.clip_log_ratio[0] > args.clip_log_ratio[1]:
         raise OPEError(f"--clip-log-ratio {args.clip_log_ratio[0]} {args.clip_log_ratio[1]}: LOW is above HIGH")
-    t_start, seconds = time.time(), {}  # wall time of each phase, for the summary line
-
-    def timed(phase, fn, *a, **kw):
-        t0 = time.time()
-        out = fn(*a, **kw)
-        seconds[phase] = seconds.get(phase, 0.0) + time.time() - t0
-        return out
-
-    def duration(s):
-        return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
-
+    timed = report.Phases()  # timed(phase, fn, *a): fn(*a), its wall time added to the phase's for the summary line
     torch.set_num_threads(args.threads)
-    set_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = True
     rng, device = np.random.default_rng(args.seed), pick_device(args.device)
-    checkpoints = [read_checkpoint(p) for p in args.policy]  # fail on a missing file before any work
+    checkpoints = [report.read_checkpoint(p) for p in args.policy]  # fail on a missing file before any work
     if args.dataset is None:
         args.dataset = checkpoints[0]["args"].get("dataset")
         if args.dataset is None:
             raise OPEError(f"{args.policy[0]} does not say which dataset it was trained on: pass --dataset")
     ds = load_dataset(args.dataset)
-    out = output_paths(args, ds.name)  # before any work: a file of other settings is refused, not overwritten
+    out = report.output_paths(args, ds.name)  # before any work: a file of other settings is refused, not overwritten
     ep = split_episodes(ds)
     print(f"ope.py: {ds.name}: {len(ds):,} transitions, {ep.n} episodes (longest {int(ep.lengths.max())} steps), "
           f"gamma {args.discount}", flush=True)
     data, stats = device_data(ds, device)
     obs_dim, act_dim, n_actions = dims = dataset_dims(ds)
-    targets = {path: Target(load_target_policy(path, ds, device), n_actions, stats.get("low"), stats.get("high"),
+    targets = {path: Target(report.load_target_policy(path, ds, device), n_actions, stats.get("low"), stats.get("high"),
                             args.smoothing_width, probe_obs=data["obs"][:1])
                for path in args.policy}  # rebuild and check every policy before any fitting: a wrong file fails fast
     if args.behavior == "logged" or (args.behavior == "auto" and ds.behavior_log_probs is not None):
@@ -1208,42 +875,16 @@ def main(args: Args) -> dict[str, dict]:
         torch.manual_seed(args.seed + 3)  # each policy on the same streams, whatever the other policies and their order
         res = results[path] = timed("estimates", evaluate_policy, ds, ep, target, data, stats, log_pb, args, model,
                                     np.random.default_rng([args.seed, 3]), label, coverage_model)
-        res.update(policy=path, dataset=ds.name, density=target.density, behavior=behavior, discount=args.discount,
-                   weight_threshold=args.weight_threshold, args=asdict(args))
-        ck = target.policy.checkpoint
-        trained_on = ck.get("args", {}).get("dataset") if isinstance(ck, dict) else None
-        if trained_on not in (None, ds.name, args.dataset):
-            res["notes"].append(f"the policy was trained on {trained_on}, evaluated here on {ds.name}")
+        report.add_run(res, path, target, ds, args, behavior)
         if args.rollouts > 0:
-            res["truth"] = truth = timed("ground-truth rollouts", ground_truth, ds, target, args, device, label)
-            for e in res["estimates"].values():
-                if not e["skipped"]:
-                    e["error_discounted"] = e["discounted"] - truth["discounted"]
-                    e["abs_error_normalized"] = abs(e["normalized"] - truth["normalized"])
-        res["verdict"] = closing_line(res)
-        print(format_table(path, res), flush=True)
-
-    if len(results) > 1 or args.plot:  # the multi-policy report and the figure: benchmark/ope_report.py
-        from benchmark.ope_report import dope_metrics, format_summary, plot_estimates, policy_selection
-    if len(results) > 1:
-        selection = policy_selection(results)
-        metrics = dict(policies=list(results), **dope_metrics(results)) if args.rollouts > 0 else None
-        for res in results.values():
-            res.update(selection=selection, **({"dope_metrics": metrics} if metrics else {}))
-        print(format_summary(res))
-    for path, res in results.items():
-        write_json(out[path], res)
-        print(f"wrote {out[path]}")
-    if args.plot:
-        plot_estimates(args.plot, results)
-        print(f"wrote {args.plot}" + ("" if args.rollouts > 0 else " (no --rollouts: no ground truth on it)"))
-    print(f"ope.py: done in {duration(time.time() - t_start)} ("
-          + ", ".join(f"{k} {duration(v)}" for k, v in seconds.items()) + ")", flush=True)
-    for path, res in results.items():  # the closing line(s): which estimate to trust
-        print(res["verdict"] if len(results) == 1 else f"{path}: {res['verdict']}", flush=True)
+            report.add_truth(res, timed("ground-truth rollouts", report.ground_truth, ds, target, args, device, label))
+        res["verdict"] = report.closing_line(res)
+        print(report.format_table(path, res), flush=True)
+    report.write_results(results, out, args.rollouts, args.plot, timed)  # then the timings and the verdicts
     return results
 
 
 if __name__ == "__main__":
-    report_user_errors("ope.py")  # a UserError (OPEError, a bad dataset or device) prints one line, exits 1
+    sys.excepthook = lambda kind, e, tb: (print(f"ope.py: error: {e}", file=sys.stderr, flush=True)  # one line, exit 1
+                                          if issubclass(kind, UserError) else sys.__excepthook__(kind, e, tb))
     main(tyro.cli(Args))

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import ope
-from common import Policy, UserError
-from datasets import Dataset, save_npz
+from benchmark import ope_report
+from common import Policy
+from datasets import Dataset, UserError, save_npz
 from tests.conftest import ROOT, run_script
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,11 +392,11 @@ def test_truncated_normal_is_a_density_on_the_box_and_sampling_matches_it():
 
 @pytest.mark.estimators
 def test_dope_metrics_helpers():
-    assert ope.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert ope.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert ope.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
-    assert ope.regret_at_1([3.0, 1.0, 2.0], [50.0, 80.0, 60.0]) == pytest.approx(30.0)
-    assert ope.regret_at_1([1.0, 3.0, 2.0], [50.0, 80.0, 60.0]) == 0.0
+    assert ope_report.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert ope_report.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert ope_report.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1])
+    assert ope_report.regret_at_1([3.0, 1.0, 2.0], [50.0, 80.0, 60.0]) == pytest.approx(30.0)
+    assert ope_report.regret_at_1([1.0, 3.0, 2.0], [50.0, 80.0, 60.0]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -531,18 +532,18 @@ def test_box_mass_and_truncated_normal_log_prob_match_the_closed_form():
 def test_spearman_ranks_with_average_ties_and_regret_edge_cases():
     # x = 1, 1, 2, 3, 3, 3 has average ranks 0.5, 0.5, 2, 4, 4, 4; y = 2, 1, 4, 3, 6, 5 ranks 1, 0, 3, 2, 5, 4
     expected = np.corrcoef([0.5, 0.5, 2, 4, 4, 4], [1, 0, 3, 2, 5, 4])[0, 1]
-    assert ope.spearman([1, 1, 2, 3, 3, 3], [2, 1, 4, 3, 6, 5]) == pytest.approx(expected)
-    assert ope.spearman([3, 1, 2], [1, 2, 3]) == pytest.approx(-0.5)  # ranks 2, 0, 1 vs 0, 1, 2
-    assert ope.spearman([1, 2], [5, 7]) == pytest.approx(1.0)  # two policies suffice
+    assert ope_report.spearman([1, 1, 2, 3, 3, 3], [2, 1, 4, 3, 6, 5]) == pytest.approx(expected)
+    assert ope_report.spearman([3, 1, 2], [1, 2, 3]) == pytest.approx(-0.5)  # ranks 2, 0, 1 vs 0, 1, 2
+    assert ope_report.spearman([1, 2], [5, 7]) == pytest.approx(1.0)  # two policies suffice
     # average ranks 0.5, 0.5, 2.5, 2.5 (std exactly 1) vs 0, 1, 2, 3: centred (-1, -1, 1, 1) . (-1.5, -0.5, 0.5, 1.5)
     # = 4, over norms 2 * sqrt(5): 2 / sqrt(5), whichever side holds the ties
-    assert ope.spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(2 / math.sqrt(5))
-    assert ope.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(2 / math.sqrt(5))
-    assert math.isnan(ope.spearman([1], [1]))
-    assert math.isnan(ope.spearman([2, 2, 2], [1, 2, 3]))  # a constant side has no ranking
-    assert math.isnan(ope.spearman([1, np.nan, 3], [1, 2, 3]))
-    assert math.isnan(ope.regret_at_1([1.0, np.inf], [5.0, 6.0]))  # a non-finite estimate ranks nothing
-    assert ope.regret_at_1([2.0, 1.0, 0.0], [7.0, 9.0, 3.0]) == pytest.approx(2.0)  # picks 7, best is 9
+    assert ope_report.spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(2 / math.sqrt(5))
+    assert ope_report.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(2 / math.sqrt(5))
+    assert math.isnan(ope_report.spearman([1], [1]))
+    assert math.isnan(ope_report.spearman([2, 2, 2], [1, 2, 3]))  # a constant side has no ranking
+    assert math.isnan(ope_report.spearman([1, np.nan, 3], [1, 2, 3]))
+    assert math.isnan(ope_report.regret_at_1([1.0, np.inf], [5.0, 6.0]))  # a non-finite estimate ranks nothing
+    assert ope_report.regret_at_1([2.0, 1.0, 0.0], [7.0, 9.0, 3.0]) == pytest.approx(2.0)  # picks 7, best is 9
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -912,7 +913,7 @@ def test_progress_bar_shows_total_and_rate_on_stderr(capsys):
 def test_ope_errors_are_user_errors():
     assert issubclass(ope.OPEError, UserError) and issubclass(ope.OPEError, ValueError)
     with pytest.raises(ope.OPEError, match="does not exist"):
-        ope.read_checkpoint("/no/such/dir/iql.pt")
+        ope_report.read_checkpoint("/no/such/dir/iql.pt")
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "unknown-dataset"])
@@ -954,24 +955,25 @@ def test_results_are_never_overwritten_without_a_word(tmp_path, capsys):
     ckpt = tmp_path / "a.pt"
     torch.save({"algo": "iql", "args": {"dataset": "cartpole-medium"}}, ckpt)
     args = ope.Args(policy=[str(ckpt)], dataset="cartpole-medium", fqe_steps=100, device="cpu")
-    paths = ope.output_paths(args, "cartpole-medium")
+    paths = ope_report.output_paths(args, "cartpole-medium")
     assert paths == {str(ckpt): tmp_path / "a.pt.cartpole-medium.ope.json"}
-    other = ope.output_paths(ope.Args(policy=[str(ckpt)], dataset="cartpole-random"), "cartpole-random")
+    other = ope_report.output_paths(ope.Args(policy=[str(ckpt)], dataset="cartpole-random"), "cartpole-random")
     assert other[str(ckpt)].name == "a.pt.cartpole-random.ope.json"  # another dataset, another file
-    assert ope.output_paths(args, "mujoco/hopper/medium-v0")[str(ckpt)].name == "a.pt.mujoco_hopper_medium-v0.ope.json"
+    hopper = ope_report.output_paths(args, "mujoco/hopper/medium-v0")[str(ckpt)]
+    assert hopper.name == "a.pt.mujoco_hopper_medium-v0.ope.json"
     paths[str(ckpt)].write_text(json.dumps({"args": json.loads(json.dumps(dataclasses.asdict(args)))}))
-    assert ope.output_paths(dataclasses.replace(args, threads=2), "cartpole-medium") == paths  # the same run again
+    assert ope_report.output_paths(dataclasses.replace(args, threads=2), "cartpole-medium") == paths  # the same run
     assert "it will be replaced" in capsys.readouterr().out
     with pytest.raises(ope.OPEError, match=r"a.pt.cartpole-medium.ope.json exists \(--fqe-steps 100 there, 200 "
                                            r"here\): it is not overwritten; write elsewhere with --out"):
         ope.main(dataclasses.replace(args, fqe_steps=200))  # refused before any fitting
     paths[str(ckpt)].write_text("{}")
     with pytest.raises(ope.OPEError, match="not a result of ope.py"):
-        ope.output_paths(args, "cartpole-medium")
+        ope_report.output_paths(args, "cartpole-medium")
     with pytest.raises(ope.OPEError, match="the same file"):
-        ope.output_paths(dataclasses.replace(args, policy=["a.pt", "b.pt"], out="{dataset}.json"), "x")
+        ope_report.output_paths(dataclasses.replace(args, policy=["a.pt", "b.pt"], out="{dataset}.json"), "x")
     with pytest.raises(ope.OPEError, match="only {policy} and {dataset}"):
-        ope.output_paths(dataclasses.replace(args, out="{run}.json"), "x")
+        ope_report.output_paths(dataclasses.replace(args, out="{run}.json"), "x")
 
 
 def test_default_fqe_makes_four_effective_horizons_of_backups():

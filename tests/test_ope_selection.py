@@ -28,7 +28,8 @@ def test_rows_with_too_small_an_ess_get_no_interval_and_say_why(chain):  # noqa:
     for name in ("IS", "WIS"):
         assert est[name]["unreliable"].startswith(f"ESS {d['ess']:.1f} < 10% of")
         assert est[name]["ci_discounted"] is None and est[name]["ci_normalized"] is None
-    table = ope.format_table("far.pt", {**res, "behavior": "logged", "density": "categorical", "weight_threshold": 100})
+    table = ope_report.format_table("far.pt", {**res, "behavior": "logged", "density": "categorical",
+                                               "weight_threshold": 100})
     assert "no CI: ESS low !" in table and "left out of the rank metrics" in table
     # the behaviour policy itself: every weight is 1, ESS = n, intervals as usual
     res = run_pipeline(ds, table_policy(PI_B))
@@ -62,10 +63,10 @@ def test_the_ess_gate_sits_at_min_ess_share_and_keeps_low_ess_rows_out_of_select
 def test_normalized_regret_at_k_by_hand():
     true = [0.0, 10.0, 4.0, 8.0]  # spread 10
     est = [5.0, 1.0, 9.0, 7.0]  # ranks policies 2, 3, 0, 1
-    assert ope.normalized_regret_at_k(est, true, 1) == pytest.approx((10 - 4) / 10)
-    assert ope.normalized_regret_at_k(est, true, 2) == pytest.approx((10 - 8) / 10)
-    assert ope.normalized_regret_at_k(est, true, 4) == 0.0
-    assert np.isnan(ope.normalized_regret_at_k(est, [1.0] * 4, 1))  # no spread: undefined
+    assert ope_report.normalized_regret_at_k(est, true, 1) == pytest.approx((10 - 4) / 10)
+    assert ope_report.normalized_regret_at_k(est, true, 2) == pytest.approx((10 - 8) / 10)
+    assert ope_report.normalized_regret_at_k(est, true, 4) == 0.0
+    assert np.isnan(ope_report.normalized_regret_at_k(est, [1.0] * 4, 1))  # no spread: undefined
 
 
 def _results(estimates: dict[str, list], values: dict[str, str] | None = None, unreliable: str | None = None):
@@ -159,10 +160,10 @@ def test_hcope_bound_by_hand():
     x = np.array([0.2, 0.4, 0.6, 1.0])
     # c = 0.5: Y = (.2, .4, .5, .5), mean .4; n sum Y^2 - (sum Y)^2 = 4 * .7 - 1.6^2 = .24; ln(2 / .05) = ln 40
     expected = 0.4 - 7 * 0.5 * math.log(40) / (3 * 3) - math.sqrt(2 * math.log(40) / 3 * 0.24) / 4
-    assert ope.hcope_bound(x, 0.5, 0.05) == pytest.approx(expected)
+    assert ope_report.hcope_bound(x, 0.5, 0.05) == pytest.approx(expected)
     # the held-out prediction of the bound on m = 100 samples: m in the range term, 1 / (m n (n - 1)) under the root
     predicted = 0.4 - 7 * 0.5 * math.log(40) / (3 * 99) - math.sqrt(2 * math.log(40) / (100 * 4 * 3) * 0.24)
-    assert ope.hcope_bound(x, 0.5, 0.05, n_range=100) == pytest.approx(predicted)
+    assert ope_report.hcope_bound(x, 0.5, 0.05, n_range=100) == pytest.approx(predicted)
 
 
 def test_hcope_lower_bound_holds_and_tightens_with_data():
@@ -171,9 +172,9 @@ def test_hcope_lower_bound_holds_and_tightens_with_data():
     def sample(n):
         return rng.lognormal(-0.5, 1.0, n) * rng.uniform(0, 1, n) * 2.0
 
-    bounds = [ope.hcope_lower_bound(sample(300), 0.05, rng) for _ in range(100)]
+    bounds = [ope_report.hcope_lower_bound(sample(300), 0.05, rng) for _ in range(100)]
     assert np.mean(np.array(bounds) <= 1.0) >= 0.95  # a 95% lower bound on the true mean 1
-    assert ope.hcope_lower_bound(sample(20000), 0.05, rng) > 0.6  # and an informative one with enough data
+    assert ope_report.hcope_lower_bound(sample(20000), 0.05, rng) > 0.6  # and an informative one with enough data
 
 
 def test_the_pipeline_reports_the_lower_bound_against_the_data(chain):  # noqa: F811
@@ -185,7 +186,8 @@ def test_the_pipeline_reports_the_lower_bound_against_the_data(chain):  # noqa: 
                     for s, e in zip(np.r_[0, ends[:-1] + 1], ends)])
     assert h["data_discounted"] == pytest.approx(data, rel=1e-6)
     assert h["lower_bound_discounted"] < data  # pi_e = pi_b cannot be shown better than itself
-    table = ope.format_table("b.pt", {**res, "behavior": "logged", "density": "categorical", "weight_threshold": 100})
+    table = ope_report.format_table("b.pt", {**res, "behavior": "logged", "density": "categorical",
+                                             "weight_threshold": 100})
     assert "not shown better than the data with 95% confidence" in table
 
 
@@ -254,7 +256,7 @@ def test_ground_truth_rollouts_leave_the_random_streams_alone(chain):  # noqa: F
     args = ope.Args(policy=["unused"], rollouts=3, rollout_action="sample", bootstrap=50, discount=0.9)
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    truth = ope.ground_truth(ds, target, args, torch.device("cpu"))
+    truth = ope_report.ground_truth(ds, target, args, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)  # so no later estimate depends on --rollouts
     assert truth["values"] == "dist" and truth["episodes"] == 3
     ev = common.evaluate(ds, target.sample, 3, args.seed + 100, torch.device("cpu"), discount=args.discount)
@@ -262,7 +264,7 @@ def test_ground_truth_rollouts_leave_the_random_streams_alone(chain):  # noqa: F
     assert truth["undiscounted"] == pytest.approx(ev.returns.mean())
     assert truth["ci_discounted"][0] <= truth["discounted"] <= truth["ci_discounted"][1]
     with pytest.raises(ope.OPEError, match="no env_id"):
-        ope.ground_truth(dataclasses.replace(ds, env_id=None), target, args, torch.device("cpu"))
+        ope_report.ground_truth(dataclasses.replace(ds, env_id=None), target, args, torch.device("cpu"))
 
 
 def test_the_lower_bound_uses_the_unclipped_ratios(chain):  # noqa: F811
@@ -283,7 +285,7 @@ def test_the_lower_bound_is_labelled_approximate_when_pi_b_is_fitted(chain, beha
     res = run_pipeline(ds, table_policy(PI_B), behavior=behavior)
     approximate = res["diagnostics"]["hcope"]["approximate"]
     assert bool(approximate) == (behavior == "fitted")
-    table = ope.format_table("b.pt", {**res, "behavior": "x", "density": "categorical", "weight_threshold": 100})
+    table = ope_report.format_table("b.pt", {**res, "behavior": "x", "density": "categorical", "weight_threshold": 100})
     assert ("lower bound on the discounted value (APPROXIMATE: pi_b is fitted" in table) == (behavior == "fitted")
 
 
@@ -305,7 +307,7 @@ def test_dope_metrics_do_not_depend_on_the_order_of_the_policies():
     assert base["FQE"]["abs_error"] == pytest.approx((2.0 + 1.0 + 0.05) / 3)  # the cap stays in the error
     # a true tie (MB: 4, 4, 1): the estimator cannot tell policies 0 and 1 apart and is charged the worse of them
     assert base["MB"]["regret_at_1"] == pytest.approx(1.0)
-    assert ope.regret_at_1([4.0, 4.0, 1.0], [0.0, 10.0, 3.0]) == pytest.approx(10.0)
+    assert ope_report.regret_at_1([4.0, 4.0, 1.0], [0.0, 10.0, 3.0]) == pytest.approx(10.0)
     for order in ([1, 0, 2], [2, 1, 0], [1, 2, 0]):
         assert ope_report.dope_metrics(_permuted(res, order)) == base, order
 
@@ -316,7 +318,7 @@ def test_the_regret_bootstrap_normalises_by_the_resamples_best_as_dope():
     # policy 1 loses (1 - .5) / 1 = .5 (max - min would give 1)
     v_true, v_est = np.array([0.5, 1.0]), np.array([2.0, 1.0])
     assert ope_report.set_metrics(v_est, v_true)[2] == pytest.approx(0.5)
-    assert ope.normalized_regret_at_k(v_est, v_true, 1) == pytest.approx(1.0)  # a set on its own: max - min
+    assert ope_report.normalized_regret_at_k(v_est, v_true, 1) == pytest.approx(1.0)  # a set on its own: max - min
     assert np.isnan(ope_report.set_metrics(v_est, np.zeros(2))[2])  # only the worst policy drawn: undefined (DOPE 0/0)
 
 
@@ -347,7 +349,8 @@ def test_a_lower_bound_below_every_observed_return_is_called_vacuous(chain):  # 
         res = run_pipeline(ds, table_policy(pi))
         h = res["diagnostics"]["hcope"]
         assert h["vacuous"] == vacuous == (h["lower_bound_discounted"] < h["smallest_observed_discounted"])
-        table = ope.format_table("p.pt", {**res, "behavior": "x", "density": "categorical", "weight_threshold": 100})
+        table = ope_report.format_table("p.pt", {**res, "behavior": "x", "density": "categorical",
+                                                 "weight_threshold": 100})
         assert ("VACUOUS (below the smallest observed return" in table) == vacuous
 
 
@@ -364,34 +367,36 @@ def _policy_result(fqe_settled=True, mb_agrees=True, ess=1.6, share=0.03):
 
 def test_the_closing_line_says_which_estimate_to_trust_and_why():
     # the README's example: IS ... WDR withheld (ESS 1.6 of 801), MB's models disagree, FQE settled: trust FQE
-    line = ope.closing_line(_policy_result(mb_agrees=False))
+    line = ope_report.closing_line(_policy_result(mb_agrees=False))
     assert line == ("verdict: trust FQE: 52.25 discounted (95% CI 50.00 to 54.50, start states only), the value of "
                     "'act'; it settled and pi_e stays where the data are (coverage 3.0%); not the others: IS ... WDR "
                     "rest on an ESS of 1.6 of 801 episodes; MB has models that disagree")
     # enough effective episodes: the weighted rows come first, WDR
-    assert ope.closing_line(_policy_result(ess=300.0)).startswith(
+    assert ope_report.closing_line(_policy_result(ess=300.0)).startswith(
         "verdict: trust WDR: 1.00 discounted (95% CI 0.50 to 1.50), the value of 'dist'; its weights spread over 300 "
         "effective episodes of 801, with the exact pi_b")
     # FQE unsettled: MB if its models agree; if not, none, and what to do
-    assert ope.closing_line(_policy_result(fqe_settled=False)).startswith("verdict: trust MB: -9.00")
-    assert ope.closing_line(_policy_result(fqe_settled=False, mb_agrees=False)) == (
+    assert ope_report.closing_line(_policy_result(fqe_settled=False)).startswith("verdict: trust MB: -9.00")
+    assert ope_report.closing_line(_policy_result(fqe_settled=False, mb_agrees=False)) == (
         "verdict: trust none of the estimates: IS ... WDR rest on an ESS of 1.6 of 801 episodes; FQE has not settled; "
         "MB has models that disagree; raise --fqe-steps until FQE settles")
     # the policy leaves the data: FQE and MB extrapolate, nothing from the data can be trusted
-    line = ope.closing_line(_policy_result(share=0.12))
+    line = ope_report.closing_line(_policy_result(share=0.12))
     assert line.startswith("verdict: trust none") and "FQE extrapolates (12% of pi_e's actions where the data" in line
     assert line.endswith("only running it (--rollouts N) can tell its value")
     refit = _policy_result(mb_agrees=False)
     refit["diagnostics"]["fqe_interval"] = "refit"  # --refit-bootstrap: the interval includes the fitting's variance
-    assert ope.closing_line(refit).startswith("verdict: trust FQE: 52.25 discounted (95% CI 50.00 to 54.50), the")
+    assert ope_report.closing_line(refit).startswith(
+        "verdict: trust FQE: 52.25 discounted (95% CI 50.00 to 54.50), the")
     # a trace can barely move because FQE has made few backups: fewer than the effective horizon is not settled
     few = _policy_result(mb_agrees=False)
     few["args"] = dict(fqe_steps=200, fqe_tau=0.02, discount=0.99)
-    assert ope.closing_line(few) == (
+    assert ope_report.closing_line(few) == (
         "verdict: trust none of the estimates: IS ... WDR rest on an ESS of 1.6 of 801 episodes; FQE made about 4 "
         "Bellman backups (--fqe-steps x --fqe-tau) for an effective horizon of 100; MB has models that disagree; "
         "raise --fqe-steps until FQE settles")
     few["args"]["fqe_steps"] = 20_000
-    assert ope.closing_line(few).startswith("verdict: trust FQE")
+    assert ope_report.closing_line(few).startswith("verdict: trust FQE")
     # --no-coverage: no share to read
-    assert "; it settled and no coverage check ran; not the others" in ope.closing_line(_policy_result(share=None))
+    line = ope_report.closing_line(_policy_result(share=None))
+    assert "; it settled and no coverage check ran; not the others" in line
