@@ -518,3 +518,21 @@ def test_reward_scaling_auto_follows_the_authors_rule_per_dataset():
     assert iql.authors_reward_scaling("D4RL/antmaze/umaze-v1") == "minus-one"
     assert iql.authors_reward_scaling("lunarlander-medium") == "none"
     assert iql.Args().reward_scaling == "auto"
+
+
+def test_reward_transform_of_each_rule():
+    # three episodes (terminal after rows 1 and 4, the data's end after row 5): returns 3, 12, -1, range 13
+    import numpy as np
+
+    import datasets as D
+
+    n = 6
+    obs = np.zeros((n, 1), np.float32)
+    ds = D.Dataset(observations=obs, actions=np.zeros((n, 1), np.float32), next_observations=obs,
+                   rewards=np.array([1, 2, 3, 4, 5, -1], np.float32), terminals=np.array([0, 1, 0, 0, 1, 0], bool),
+                   timeouts=np.zeros(n, bool))
+    assert iql.reward_transform(ds, "none") == (1.0, 0.0)
+    assert iql.reward_transform(ds, "minus-one") == (1.0, -1.0)  # the authors' AntMaze r - 1
+    assert iql.reward_transform(ds, "return-range") == (1000.0 / 13.0, 0.0)  # 1000 / (max - min return)
+    flat = D.Dataset(**{**{k: getattr(ds, k) for k in D.ARRAY_KEYS}, "rewards": np.zeros(n, np.float32)})
+    assert iql.reward_transform(flat, "return-range") == (1000.0 / 1e-6, 0.0)  # equal returns: no division by 0
