@@ -89,7 +89,7 @@ if __name__ == "__main__":
     device, ds = setup(args, "cql_finetune.py", RANGES, cql.load_policy, cql.DEFAULT_DATASET)
     if args.total_steps + args.online_steps == 0:
         raise UserError("--total-steps 0 --online-steps 0 trains nothing: give either phase at least 1 step")
-    if args.learning_starts >= max(args.online_steps, 1) and args.learning_starts > 0:
+    if args.learning_starts >= max(args.online_steps, 1):
         raise UserError(f"--learning-starts {args.learning_starts}: the random warm-up is part of the online phase, so "
                         f"it must be below --online-steps ({args.online_steps})")
     if ds.discrete and (args.n_critics != 2 or args.q_lcb > 0):
