@@ -325,6 +325,7 @@ def test_box_gap_gives_one_gap_per_critic_with_shared_proposals():
     assert gaps.tolist() == pytest.approx([math.log(1.5 * math.e) - 3.0, math.log(1.5)], abs=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--n-critics", "3"], ["--n-critics", "1"], ["--q-lcb", "0.5"]])
 def test_critic_flags_are_box_only(tmp_path, flags: list[str]):
     proc = subprocess.run([sys.executable, str(ROOT / "cql.py"), "--dataset", "cartpole-medium", *flags], cwd=tmp_path,
