@@ -196,6 +196,15 @@ def test_online_share_is_the_expected_online_fraction_of_a_batch():
     assert rb.online_share(8, 0.25) == 0.25 and rb.online_share(6, 1.0) == 1.0
     # a ratio too small to give one online row in the batch: sample() draws uniformly, and the share says so
     assert rb.online_share(1, 0.4) == pytest.approx(3 / 13)
+    assert rb.online_share(8, 0.125) == 0.125  # exactly one online row of 8
+
+
+def test_sample_without_a_ratio_is_uniform_over_every_ready_row():
+    rb = online_buffer()
+    torch.manual_seed(0)
+    got = rows(rb.sample(2000))
+    assert got.min() == 0 and got.max() == 102  # dataset rows 0..9 and the online rows' observations 100..102
+    assert (got >= 100).float().mean().item() == pytest.approx(3 / 13, abs=0.03)
 
 
 def test_cal_ql_holds_an_online_episode_back_until_it_ends_then_fills_its_returns():
