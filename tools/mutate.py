@@ -184,10 +184,10 @@ def mutants(source: str, functions: list[str] | None) -> list[Mutant]:
 
 def scratch_copy(dest: Path) -> None:
     for item in ROOT.iterdir():
-        if item.name.startswith(".") or item.name in ("runs", "benchmark", "docs", "__pycache__"):
+        if item.name.startswith(".") or item.name in ("runs", "docs", "__pycache__"):
             continue
-        if item.is_dir():
-            shutil.copytree(item, dest / item.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if item.is_dir():  # benchmark/ without its results: ope.py imports benchmark/ope_report.py
+            shutil.copytree(item, dest / item.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "results"))
         elif item.suffix in (".py", ".toml", ".txt", ".cfg", ".ini"):
             shutil.copy2(item, dest / item.name)
 
