@@ -39,10 +39,13 @@ def test_the_readme_table_is_the_committed_results():
     readme = (ROOT / "README.md").read_text()
     assert readme_table() in readme, "README's LunarLander table differs from benchmark/results/choosing:\n" + \
         readme_table()
-    # every cell of it: three seeds of 10,000 steps each
+    # every cell of it: five seeds of 10,000 steps each
+    seeds = defaultdict(set)
     for r in json.loads((FOLDER / "scores.json").read_text()):
         if r["dataset"] in DATASETS:
             assert r["steps"][-1] == 10000
+            seeds[r["algo"], r["dataset"]].add(r["seed"])
+    assert len(seeds) == 20 and all(s == {1, 2, 3, 4, 5} for s in seeds.values())
     assert all(len(re.findall(rf"`{d}`", readme)) >= 1 for d in DATASETS)
 
 
