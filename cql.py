@@ -257,7 +257,7 @@ def update_box(batch, step, logging, *, critics, critics_target, actor, log_alph
             prop_actions, prop_log_density = cql_proposals(obs, next_obs, actor, args.cql_n_actions)
     q_data = critics(obs, actions)  # (N, B)
     td_loss = ((q_data - target) ** 2).mean(1).sum()  # the sum of the N MSEs, as the authors' two
-    gaps, logs = torch.zeros(len(q_data), device=obs.device), {}  # zeros: alpha 0, not measured
+    logs, gaps = {}, None if measure else torch.zeros(len(q_data), device=obs.device)  # zeros: alpha 0, not measured
     if measure:
         with torch.set_grad_enabled(conservative):
             q_proposals = critics(obs, prop_actions)  # (N, B, 3n)
