@@ -227,12 +227,6 @@ def across_datasets(groups: dict, algos: list[str], datasets: list[str], profile
     common = [d for d in datasets if all((d, a) in groups for a in algos)]
     if not common:
         return ""
-    rows = ["| algorithm | runs | IQM [95% CI] | mean [95% CI] |", "|---|---|---|---|"]
-    for a in order:
-        tasks = final_scores(groups, a, common)
-        cells = [fmt_ci(*bootstrap_ci(tasks, stat, BOOT_REPS, BOOT_SEED), single=single_seeds(tasks))
-                 for stat in (iqm, mean)]
-        rows.append(f"| {a} | {sum(len(t) for t in tasks)} | {cells[0]} | {cells[1]} |")
     left_out = [d for d in datasets if d not in common]
     text = (f"\n## Across datasets\n\nFinal normalized score over the {len(common)} dataset(s) that every "
             f"algorithm ran ({', '.join(common)}), all runs pooled: the interquartile mean (IQM, the mean of the "
@@ -240,13 +234,31 @@ def across_datasets(groups: dict, algos: list[str], datasets: list[str], profile
             f"from a stratified bootstrap ({BOOT_REPS:,} resamples of the seeds within each dataset, never across; "
             f"seed {BOOT_SEED}), after Agarwal et al. (2021). The interval reflects the spread over seeds on these "
             "datasets, not the choice of datasets; a dataset with one seed adds no width. benchmark/stats.py, "
-            "docs/selection.md.\n\n" + "\n".join(rows) + "\n")
+            "docs/selection.md.\n\n" + iqm_table(groups, order, common))
     if left_out:
         text += f"\nLeft out here (not run by every algorithm): {', '.join(left_out)}.\n"
+        # the same statistics over the left-out datasets, for the algorithms that ran all of them (Box CQL
+        # skipped in `choosing` still leaves BC against IQL on every Pendulum dataset)
+        rest = [a for a in order if all((d, a) in groups for d in left_out)]
+        if rest:
+            text += (f"\nOver those {len(left_out)} dataset(s), the algorithms that ran all of them, the same "
+                     "way:\n\n" + iqm_table(groups, rest, left_out))
     text += pairs_table(groups, order, datasets)
     plot_profiles(groups, order, common, profile_path)
     return text + ("\nPerformance profiles (the fraction of runs whose final normalized score is above tau, with "
                    f"95% stratified-bootstrap bands, over the same datasets as the IQM): {profile_path.name}.\n")
+
+
+def iqm_table(groups: dict, order: list[str], tasks: list[str]) -> str:
+    """One row per algorithm: its runs on `tasks`, and the IQM and mean of their final scores with
+    stratified-bootstrap 95% intervals."""
+    rows = ["| algorithm | runs | IQM [95% CI] | mean [95% CI] |", "|---|---|---|---|"]
+    for a in order:
+        finals = final_scores(groups, a, tasks)
+        cells = [fmt_ci(*bootstrap_ci(finals, stat, BOOT_REPS, BOOT_SEED), single=single_seeds(finals))
+                 for stat in (iqm, mean)]
+        rows.append(f"| {a} | {sum(len(t) for t in finals)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows) + "\n"
 
 
 def pairs_table(groups: dict, order: list[str], datasets: list[str]) -> str:

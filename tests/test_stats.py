@@ -99,6 +99,9 @@ def test_aggregate_writes_iqm_and_pairs_over_the_datasets_every_algorithm_ran(tm
     assert "| iql | 4 | 2.5 [" in text, text
     assert "| bcq | 1 | 9.0 (one seed per dataset: no interval) | 9.0 (one seed" in text, text
     assert "| iql | d3rlpy_iql | 2 | 1.00 [1.00, 1.00] |" in text, text  # ours first, over both datasets
+    # the left-out "b", for the algorithms that ran it (not bcq): iql's 5..8 have IQM 6.5
+    rest = text[text.index("Over those 1 dataset(s)"):text.index("Probability of improvement")]
+    assert "| iql | 4 | 6.5 [" in rest and "| d3rlpy_iql | 1 | 0.0 (one seed" in rest and "bcq" not in rest, rest
     assert "| bcq | iql | 1 | 1.00 [1.00, 1.00] |" in text, text
     assert (tmp_path / "f" / "profiles.png").stat().st_size > 0
     assert text.index("## Across datasets") < text.index("## Speed") < text.index("## Side by side")
