@@ -220,7 +220,8 @@ def final_scores(groups: dict, algo: str, tasks: list[str]) -> list[np.ndarray]:
 
 def across_datasets(groups: dict, algos: list[str], datasets: list[str], profile_path: Path) -> str:
     """results.md's section of aggregate statistics over datasets (Agarwal et al. 2021, benchmark/stats.py): IQM
-    and mean of the final scores with stratified-bootstrap 95% intervals, over the datasets every algorithm ran;
+    and mean of the final scores with stratified-bootstrap 95% intervals, over the datasets every algorithm ran
+    (and over the rest for the algorithms that ran all of them);
     the probability of improvement of each pair over the datasets both ran; performance profiles drawn to
     `profile_path`. '' when no dataset was run by every algorithm."""
     order = sorted(algos, key=lambda a: (a.startswith("d3rlpy_"), a))  # ours first: pairs read "ours vs d3rlpy"
@@ -246,7 +247,7 @@ def across_datasets(groups: dict, algos: list[str], datasets: list[str], profile
     text += pairs_table(groups, order, datasets)
     plot_profiles(groups, order, common, profile_path)
     return text + ("\nPerformance profiles (the fraction of runs whose final normalized score is above tau, with "
-                   f"95% stratified-bootstrap bands, over the same datasets as the IQM): {profile_path.name}.\n")
+                   f"95% stratified-bootstrap bands, over the datasets every algorithm ran): {profile_path.name}.\n")
 
 
 def iqm_table(groups: dict, order: list[str], tasks: list[str]) -> str:
