@@ -42,9 +42,8 @@ def readme_table(datasets: list[str], algos: list[str]) -> str:
 @pytest.mark.parametrize("env", TABLES)
 def test_the_readme_table_is_the_committed_results(env):
     datasets, algos = TABLES[env]
-    readme = (ROOT / "README.md").read_text()
-    assert readme_table(datasets, algos) in readme, f"README's {env} table differs from benchmark/results/choosing:\n" \
-        + readme_table(datasets, algos)
+    readme, table = (ROOT / "README.md").read_text(), readme_table(datasets, algos)
+    assert table in readme, f"README's {env} table differs from benchmark/results/choosing:\n{table}"
     # every cell of it: five seeds of 10,000 steps each
     seeds = defaultdict(set)
     for r in json.loads((FOLDER / "scores.json").read_text()):
